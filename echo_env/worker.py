@@ -1,0 +1,414 @@
+"""The vectorized rollout worker: every live agent's LLM call in one batch, then one env step.
+
+Observations -> prompts -> requests (three batching modes) -> completions -> actions ->
+``env.step``; each request's latency goes into the agent's ``info["timing"]`` through
+the timing wrappers. Failed requests are kept as records and their agents get an empty
+action (graded as a format error, but counted under ``failures``, not in the rewards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+
+from echo_env.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
+from echo_env.errors import ConfigError, ServerUnreachableError
+from echo_env.stats import summarize
+from echo_env.tokens import Tokenizer, encode_prompts
+from echo_env.wrappers import ParallelTimingWrapper, TimingWrapper
+
+log = logging.getLogger(__name__)
+
+Batching = Literal["per_agent", "per_group", "batched"]
+PromptFormat = Literal["text", "tokens"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the worker asks the server for completions."""
+
+    api: Api = "completions"
+    """``completions`` sends the plain transcript (base models); ``chat`` the messages."""
+    batching: Batching = "per_agent"
+    """``per_agent``: one streamed request per agent, all in flight; ``per_group``: one
+    request per distinct prompt with ``n`` = its agents; ``batched``: one completions
+    request carrying every prompt."""
+    max_tokens: int = 32
+    """Generation limit per completion."""
+    temperature: float = 0.0
+    """Sampling temperature (0 is greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    stop: tuple[str, ...] = ("\n",)
+    """Stop strings; the answer is one line."""
+    seed: int | None = None
+    """Sampling seed sent to the server."""
+    prompt_format: PromptFormat = "text"
+    """``tokens`` sends token ids from the model's tokenizer (completions only)."""
+    logprobs: int | None = None
+    """Sampled-token logprobs to ask for (completions only)."""
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    """Extra request fields for the server."""
+
+    def __post_init__(self) -> None:
+        if self.api not in ("completions", "chat"):
+            raise ConfigError(f"api={self.api!r}: use api=completions or api=chat")
+        if self.batching not in ("per_agent", "per_group", "batched"):
+            raise ConfigError(f"batching={self.batching!r}: use per_agent, per_group or batched")
+        if self.batching == "batched" and self.api == "chat":
+            raise ConfigError("batching=batched sends a list of prompts, which only api=completions takes")
+        if self.prompt_format == "tokens" and self.api == "chat":
+            raise ConfigError("prompt_format=tokens needs api=completions")
+        if not 1 <= self.max_tokens <= 65536:
+            raise ConfigError(f"max_tokens={self.max_tokens} is out of range: use 1 to 65536")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ConfigError(f"temperature={self.temperature} is out of range: use 0 to 10")
+
+
+@dataclass
+class AgentCompletion:
+    """What one agent got back, and the figures for its ``info["timing"]``."""
+
+    text: str
+    """The completion ('' when the request failed)."""
+    timing: dict[str, float | int | None]
+    """Request figures under :data:`echo_env.wrappers.REQUEST_TIMING_KEYS`."""
+    request_id: str
+    """The request that produced it."""
+    error: str | None = None
+    """Why there is no completion."""
+
+
+@dataclass
+class StepResult:
+    """One vectorized step."""
+
+    actions: dict[str, str]
+    """The text sent to the env for each agent."""
+    observations: dict[str, str]
+    """The env's next observations."""
+    rewards: dict[str, float]
+    """The env's rewards."""
+    terminations: dict[str, bool]
+    """Which agents finished."""
+    infos: dict[str, dict[str, Any]]
+    """The env's infos (with ``timing``)."""
+    records: list[RequestRecord]
+    """Every request of the step."""
+    failures: dict[str, str]
+    """Agents whose request failed, with the error."""
+    wall_s: float
+    """Time for the whole step, requests included."""
+
+
+@dataclass
+class RolloutSummary:
+    """Aggregates over a rollout."""
+
+    agents: int
+    """Agent-steps graded."""
+    failed: int
+    """Agent-steps whose request failed (left out of the reward figures)."""
+    mean_reward: float | None
+    """Mean reward over graded agent-steps."""
+    frac_correct: float | None
+    """Share answered right."""
+    frac_wrong_word: float | None
+    """Share with the right form but another word."""
+    frac_format_error: float | None
+    """Share with a broken form."""
+    requests: int
+    """Requests sent."""
+    wall_s: float
+    """Time the rollout took."""
+    requests_per_s: float | None
+    """Finished requests per second of wall time."""
+    completion_tokens_per_s: float | None
+    """Generated tokens per second of wall time."""
+    ttft_s: dict[str, float | None]
+    """TTFT percentiles (p50, p90, p99) over finished requests."""
+    e2e_s: dict[str, float | None]
+    """End-to-end latency percentiles."""
+    prompt_tokens: int
+    """Prompt tokens reported by the server."""
+    cached_tokens: int | None
+    """Cached prompt tokens reported by the server (None: never reported)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def _timing(record: RequestRecord, out: Output | None, shared: bool) -> dict[str, float | int | None]:
+    itl = out.itl_s if out is not None else []
+    timing: dict[str, float | int | None] = {
+        "ttft_s": out.ttft_s if out is not None else None,
+        "e2e_s": out.e2e_s if out is not None else record.e2e_s,
+        "queue_s": record.queue_s,
+        "itl_mean_s": float(np.mean(itl)) if itl else None,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "cached_tokens": record.cached_tokens,
+    }
+    if shared:
+        # One request served several agents: usage totals are not per agent.
+        timing["completion_tokens"] = out.chunks if out is not None else None
+        if record.num_prompts > 1:
+            timing["prompt_tokens"] = timing["cached_tokens"] = None
+    return timing
+
+
+def _prompt_key(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+class RolloutWorker:
+    """Drives envs with an LLM behind an :class:`~echo_env.client.LLMClient`.
+
+    Args:
+        client: The client (its concurrency limit applies to every batch).
+        sampling: How to ask for completions.
+        tokenizer: The served model's tokenizer; needed for ``prompt_format="tokens"``.
+    """
+
+    def __init__(self, client: LLMClient, sampling: SamplingConfig, tokenizer: Tokenizer | None = None) -> None:
+        if sampling.prompt_format == "tokens" and tokenizer is None:
+            raise ConfigError("prompt_format=tokens needs the model's tokenizer")
+        self.client = client
+        self.sampling = sampling
+        self.tokenizer = tokenizer
+        self.records: list[RequestRecord] = []
+        """Every request this worker sent, in order of completion."""
+        self._token_cache: dict[str, list[int]] = {}
+        self.on_record: Callable[[RequestRecord], None] | None = None
+        """Called with each request's record as it finishes (progress bars)."""
+
+    def _wire_prompt(self, prompt: Prompt) -> Prompt:
+        if self.sampling.prompt_format == "tokens" and isinstance(prompt, str):
+            ids = self._token_cache.get(prompt)
+            if ids is None:
+                assert self.tokenizer is not None
+                ids = self._token_cache[prompt] = encode_prompts(self.tokenizer, [prompt])[0]
+            return ids
+        return prompt
+
+    async def _request(self, prompt: Any, n: int, tag: str) -> RequestRecord:
+        s = self.sampling
+        record = await self.client.generate(
+            prompt,
+            api=s.api,
+            n=n,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            stop=s.stop,
+            seed=s.seed,
+            logprobs=s.logprobs,
+            extra_body=dict(s.extra_body) or None,
+            tag=tag,
+        )
+        self.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+        return record
+
+    async def complete(self, prompts: Mapping[str, Prompt]) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
+        """Get one completion per agent, batched as configured.
+
+        Args:
+            prompts: Each agent's prompt (transcript text or chat messages).
+
+        Returns:
+            Each agent's completion, and the records of the requests sent.
+        """
+        if not prompts:
+            return {}, []
+        await self.client.model()
+        mode = self.sampling.batching
+        agents = list(prompts)
+        results: dict[str, AgentCompletion] = {}
+        if mode == "per_agent":
+            records = await asyncio.gather(*(self._request(self._wire_prompt(prompts[a]), 1, a) for a in agents))
+            for agent, rec in zip(agents, records):
+                out = rec.outputs[0] if rec.ok and rec.outputs else None
+                results[agent] = AgentCompletion(
+                    out.text if out else "", _timing(rec, out, shared=False), rec.request_id, rec.error
+                )
+            return results, list(records)
+        if mode == "per_group":
+            by_prompt: dict[str, list[str]] = defaultdict(list)
+            for agent in agents:
+                by_prompt[_prompt_key(prompts[agent])].append(agent)
+            groups = list(by_prompt.values())
+            records = await asyncio.gather(
+                *(self._request(self._wire_prompt(prompts[g[0]]), len(g), f"{g[0]}+{len(g) - 1}") for g in groups)
+            )
+            for group, rec in zip(groups, records):
+                for i, agent in enumerate(group):
+                    out = rec.outputs[i] if rec.ok and i < len(rec.outputs) else None
+                    results[agent] = AgentCompletion(
+                        out.text if out else "", _timing(rec, out, shared=len(group) > 1), rec.request_id, rec.error
+                    )
+            return results, list(records)
+        wire = [self._wire_prompt(prompts[a]) for a in agents]
+        rec = await self._request(wire, 1, f"batch of {len(agents)}")
+        for i, agent in enumerate(agents):
+            out = rec.outputs[i] if rec.ok and i < len(rec.outputs) else None
+            results[agent] = AgentCompletion(
+                out.text if out else "", _timing(rec, out, shared=True), rec.request_id, rec.error
+            )
+        return results, [rec]
+
+    def _prompts(self, observations: Mapping[str, str], infos: Mapping[str, Mapping[str, Any]]) -> dict[str, Prompt]:
+        if self.sampling.api == "completions":
+            return dict(observations)
+        prompts: dict[str, Prompt] = {}
+        for agent in observations:
+            messages = infos.get(agent, {}).get("messages")
+            if messages is None:
+                raise ConfigError(f"api=chat needs info['messages'] for {agent}: use an echo_env env")
+            prompts[agent] = messages
+        return prompts
+
+    def check_reachable(self, records: Sequence[RequestRecord]) -> None:
+        """Raise ServerUnreachableError if any of ``records`` could not reach the server."""
+        dead = [r for r in records if unreachable(r)]
+        if dead:
+            err = ServerUnreachableError(
+                f"{len(dead)} of {len(records)} requests could not reach the server "
+                f"({dead[0].error}); every finished request is kept in .records"
+            )
+            err.records = list(self.records)  # type: ignore[attr-defined]
+            raise err
+
+    async def step(
+        self,
+        env: Any,
+        observations: Mapping[str, str],
+        infos: Mapping[str, Mapping[str, Any]],
+    ) -> StepResult:
+        """One vectorized step of a PettingZoo parallel env (ideally a ParallelTimingWrapper).
+
+        Args:
+            env: The env; its live agents are the keys of ``observations``.
+            observations: The live agents' observations.
+            infos: Their infos (``messages`` is read for ``api=chat``).
+
+        Raises:
+            ServerUnreachableError: When requests could not reach the server; the
+                exception's ``records`` holds every request of this worker so far.
+        """
+        start = time.perf_counter()
+        live = [a for a in observations if a in getattr(env, "agents", observations)]
+        completions, records = await self.complete(self._prompts({a: observations[a] for a in live}, infos))
+        self.check_reachable(records)
+        actions = {a: c.text for a, c in completions.items()}
+        if isinstance(env, ParallelTimingWrapper):
+            env.set_request_timings({a: c.timing for a, c in completions.items()})
+        next_obs, rewards, terms, truncs, step_infos = env.step(actions)
+        failures = {a: c.error or "failed" for a, c in completions.items() if c.error is not None}
+        for agent, error in failures.items():
+            step_infos[agent]["request_error"] = error
+        wall = time.perf_counter() - start
+        log.debug(
+            "step: %d agents, %d requests, %d failed, %.3f s", len(live), len(records), len(failures), wall
+        )
+        return StepResult(actions, next_obs, rewards, terms, step_infos, list(records), failures, wall)
+
+    async def run_episode(
+        self, env: Any, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> list[StepResult]:
+        """Reset a parallel env and step it until every agent is done.
+
+        Returns:
+            One :class:`StepResult` per step.
+        """
+        observations, infos = env.reset(seed=seed, options=options)
+        steps: list[StepResult] = []
+        while env.agents:
+            result = await self.step(env, {a: observations[a] for a in env.agents}, infos)
+            steps.append(result)
+            observations, infos = result.observations, result.infos
+        return steps
+
+    async def run_gym(self, envs: Sequence[gym.Env[str, str]], seed: int | None = None) -> StepResult:
+        """Reset a list of Gymnasium envs, get every reply in one batch, step each once.
+
+        ``TimingWrapper`` envs get the request figures in ``info["timing"]``.
+        """
+        start = time.perf_counter()
+        observations: dict[str, str] = {}
+        infos: dict[str, dict[str, Any]] = {}
+        for i, e in enumerate(envs):
+            obs, info = e.reset(seed=None if seed is None else seed + i)
+            observations[str(i)], infos[str(i)] = obs, info
+        completions, records = await self.complete(self._prompts(observations, infos))
+        self.check_reachable(records)
+        rewards, terms, step_infos, actions, next_obs = {}, {}, {}, {}, {}
+        for i, e in enumerate(envs):
+            key = str(i)
+            c = completions[key]
+            if isinstance(e, TimingWrapper):
+                e.set_request_timing(c.timing)
+            obs, reward, term, _trunc, info = e.step(c.text)
+            rewards[key], terms[key], step_infos[key], actions[key] = float(reward), term, info, c.text
+            next_obs[key] = obs
+        failures = {k: c.error for k, c in completions.items() if c.error is not None}
+        wall = time.perf_counter() - start
+        return StepResult(actions, next_obs, rewards, terms, step_infos, list(records), failures, wall)
+
+
+def summarize_rollout(steps: Sequence[StepResult], wall_s: float) -> RolloutSummary:
+    """Aggregate rewards and request timings over steps.
+
+    Agent-steps whose request failed are counted in ``failed`` and left out of the
+    reward figures, so a flaky server does not look like a bad policy.
+    """
+    rewards: list[float] = []
+    outcomes: list[str] = []
+    failed = 0
+    records: list[RequestRecord] = []
+    for step in steps:
+        records.extend(step.records)
+        for agent, reward in step.rewards.items():
+            if agent in step.failures:
+                failed += 1
+                continue
+            rewards.append(reward)
+            outcomes.append(step.infos.get(agent, {}).get("outcome", ""))
+    ok = [r for r in records if r.ok]
+    graded = len(rewards)
+
+    def share(kind: str) -> float | None:
+        return outcomes.count(kind) / graded if graded else None
+
+    completion = sum(r.completion_tokens or 0 for r in ok)
+    cached_known = [r.cached_tokens for r in ok if r.cached_tokens is not None]
+    ttft = summarize([r.ttft_s for r in ok if r.ttft_s is not None])
+    e2e = summarize([r.e2e_s for r in ok if r.e2e_s is not None])
+    return RolloutSummary(
+        agents=graded + failed,
+        failed=failed,
+        mean_reward=float(np.mean(rewards)) if rewards else None,
+        frac_correct=share("correct"),
+        frac_wrong_word=share("wrong_word"),
+        frac_format_error=share("format_error"),
+        requests=len(records),
+        wall_s=wall_s,
+        requests_per_s=len(ok) / wall_s if wall_s > 0 else None,
+        completion_tokens_per_s=completion / wall_s if wall_s > 0 else None,
+        ttft_s={"p50": ttft.p50, "p90": ttft.p90, "p99": ttft.p99},
+        e2e_s={"p50": e2e.p50, "p90": e2e.p90, "p99": e2e.p99},
+        prompt_tokens=sum(r.prompt_tokens or 0 for r in ok),
+        cached_tokens=sum(cached_known) if cached_known else None,
+    )
+
