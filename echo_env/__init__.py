@@ -54,6 +54,7 @@ __all__ = [
     "ServerResponseError",
     "ServerUnreachableError",
     "TimingWrapper",
+    "__version__",
     "agent_group",
     "agent_id",
     "default_system_prompt",
@@ -63,5 +64,4 @@ __all__ = [
     "parallel_env",
     "raw_env",
     "user_turn",
-    "__version__",
 ]

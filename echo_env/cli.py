@@ -158,11 +158,18 @@ async def _rollout(config: RolloutCommand) -> dict[str, Any]:
 
     assert config.base_url is not None
     sampling = SamplingConfig(
-        api=config.api, batching=config.batching, max_tokens=config.max_tokens, temperature=config.temperature,
-        seed=config.seed, prompt_format=config.prompt_format,
+        api=config.api,
+        batching=config.batching,
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        seed=config.seed,
+        prompt_format=config.prompt_format,
     )
     client_cfg = ClientConfig(
-        base_url=config.base_url, model=config.model_name, api_key=config.api_key, timeout_s=config.timeout_s,
+        base_url=config.base_url,
+        model=config.model_name,
+        api_key=config.api_key,
+        timeout_s=config.timeout_s,
         max_concurrency=config.max_concurrency,
     )
     async with LLMClient(client_cfg) as client:
@@ -174,7 +181,9 @@ async def _rollout(config: RolloutCommand) -> dict[str, Any]:
             tokenizer = load_tokenizer(config.model_name)
         worker = RolloutWorker(client, sampling, tokenizer=tokenizer)
         env = ParallelTimingWrapper(
-            EchoPrefixParallelEnv(batch_size=config.batch_size, group_size=config.group_size, max_turns=config.max_turns)
+            EchoPrefixParallelEnv(
+                batch_size=config.batch_size, group_size=config.group_size, max_turns=config.max_turns
+            )
         )
         agents = config.batch_size * config.group_size
         bar = tqdm(total=agents * config.steps, desc="rollout", unit="agent")
@@ -263,3 +272,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"echo-prefix {name}: interrupted; partial results (if any) are on disk", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0

@@ -25,7 +25,7 @@ from echo_env.errors import ConfigError, ServerResponseError, ServerUnreachableE
 try:  # openai >= 3 ships its own fork of httpx
     import httpx2 as _httpx  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - older openai
-    import httpx as _httpx
+    import httpx as _httpx  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,51 @@ Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 _ids = itertools.count()
+# File descriptors kept free for everything else a process opens (logs, tokenizer files,
+# the metrics reader) when sizing the connection pool against RLIMIT_NOFILE.
+_FD_RESERVE = 128
+
+
+def usable_concurrency(wanted: int) -> int:
+    """How many connections this process can hold open at once, up to ``wanted``.
+
+    Each in-flight request holds one socket. Many systems default to a soft limit of
+    1024 open files, below a large ``max_concurrency``; past it, connects fail with
+    EMFILE, which looks exactly like an unreachable server. So the soft limit is raised
+    toward the hard one (as vLLM does for its server), and if that is still too low the
+    concurrency is capped, with a warning naming the fix.
+
+    Args:
+        wanted: The configured ``max_concurrency``.
+
+    Returns:
+        ``wanted``, or less when the open-file limit cannot hold that many sockets.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return wanted
+    need = wanted + _FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    capped = max(1, soft - _FD_RESERVE)
+    log.warning(
+        "max_concurrency=%d needs ~%d open files but the limit is %d: using %d; raise it with `ulimit -n %d`",
+        wanted,
+        need,
+        soft,
+        capped,
+        need,
+    )
+    return capped
 
 
 @dataclass(frozen=True)
@@ -45,8 +90,9 @@ class ClientConfig:
     """The server's OpenAI API root, e.g. ``http://127.0.0.1:8000/v1``."""
     model: str | None = None
     """Served model name; None asks the server (``/v1/models``) and takes the first."""
-    api_key: str | None = None
-    """Sent as a bearer token; None reads ``OPENAI_API_KEY`` (else a placeholder)."""
+    api_key: str | None = field(default=None, repr=False)
+    """Sent as a bearer token; None reads ``OPENAI_API_KEY`` (else a placeholder). Kept out
+    of ``repr`` so a logged or printed config never shows it."""
     timeout_s: float = 120.0
     """Limit on one attempt of one request, from send to the last token."""
     max_retries: int = 2
@@ -163,9 +209,9 @@ class LLMClient:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        limits = _httpx.Limits(
-            max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
-        )
+        self.max_concurrency = usable_concurrency(config.max_concurrency)
+        """The concurrency in effect: ``config.max_concurrency`` unless open files are too few."""
+        limits = _httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         self._openai = openai.AsyncOpenAI(
             base_url=config.base_url,
             api_key=config.resolved_api_key(),
@@ -173,7 +219,7 @@ class LLMClient:
             max_retries=0,  # retries are ours, so each attempt is counted in the record
             http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=config.timeout_s),
         )
-        self._sem = asyncio.Semaphore(config.max_concurrency)
+        self._sem = asyncio.Semaphore(self.max_concurrency)
         self._model: str | None = config.model
         self.in_flight = 0
         """Requests being sent right now."""
@@ -304,7 +350,9 @@ class LLMClient:
         cfg = self.config
         for attempt in range(cfg.max_retries + 1):
             record.attempts = attempt + 1
+            # A retry starts from nothing: figures of a failed attempt must not survive it.
             record.outputs = []
+            record.prompt_tokens = record.completion_tokens = record.cached_tokens = None
             try:
                 await asyncio.wait_for(self._stream(record, api, kwargs), timeout=cfg.timeout_s)
                 record.ok, record.error, record.status = True, None, None
@@ -318,10 +366,16 @@ class LLMClient:
                 record.status = None
                 # Once text has streamed, a retry would time a different request.
                 retry = not got_text
+            except Exception as exc:  # a request is recorded as failed, never lost
+                record.error, record.status = f"unexpected error: {type(exc).__name__}: {_short(str(exc))}", None
+                log.debug("%s failed unexpectedly", record.request_id, exc_info=True)
+                retry = False
             if not retry or attempt == cfg.max_retries:
                 break
             delay = cfg.backoff_s * (2**attempt) * (0.5 + random.random())
-            log.debug("%s attempt %d failed (%s); retrying in %.2f s", record.request_id, attempt + 1, record.error, delay)
+            log.debug(
+                "%s attempt %d failed (%s); retrying in %.2f s", record.request_id, attempt + 1, record.error, delay
+            )
             await asyncio.sleep(delay)
         record.ok = False
 
@@ -361,7 +415,8 @@ class LLMClient:
                     record.prompt_tokens, record.completion_tokens, record.cached_tokens = _usage_fields(chunk.usage)
         except openai.APIStatusError as exc:
             status = exc.status_code
-            raise _Failed(f"HTTP {status}: {_short(exc.message)}", retryable=status in _RETRYABLE_STATUS, status=status)
+            retryable = status in _RETRYABLE_STATUS
+            raise _Failed(f"HTTP {status}: {_short(exc.message)}", retryable=retryable, status=status) from None
         except openai.APIConnectionError as exc:
             raise _Failed(f"connection failed: {_short(str(exc.__cause__ or exc))}", retryable=True) from None
         except (openai.APIError, ValueError, KeyError, AttributeError) as exc:
@@ -415,5 +470,8 @@ def failed_records(records: Sequence[RequestRecord]) -> list[RequestRecord]:
 
 
 def unreachable(record: RequestRecord) -> bool:
-    """Whether a failed request failed because the server could not be reached."""
-    return not record.ok and record.error is not None and record.error.startswith(("connection failed", "timed out"))
+    """Whether a failed request failed because the server could not be reached.
+
+    A timeout alone does not count: a busy server is slow, not gone.
+    """
+    return not record.ok and record.error is not None and record.error.startswith("connection failed")

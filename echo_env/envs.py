@@ -134,7 +134,11 @@ class EchoPrefixEnv(gym.Env[str, str]):
 
     def _observation(self) -> tuple[str, dict[str, Any]]:
         obs = self.task.transcript(self.word, self._history)
-        info = {"word": self.word, "turn": len(self._history), "messages": self.task.chat_messages(self.word, self._history)}
+        info = {
+            "word": self.word,
+            "turn": len(self._history),
+            "messages": self.task.chat_messages(self.word, self._history),
+        }
         return obs, info
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:

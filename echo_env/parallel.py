@@ -90,11 +90,11 @@ class EchoPrefixParallelEnv(ParallelEnv[AgentID, str, str]):
         self._rng_seed: int | None = None
         self._episodes = 0
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one space per agent, as PettingZoo expects
+    @functools.cache  # noqa: B019 - one space per agent, as PettingZoo expects
     def observation_space(self, agent: AgentID) -> spaces.Space[str]:
         return spaces.Text(max_length=self._obs_len, min_length=1, charset=CHARSET)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019
+    @functools.cache  # noqa: B019
     def action_space(self, agent: AgentID) -> spaces.Space[str]:
         return spaces.Text(max_length=MAX_ACTION_CHARS, min_length=0, charset=CHARSET)
 

@@ -33,7 +33,7 @@ from echo_env.server_info import ServerFacts, read_server_facts, tokenize_prompt
 from echo_env.server_metrics import CounterDelta, MetricsReader, Snapshot, delta
 from echo_env.stats import bootstrap_ratio_ci, summarize
 from echo_env.task import EchoTask
-from echo_env.tokens import TokenPlan, first_difference, plan_tokens
+from echo_env.tokens import TokenPlan, align_system_prompt, first_difference, plan_tokens
 from echo_env.worker import RolloutWorker, SamplingConfig
 from echo_env.wrappers import ParallelTimingWrapper
 
@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 Verdict = Literal["PASS", "FAIL", "UNKNOWN"]
 EXIT_CODES: dict[str, int] = {"PASS": 0, "FAIL": 1, "UNKNOWN": 2}
 """Exit status of ``echo-prefix test`` for each verdict."""
+
+PHASES = ("cold", "warm_single", "warm", "control")
+"""Phase names in report order (``warm_single`` runs after ``warm``)."""
+
+CONTROL_HIT_LIMIT = 0.05
+"""Above this hit rate the control phase is not an uncached baseline and the verdict is UNKNOWN."""
 
 HIT_RATE_FRACTION = 0.9
 """PASS needs the measured hit rate at or above this share of the ceiling."""
@@ -81,12 +87,16 @@ class PrefixTestConfig:
     """Cache block size in tokens when the server does not say."""
     api_key: str | None = None
     """Bearer token for your server (never written anywhere)."""
-    timeout_s: float = 120.0
-    """Per-request limit."""
+    timeout_s: float = 600.0
+    """Per-request limit (a burst of uncached prompts on a CPU takes minutes)."""
     max_concurrency: int = 1024
     """Requests in flight at once (the warm phase wants them all)."""
     prompt_format: Literal["text", "tokens"] = "text"
     """``tokens`` sends token ids from the server's tokenizer."""
+    align_prefix: Literal["off", "auto", "pad", "trim"] = "off"
+    """Pad (``pad``) or trim (``trim``) the system prompt's worked examples, or whichever
+    changes fewer (``auto``), so the shared prefix ends just past a cache-block boundary
+    for the server's tokenizer and block size."""
     vary_before_prefix: bool = False
     """Spoil the test on purpose: an agent id before the shared text, as a template that
     stamps a date or id would. The test must then FAIL and say where prompts differ."""
@@ -203,13 +213,42 @@ class Workload:
     """The agents' observations."""
 
 
-def _task_for(config: PrefixTestConfig, tag: str) -> EchoTask:
-    return EchoTask(run_tag=f"[echo-prefix run {tag}]")
+ALIGN_SLACK_TOKENS = 6
+"""Tokens ``align_prefix`` keeps past the boundary: run tags differ in length by a few tokens."""
 
 
-def build_workload(config: PrefixTestConfig, tag: str, seed: int) -> Workload:
-    """Make the env for one repeat and the prompts of its three phases."""
-    task = _task_for(config, tag)
+def _task_for(config: PrefixTestConfig, tag: str, system_prompt: str | None = None) -> EchoTask:
+    if system_prompt is None:
+        return EchoTask(run_tag=f"[echo-prefix run {tag}]")
+    return EchoTask(system_prompt=system_prompt, run_tag=f"[echo-prefix run {tag}]")
+
+
+def aligned_system_prompt(config: PrefixTestConfig, facts: ServerFacts) -> str | None:
+    """The system prompt ``align_prefix`` asks for on this server (None: the shipped one, unchanged).
+
+    Raises:
+        ConfigError: The block size is unknown (the server does not say and no ``block_size=``).
+    """
+    if config.align_prefix == "off":
+        return None
+    block = facts.block_size or config.block_size
+    if block is None:
+        raise ConfigError("align_prefix needs the cache block size: the server does not say it, pass block_size=")
+    # A tag of the run's form (8 hex digits), since the tag is part of the prefix.
+    task = _task_for(config, "5f3a9c2e-on00")
+    render: Literal["transcript", "chat"] = "chat" if config.api == "chat" else "transcript"
+    aligned = align_system_prompt(
+        task, facts.tokenizer(), block, mode=config.align_prefix, slack_tokens=ALIGN_SLACK_TOKENS, render=render
+    )
+    return aligned.system_prompt
+
+
+def build_workload(config: PrefixTestConfig, tag: str, seed: int, system_prompt: str | None = None) -> Workload:
+    """Make the env for one repeat and the prompts of its three phases.
+
+    ``system_prompt`` replaces the shipped one (see :func:`aligned_system_prompt`).
+    """
+    task = _task_for(config, tag, system_prompt)
     env = ParallelTimingWrapper(
         EchoPrefixParallelEnv(batch_size=config.batch_size, group_size=config.group_size, task=task)
     )
@@ -224,13 +263,15 @@ def build_workload(config: PrefixTestConfig, tag: str, seed: int) -> Workload:
         word = infos[agent]["word"]
         if config.vary_before_prefix:
             # The spoiler: something agent-specific in front of the shared text.
-            prompts[agent] = prompt_of(agent, EchoTask(run_tag=f"[agent {i:04d}] " + task.run_tag), word)
+            spoiled = EchoTask(system_prompt=task.system_prompt, run_tag=f"[agent {i:04d}] " + task.run_tag)
+            prompts[agent] = prompt_of(agent, spoiled, word)
         else:
             prompts[agent] = prompt_of(agent, task, word)
     control: dict[str, Any] = {}
     for i, agent in enumerate(agents[1:]):
-        # Same length as the run tag, different in its first characters: no block is shared.
-        ctrl = EchoTask(run_tag=f"[echo-prefix ctrl {tag[:-5]}{i:05d}]")
+        # A tag of its own per request (and per repeat and server: a tag seen in an earlier
+        # repeat would be warm), a few tokens longer than the run tag at most.
+        ctrl = EchoTask(system_prompt=task.system_prompt, run_tag=f"[echo-prefix ctrl {tag}.{i:04d}]")
         control[f"control{i}"] = prompt_of(agent, ctrl, infos[agent]["word"])
     first = agents[0]
     return Workload(
@@ -267,15 +308,16 @@ def _delta(before: Snapshot | None, after: Snapshot | None) -> CounterDelta | No
 
 
 async def _tokenized_plan(
-    facts: ServerFacts, config: PrefixTestConfig, prompts: Sequence[Any], warm: Sequence[Any], api_key: str | None
-) -> tuple[TokenPlan | None, list[list[int]] | None]:
+    facts: ServerFacts, config: PrefixTestConfig, prompts: Sequence[Any], warm: Sequence[Any]
+) -> TokenPlan | None:
+    """The plan of ``prompts`` sent after ``warm``; None when tokens or block size are unknown."""
     block = facts.block_size or config.block_size
     if block is None:
-        return None, None
-    ids = await tokenize_prompts(facts, list(warm) + list(prompts), api=config.api, api_key=api_key)
+        return None
+    ids = await tokenize_prompts(facts, list(warm) + list(prompts), api=config.api, api_key=config.api_key)
     if ids is None:
-        return None, None
-    return plan_tokens(ids[len(warm) :], block, warm=ids[: len(warm)]), ids
+        return None
+    return plan_tokens(ids[len(warm) :], block, warm=ids[: len(warm)])
 
 
 ProgressFn = Callable[[int], None]
@@ -308,20 +350,26 @@ async def run_phases(
     worker = RolloutWorker(client, sampling, tokenizer=tokenizer)
     if progress is not None:
         worker.on_record = lambda _record: progress(1)
-    reader = MetricsReader(facts.metrics_url, model_name=facts.model, api_key=config.api_key) if facts.metrics_url else None
+    system_prompt = aligned_system_prompt(config, facts)
+    reader = (
+        MetricsReader(facts.metrics_url, model_name=facts.model, api_key=config.api_key) if facts.metrics_url else None
+    )
     metrics = _Metrics(reader)
     runs: list[PhaseRun] = []
     for repeat in range(config.repeats):
         tag = f"{run_id}-{server[6:]}{repeat:02d}"
-        work = build_workload(config, tag, seed=config.seed + repeat)
+        work = build_workload(config, tag, seed=config.seed + repeat, system_prompt=system_prompt)
         cold_prompts, warm_prompts = list(work.cold.values()), list(work.warm.values())
-        cold_plan, ids = await _tokenized_plan(facts, config, cold_prompts, (), config.api_key)
-        warm_plan, _ = await _tokenized_plan(facts, config, warm_prompts, cold_prompts, config.api_key)
-        ctrl_plan, _ = await _tokenized_plan(facts, config, list(work.control.values()), (), config.api_key)
+        cold_plan = await _tokenized_plan(facts, config, cold_prompts, ())
+        warm_plan = await _tokenized_plan(facts, config, warm_prompts, cold_prompts)
+        ctrl_plan = await _tokenized_plan(facts, config, list(work.control.values()), ())
+        single_plan = await _tokenized_plan(facts, config, cold_prompts, cold_prompts)
         completions: dict[str, Any] = {}
         for name, prompts, plan in (
             ("cold", work.cold, cold_plan),
             ("warm", work.warm, warm_plan),
+            # The cold prompt again, alone: cold vs warm TTFT at the same (zero) load.
+            ("warm_single", {f"{next(iter(work.cold))}-again": cold_prompts[0]}, single_plan),
             ("control", work.control, ctrl_plan),
         ):
             before = metrics.snapshot()
@@ -332,7 +380,7 @@ async def run_phases(
             for rec in records:
                 rec.tag = f"{server}/{name}/{repeat}/{rec.tag}"
             run = PhaseRun(name, server, repeat, list(records), wall, _delta(before, after), plan)
-            if name != "control":
+            if name in ("cold", "warm"):
                 completions.update(done)
             runs.append(run)
             worker.check_reachable(records)
@@ -357,8 +405,12 @@ def _first_difference_detail(facts: ServerFacts, ids: list[list[int]]) -> dict[s
 
 
 def checks_and_verdict(
-    facts: ServerFacts, plan: TokenPlan | None, first_diff: dict[str, Any] | None, on: dict[str, dict[str, Any]],
-    speedup: dict[str, float] | None, metrics_error: str | None,
+    facts: ServerFacts,
+    plan: TokenPlan | None,
+    first_diff: dict[str, Any] | None,
+    on: dict[str, dict[str, Any]],
+    speedup: dict[str, float] | None,
+    metrics_error: str | None,
 ) -> tuple[Verdict, str, list[dict[str, Any]]]:
     """Decide PASS / FAIL / UNKNOWN from the pooled cache-on figures.
 
@@ -375,12 +427,18 @@ def checks_and_verdict(
     check(
         "caching enabled on the server",
         enabled,
-        {True: "vllm:cache_config_info says enable_prefix_caching=True", False: "the server reports caching disabled",
-         None: "the server does not say"}[enabled],
+        {
+            True: "vllm:cache_config_info says enable_prefix_caching=True",
+            False: "the server reports caching disabled",
+            None: "the server does not say",
+        }[enabled],
     )
     if plan is not None:
         shared_ok = plan.cacheable_shared_tokens > 0
-        detail = f"{plan.shared_prefix_tokens} shared tokens, {plan.cacheable_shared_tokens} in whole blocks of {plan.block_size}"
+        detail = (
+            f"{plan.shared_prefix_tokens} shared tokens, "
+            f"{plan.cacheable_shared_tokens} in whole blocks of {plan.block_size}"
+        )
         if first_diff is not None and first_diff["position"] < plan.block_size:
             detail += f"; prompts first differ at token {first_diff['position']} ({first_diff['context']!r})"
         check("prefix shared across prompts in whole blocks", shared_ok, detail)
@@ -399,6 +457,14 @@ def checks_and_verdict(
         )
     else:
         check("hits reach 90% of the ceiling", measured > 0, f"warm hit rate {measured:.3f}; ceiling unknown")
+    control_hits = on.get("control", {}).get("hit_rate")
+    if control_hits is None:
+        control_hits = on.get("control", {}).get("hit_rate_reported")
+    check(
+        "control phase found nothing to hit",
+        None if control_hits is None else control_hits <= CONTROL_HIT_LIMIT,
+        "n/a" if control_hits is None else f"control hit rate {control_hits:.3f}",
+    )
     if speedup is not None:
         check(
             "warm TTFT below control TTFT",
@@ -434,6 +500,13 @@ def checks_and_verdict(
             "FAIL",
             f"hit rate far under the ceiling: {measured:.3f} vs {ceiling:.3f} ({measured / ceiling:.0%}); "
             "the cache may be too small or evicting",
+            checks,
+        )
+    if control_hits is not None and control_hits > CONTROL_HIT_LIMIT:
+        return (
+            "UNKNOWN",
+            f"the control phase hit the cache ({control_hits:.2f}), so it is no uncached baseline: is something "
+            "rewriting the prompts' start (a proxy or template)?",
             checks,
         )
     if speedup is None:
@@ -476,7 +549,7 @@ def summarize_runs(
     by_phase: dict[str, dict[str, dict[str, Any]]] = {}
     for server in ("cache_on", "cache_off"):
         phases = {}
-        for name in ("cold", "warm", "control"):
+        for name in PHASES:
             chosen = [r for r in runs if r.server == server and r.name == name]
             if chosen:
                 phases[name] = _pooled(chosen)
@@ -510,7 +583,14 @@ def summarize_runs(
         "ttft_p50_s": {name: fig.get("ttft_p50_s") for name, fig in on.items()},
         "throughput_rps": {name: fig.get("throughput_rps") for name, fig in on.items()},
         "speedup_ttft": speed,
-        "speedup_throughput": _ratio(on.get("warm", {}).get("throughput_rps"), on.get("control", {}).get("throughput_rps")),
+        "speedup_ttft_cold_vs_warm_single": _speedup(
+            [r for r in runs if r.server == "cache_on" and r.name == "cold"],
+            [r for r in runs if r.server == "cache_on" and r.name == "warm_single"],
+            config.seed,
+        ),
+        "speedup_throughput": _ratio(
+            on.get("warm", {}).get("throughput_rps"), on.get("control", {}).get("throughput_rps")
+        ),
         "cache_off": None,
     }
     off = by_phase.get("cache_off")
@@ -518,7 +598,11 @@ def summarize_runs(
         warm_off = [r for r in runs if r.server == "cache_off" and r.name == "warm"]
         ctrl_off = [r for r in runs if r.server == "cache_off" and r.name == "control"]
         off_verdict, off_reason, _ = checks_and_verdict(
-            baseline_facts, plan, first_diff, off, _speedup(ctrl_off, warm_off, config.seed),
+            baseline_facts,
+            plan,
+            first_diff,
+            off,
+            _speedup(ctrl_off, warm_off, config.seed),
             metrics_errors.get("cache_off"),
         )
         summary["cache_off"] = {
@@ -635,19 +719,23 @@ async def _run_all(config: PrefixTestConfig, writer: Any, state: dict[str, Any],
             )
         servers.append(("cache_off", False))
     agents = config.batch_size * config.group_size
-    total = len(servers) * config.repeats * (2 * agents - 1)
+    total = len(servers) * config.repeats * 2 * agents
     bar = tqdm(total=total, desc="echo-prefix test", unit="req", disable=not show_progress)
     try:
         for server, caching in servers:
             with _server(config, caching) as (url, model, embedded, _engine):
                 client_cfg = ClientConfig(
-                    base_url=url, model=model, api_key=config.api_key, timeout_s=config.timeout_s,
+                    base_url=url,
+                    model=model,
+                    api_key=config.api_key,
+                    timeout_s=config.timeout_s,
                     max_concurrency=config.max_concurrency,
                 )
                 async with LLMClient(client_cfg) as client:
                     served = await client.model()
-                    facts = await read_server_facts(url, served, config.metrics_url if caching else None,
-                                                    embedded=embedded, api_key=config.api_key)
+                    facts = await read_server_facts(
+                        url, served, config.metrics_url if caching else None, embedded=embedded, api_key=config.api_key
+                    )
                     if facts.block_size is None and config.block_size is not None:
                         facts.block_size = config.block_size
                     if embedded:
@@ -672,9 +760,11 @@ async def _run_all(config: PrefixTestConfig, writer: Any, state: dict[str, Any],
 
 async def _whole_plan(
     config: PrefixTestConfig, facts: ServerFacts, run_id: str
-) -> tuple[TokenPlan, dict[str, Any] | None, dict[str, Any]] | None:
+) -> tuple[TokenPlan, dict[str, Any] | None, dict[str, Any] | None] | None:
     """The plan of repeat 0's cold + warm prompts (for the shared-prefix checks)."""
-    work = build_workload(config, f"{run_id}-on00", seed=config.seed)
+    work = build_workload(
+        config, f"{run_id}-on00", seed=config.seed, system_prompt=aligned_system_prompt(config, facts)
+    )
     prompts = list(work.cold.values()) + list(work.warm.values())
     block = facts.block_size or config.block_size
     ids = await tokenize_prompts(facts, prompts, api=config.api, api_key=config.api_key)
@@ -704,8 +794,11 @@ def _log_wandb(config: PrefixTestConfig, summary: dict[str, Any]) -> None:
         log.warning("wandb_project is set but wandb is not installed: pip install wandb")
         return
     run = wandb.init(project=config.wandb_project, name=config.wandb_name, config=summary.get("config"))
-    flat = {"verdict": summary["verdict"], "hit_rate": summary.get("hit_rate"),
-            "hit_rate_ceiling": summary.get("hit_rate_ceiling")}
+    flat = {
+        "verdict": summary["verdict"],
+        "hit_rate": summary.get("hit_rate"),
+        "hit_rate_ceiling": summary.get("hit_rate_ceiling"),
+    }
     for name, value in (summary.get("ttft_p50_s") or {}).items():
         flat[f"time/ttft_p50_{name}"] = value
     for name, value in (summary.get("throughput_rps") or {}).items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as _dt
+import io
 import json
 import logging
 import math
@@ -31,8 +32,9 @@ import re
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +85,12 @@ REDACTED = "***"
 PLOTS_INSTALL_HINT = "pip install 'echo-prefix-env[plots]'"
 """How a user gets the plots when matplotlib is missing."""
 
-_PHASE_ORDER = ("cold", "warm", "control")
+_PHASE_ORDER = ("cold", "warm_single", "warm", "control")
+# Phases the TTFT plot always shows, with n=0 when a run stopped before them.
+_MAIN_PHASES = ("cold", "warm", "control")
 _SERVER_ORDER = ("cache_on", "cache_off")
 _SERVER_LABELS = {"cache_on": "cache on", "cache_off": "cache off"}
-_PHASE_COLORS = {"cold": "#4C72B0", "warm": "#55A868", "control": "#DD8452"}
+_PHASE_COLORS = {"cold": "#4C72B0", "warm_single": "#8172B2", "warm": "#55A868", "control": "#DD8452"}
 _NA = "n/a"
 _MIN_BOX_SAMPLES = 5
 _MAX_TABLE_ROWS = 8
@@ -104,7 +108,9 @@ _SECRET_KEY_RE = re.compile(
     r"authorization|auth|bearer|credentials?|cookie)$"
 )
 # Credentials can also hide inside values: ``https://user:pass@host`` and header text.
-_URL_USERINFO_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@\s:]*):(?P<pw>[^/@\s]+)@")
+# The bounded scheme keeps the scan linear: an unbounded one backtracks quadratically
+# over a long run of letters (a prompt, a padded config value).
+_URL_USERINFO_RE = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]{0,15}://)(?P<user>[^/@\s:]*):(?P<pw>[^/@\s]+)@")
 _BEARER_RE = re.compile(r"(?i)\b(bearer\s+)[^\s\"',]+")
 
 
@@ -185,7 +191,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _dumps(obj: Any, **kwargs: Any) -> str:
-    return json.dumps(_jsonable(redact(obj)), ensure_ascii=False, allow_nan=False, **kwargs)
+    # Plain values first, so a secret inside a dataclass (a client config) is seen too.
+    return json.dumps(redact(_jsonable(obj)), ensure_ascii=False, allow_nan=False, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -350,6 +357,10 @@ def _headline(summary: Mapping[str, Any], width: int) -> list[str]:
     thr = _num(summary.get("speedup_throughput"))
     if ttft or thr is not None:
         parts.append(f"warm vs control: TTFT {ttft or _NA}" + (f", req/s {thr:.2f}x" if thr is not None else ""))
+    again = _dict(summary.get("speedup_ttft_cold_vs_warm_single"))
+    ttft = _speedup(again.get("ratio"), again.get("low"), again.get("high"))
+    if ttft:
+        parts.append(f"cold prompt sent again: TTFT {ttft}")
     lines = _pack(parts, width)
 
     off = _dict(summary.get("cache_off"))
@@ -374,7 +385,8 @@ def _server_line(summary: Mapping[str, Any]) -> str:
     server = _dict(summary.get("server"))
     kind = " ".join(str(x) for x in (server.get("kind"), server.get("version")) if x) or "server unknown"
     caching = server.get("prefix_caching_enabled")
-    cache_text = {True: "prefix caching on", False: "prefix caching OFF"}.get(caching, "prefix caching unknown")
+    # Only a real bool counts: a "1" or "yes" from an odd exporter stays "unknown".
+    cache_text = "prefix caching " + ("on" if caching is True else "OFF" if caching is False else "unknown")
     block = server.get("block_size") or _dict(summary.get("token_plan")).get("block_size")
     parts = [kind, str(server.get("model") or "model unknown"), cache_text, f"block {block or _NA}"]
     if server.get("embedded"):
@@ -408,8 +420,27 @@ def _token_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+# (header, unit line) of the phase table; the last three are the hit rate from the
+# server's counters, from usage.cached_tokens, and its ceiling.
+_TABLE_COLUMNS = (
+    ("", ""),
+    ("reqs", ""),
+    ("fail", ""),
+    ("TTFT p50", "ms"),
+    ("p90", "ms"),
+    ("p99", "ms"),
+    ("e2e p50", "ms"),
+    ("req/s", ""),
+    ("tok/s", ""),
+    ("hit rate", "counters"),
+    ("reported", "usage"),
+    ("ceiling", ""),
+)
+
+
 def _table(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
-    header = ("", "reqs", "fail", "TTFT p50", "p90", "p99", "e2e p50", "req/s", "tok/s", "hit rate", "reported", "ceiling")
+    header = tuple(name for name, _ in _TABLE_COLUMNS)
+    units = tuple(unit for _, unit in _TABLE_COLUMNS)
     many_servers = len({server for server, _, _ in rows}) > 1
     body: list[tuple[str, ...]] = []
     last_server = None
@@ -436,9 +467,7 @@ def _table(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
                 _f(st.get("hit_rate_ceiling")),
             )
         )
-    widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
-    units = ["", "", "", "ms", "ms", "ms", "ms", "", "", "counters", "usage", ""]
-    widths = [max(w, len(u)) for w, u in zip(widths, units, strict=True)]
+    widths = [max(len(r[i]) for r in (header, units, *body)) for i in range(len(header))]
 
     def fmt(cells: Sequence[str]) -> str:
         first = cells[0].ljust(widths[0])
@@ -456,7 +485,7 @@ def _check_lines(summary: Mapping[str, Any], marks: Mapping[Any, str]) -> list[s
     lines = ["checks"]
     for check in checks:
         mark = marks.get(check.get("passed"), marks[None])
-        line = f"  {mark} {str(check.get('name') or '?'):<{width}}  {check.get('detail') or ''}".rstrip()
+        line = f"  {mark} {check.get('name') or '?'!s:<{width}}  {check.get('detail') or ''}".rstrip()
         lines.append(line)
     return lines
 
@@ -505,15 +534,19 @@ def format_console(
     Returns:
         The text, lines joined by ``\\n``, without a trailing newline.
     """
+    # Console output gets pasted into bug reports: the same redaction as the files.
+    summary = _dict(redact(_jsonable(summary)))
     report = _dict(summary.get("report"))
     if files is None:
-        files = report.get("files") or []
+        files = report.get("files") or summary.get("files") or []
     if notes is None:
         notes = report.get("notes") or []
     verdict = str(summary.get("verdict") or "UNKNOWN")
-    reason = str(summary.get("reason") or "no reason given")
+    reason = " ".join(str(summary.get("reason") or "no reason given").split())
     indent = " " * (len(verdict) + 2)
-    lines = [f"{verdict}  {reason}", *(indent + line for line in _headline(summary, _MAX_LINE - len(indent)))]
+    # The reason is wrapped, never clipped: it is the one sentence a user acts on.
+    lines = textwrap.wrap(f"{verdict}  {reason}", _MAX_LINE, subsequent_indent=indent, break_on_hyphens=False)
+    lines += [indent + line for line in _headline(summary, _MAX_LINE - len(indent))]
     if summary.get("partial") or summary.get("error"):
         lines.append(f"{indent}run incomplete: {summary.get('error') or 'stopped before the end'}")
     lines += ["", _server_line(summary), *_token_lines(summary)]
@@ -537,13 +570,13 @@ def format_console(
     duration = _num(summary.get("duration_s"))
     took = f" (run took {duration:.1f} s)" if duration is not None else ""
     if out_dir:
-        lines.append(f"files   {out_dir}/ {took}")
+        lines.append(f"files   {out_dir}/ {took}".rstrip())
     if names:
         lines.append(f"        {' '.join(names)}" if out_dir else f"files   {' '.join(names)}{took}")
     lines += [f"note    {note}" for note in notes]
 
-    # Paths are never clipped: a user copies them.
-    text = "\n".join(line if line.startswith("files") else _clip(line) for line in lines)
+    # Paths and the verdict are never clipped: a user copies the one and acts on the other.
+    text = "\n".join(line if line.startswith(("files", verdict)) else _clip(line) for line in lines)
     if ascii_only is None:
         ascii_only = _wants_ascii()
     if ascii_only:
@@ -560,7 +593,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` so a reader sees the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        # newline="" writes the text as given: the csv module has chosen its line ends.
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -571,7 +605,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _csv_cell(value: Any) -> Any:
-    value = _jsonable(value)
     if value is None:
         return ""
     if isinstance(value, dict | list):
@@ -582,20 +615,15 @@ def _csv_cell(value: Any) -> Any:
 
 
 def _write_phases_csv(path: Path, phases: Sequence[Mapping[str, Any]]) -> None:
-    rows = [redact(p) for p in phases if isinstance(p, Mapping)]
+    rows = [redact(_jsonable(p)) for p in phases if isinstance(p, Mapping)]
     extra = sorted({k for row in rows for k in row} - set(PHASE_COLUMNS))
     columns = [*PHASE_COLUMNS, *extra]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({c: _csv_cell(row.get(c)) for c in columns})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _csv_cell(row.get(c)) for c in columns})
+    _atomic_write_text(path, buffer.getvalue())
 
 
 class PlotsUnavailable(RuntimeError):
@@ -665,8 +693,8 @@ def _plot_ttft(path: Path, summary: Mapping[str, Any], samples: Mapping[tuple[st
         return False
     plt = _pyplot()
     servers = _ordered({s for s, _ in samples}, _SERVER_ORDER)
-    # The three standard phases always get a slot: "warm (n=0)" tells a partial run apart.
-    phases = _ordered({p for _, p in samples} | set(_PHASE_ORDER), _PHASE_ORDER)
+    # The main phases always get a slot: "warm (n=0)" tells a partial run apart.
+    phases = _ordered({p for _, p in samples} | set(_MAIN_PHASES), _PHASE_ORDER)
     positive = [v * 1000 for vals in samples.values() for v in vals if v > 0]
     # Linear from zero reads honestly; log only when cold dwarfs warm so much that the
     # warm box would be a flat line at the bottom.
@@ -815,11 +843,16 @@ class RunWriter:
         """Write the final summary, ``phases.csv`` and the plots.
 
         JSON and CSV come first, so a plot that fails (or a missing matplotlib) loses
-        nothing else; the reason goes to :attr:`notes`, to the log as a warning, and into
-        ``summary.json`` under ``report`` (``{"files": [...], "notes": [...]}``).
+        nothing else: the failure is logged as a warning, and the reason goes to
+        :attr:`notes` and into ``summary.json`` under ``report``
+        (``{"files": [...], "notes": [...]}``), where :func:`format_console` finds it.
+
+        The same ``report`` entry is added to ``summary`` itself (when it is a mutable
+        mapping), so ``format_console(summary)`` lists the files and says why a plot is
+        missing without being handed them.
 
         Args:
-            summary: The run's final (or partial) summary. Not modified.
+            summary: The run's final (or partial) summary.
 
         Returns:
             The paths written, ``requests.jsonl`` included.
@@ -844,6 +877,7 @@ class RunWriter:
                 else:
                     self._note(f"{name} not drawn: {empty_reason}")
             except PlotsUnavailable as exc:
+                log.warning("plots skipped: %s", exc)
                 self._note(f"plots skipped: {exc}")
                 break
             except Exception as exc:  # a plot is a convenience; never let it lose the data
@@ -851,13 +885,13 @@ class RunWriter:
                 self._note(f"{name} not drawn: {type(exc).__name__}: {exc}")
             log.debug("time/report/%s: %.4f s", name, time.perf_counter() - plot_start)
 
-        final = dict(summary)
-        final["report"] = {"files": [p.name for p in written], "notes": list(self.notes)}
-        self.write_summary(final)
+        report = {"files": [p.name for p in written], "notes": list(self.notes)}
+        if isinstance(summary, MutableMapping):
+            summary["report"] = report
+        self.write_summary({**summary, "report": report})
         log.debug("time/report/finish: %.4f s", time.perf_counter() - start)
         return written
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
-            log.info("%s", text)
             self.notes.append(text)

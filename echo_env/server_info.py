@@ -94,7 +94,7 @@ class ServerFacts:
             pass
         try:
             return str(self.tokenizer().decode(list(ids)))  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - only a message depends on it
+        except Exception:
             return " ".join(map(str, ids))
 
     def _headers(self) -> dict[str, str]:
@@ -176,7 +176,7 @@ async def tokenize_prompts(
         try:
             ids = encode_prompts(facts.tokenizer(), list(unique.values()))
             facts.tokenized_by = "local"
-        except Exception as exc:  # noqa: BLE001 - any failure here means "unknown", said in the report
+        except Exception as exc:
             log.warning("cannot tokenize the prompts (no /tokenize on the server, no local tokenizer): %s", exc)
             return None
     by_key = dict(zip(unique, ids))

@@ -60,6 +60,48 @@ def user_turn(word: str) -> str:
     return f"Please echo the following word: {word}"
 
 
+def worked_example(word: str) -> str:
+    """One worked example in the system prompt's form (``User: ...`` then ``Assistant: Echo: word``)."""
+    return f"User: {user_turn(word)}\nAssistant: {ECHO_PREFIX}{word}"
+
+
+_WORKED_EXAMPLE = re.compile(r"User: Please echo the following word: (\S+)\nAssistant: Echo: (\S+)")
+
+
+def find_worked_examples(system_prompt: str) -> list[tuple[int, int, str]]:
+    """The worked examples in a system prompt, as ``(start, end, word)`` character spans.
+
+    Only well-formed examples count (the echoed word equals the requested one), so text
+    that merely mentions the form is left alone by :func:`with_examples`.
+    """
+    return [
+        (m.start(), m.end(), m.group(1)) for m in _WORKED_EXAMPLE.finditer(system_prompt) if m.group(1) == m.group(2)
+    ]
+
+
+def with_examples(system_prompt: str, keep: int, extra_words: Sequence[str] = ()) -> str:
+    """The system prompt with only its first ``keep`` worked examples, then ``extra_words`` added as examples.
+
+    Text before the first example and after the last one stays as it is; added examples
+    follow the last kept one, separated by a blank line as the shipped prompt does. With
+    ``keep`` equal to the number of examples and no extra words the prompt is unchanged.
+
+    Raises:
+        ConfigError: The prompt has no worked examples, or ``keep`` is out of range.
+    """
+    spans = find_worked_examples(system_prompt)
+    if not spans:
+        raise ConfigError(
+            "the system prompt has no worked examples ('User: Please echo the following word: w' then "
+            "'Assistant: Echo: w') to pad or trim"
+        )
+    if not 1 <= keep <= len(spans):
+        raise ConfigError(f"keep={keep} worked examples: the prompt has {len(spans)}, keep 1 to {len(spans)}")
+    cut = spans[keep - 1][1]
+    added = "".join(f"\n\n{worked_example(w)}" for w in extra_words)
+    return system_prompt[:cut] + added + system_prompt[spans[-1][1] :]
+
+
 @dataclass(frozen=True)
 class Grade:
     """The result of grading one answer."""

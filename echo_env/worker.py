@@ -249,12 +249,19 @@ class RolloutWorker:
             for agent in agents:
                 by_prompt[_prompt_key(prompts[agent])].append(agent)
             groups = list(by_prompt.values())
+            # Greedy decoding gives every sample the same text, and vLLM refuses n > 1
+            # with temperature 0: ask once and hand the answer to the whole group.
+            greedy = self.sampling.temperature == 0.0
             records = await asyncio.gather(
-                *(self._request(self._wire_prompt(prompts[g[0]]), len(g), f"{g[0]}+{len(g) - 1}") for g in groups)
+                *(
+                    self._request(self._wire_prompt(prompts[g[0]]), 1 if greedy else len(g), f"{g[0]}+{len(g) - 1}")
+                    for g in groups
+                )
             )
             for group, rec in zip(groups, records):
                 for i, agent in enumerate(group):
-                    out = rec.outputs[i] if rec.ok and i < len(rec.outputs) else None
+                    k = 0 if greedy else i
+                    out = rec.outputs[k] if rec.ok and k < len(rec.outputs) else None
                     results[agent] = AgentCompletion(
                         out.text if out else "", _timing(rec, out, shared=len(group) > 1), rec.request_id, rec.error
                     )
@@ -282,6 +289,8 @@ class RolloutWorker:
     def check_reachable(self, records: Sequence[RequestRecord]) -> None:
         """Raise ServerUnreachableError if any of ``records`` could not reach the server."""
         dead = [r for r in records if unreachable(r)]
+        if not dead and records and all(not r.ok and (r.error or "").startswith("timed out") for r in records):
+            dead = list(records)  # nothing at all came back in time: the server has stalled
         if dead:
             err = ServerUnreachableError(
                 f"{len(dead)} of {len(records)} requests could not reach the server "
@@ -314,14 +323,12 @@ class RolloutWorker:
         actions = {a: c.text for a, c in completions.items()}
         if isinstance(env, ParallelTimingWrapper):
             env.set_request_timings({a: c.timing for a, c in completions.items()})
-        next_obs, rewards, terms, truncs, step_infos = env.step(actions)
+        next_obs, rewards, terms, _truncs, step_infos = env.step(actions)
         failures = {a: c.error or "failed" for a, c in completions.items() if c.error is not None}
         for agent, error in failures.items():
             step_infos[agent]["request_error"] = error
         wall = time.perf_counter() - start
-        log.debug(
-            "step: %d agents, %d requests, %d failed, %.3f s", len(live), len(records), len(failures), wall
-        )
+        log.debug("step: %d agents, %d requests, %d failed, %.3f s", len(live), len(records), len(failures), wall)
         return StepResult(actions, next_obs, rewards, terms, step_infos, list(records), failures, wall)
 
     async def run_episode(
@@ -411,4 +418,3 @@ def summarize_rollout(steps: Sequence[StepResult], wall_s: float) -> RolloutSumm
         prompt_tokens=sum(r.prompt_tokens or 0 for r in ok),
         cached_tokens=sum(cached_known) if cached_known else None,
     )
-

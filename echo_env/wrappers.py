@@ -140,12 +140,16 @@ class ParallelTimingWrapper(BaseParallelWrapper[str, str, str]):
                 raise EnvUsageError(f"timing for {agent!r}, which is not a live agent: call reset() first")
             self._clocks[agent].pending = _check_request_timing(timing)
 
-    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    def reset(
+        self, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         obs, infos = self.env.reset(seed=seed, options=options)
         self._clocks = {agent: _EpisodeClock() for agent in obs}
         return obs, infos
 
-    def step(self, actions: dict[str, str]) -> tuple[dict[str, str], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]]:
+    def step(
+        self, actions: dict[str, str]
+    ) -> tuple[dict[str, str], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]]:
         t0 = time.perf_counter()
         obs, rewards, terms, truncs, infos = self.env.step(actions)
         env_step_s = time.perf_counter() - t0

@@ -130,5 +130,13 @@ def test_a_non_dataclass_is_a_programming_error() -> None:
 
 def test_describe_lists_every_key_with_its_default() -> None:
     text = describe(Demo)
-    assert "  batch_size=16  [int]" in text.splitlines()
+    assert "  batch_size=16" in text.splitlines()
     assert len(text.splitlines()) == len(dataclasses.fields(Demo))
+
+
+def test_describe_shows_the_docstring_under_each_field() -> None:
+    from echo_env.prefix_test import PrefixTestConfig
+
+    lines = describe(PrefixTestConfig).splitlines()
+    i = lines.index("  group_size=8")
+    assert lines[i + 1].strip() == "Agents per prompt."

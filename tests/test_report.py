@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 import sys
@@ -62,9 +63,20 @@ def _phase(name: str, server: str, repeat: int | None, ttft: float, requests: in
     }
 
 
-_TTFT = {("cache_on", "cold"): 0.31, ("cache_on", "warm"): 0.045, ("cache_on", "control"): 0.118}
-_TTFT_OFF = {("cache_off", "cold"): 0.30, ("cache_off", "warm"): 0.121, ("cache_off", "control"): 0.119}
-_HIT = {"cold": 0.0, "warm": 0.97, "control": 0.0}
+_TTFT = {
+    ("cache_on", "cold"): 0.31,
+    ("cache_on", "warm_single"): 0.041,
+    ("cache_on", "warm"): 0.045,
+    ("cache_on", "control"): 0.118,
+}
+_TTFT_OFF = {
+    ("cache_off", "cold"): 0.30,
+    ("cache_off", "warm_single"): 0.29,
+    ("cache_off", "warm"): 0.121,
+    ("cache_off", "control"): 0.119,
+}
+_HIT = {"cold": 0.0, "warm_single": 0.96, "warm": 0.97, "control": 0.0}
+_SINGLE = ("cold", "warm_single")  # one request per repeat
 
 
 def full_summary(out_dir: Path) -> dict[str, Any]:
@@ -74,10 +86,10 @@ def full_summary(out_dir: Path) -> dict[str, Any]:
         for repeat in (0, 1):
             for (_, name), ttft in ttfts.items():
                 hit = _HIT[name] if server == "cache_on" else 0.0
-                phases.append(_phase(name, server, repeat, ttft, 1 if name == "cold" else 127, hit))
+                phases.append(_phase(name, server, repeat, ttft, 1 if name in _SINGLE else 127, hit))
     by_phase = {
         server: {
-            name: _phase(name, server, None, ttft, 2 if name == "cold" else 254, _HIT[name] if server == "cache_on" else 0.0)
+            name: _phase(name, server, None, ttft, 2 if name in _SINGLE else 254, _HIT[name] * (server == "cache_on"))
             for (_, name), ttft in ttfts.items()
         }
         for server, ttfts in (("cache_on", _TTFT), ("cache_off", _TTFT_OFF))
@@ -124,6 +136,7 @@ def full_summary(out_dir: Path) -> dict[str, Any]:
         "ttft_p50_s": {"cold": 0.31, "warm": 0.045, "control": 0.118},
         "throughput_rps": {"cold": 3.2, "warm": 75.1, "control": 70.3},
         "speedup_ttft": {"ratio": 2.62, "low": 2.31, "high": 2.94},
+        "speedup_ttft_cold_vs_warm_single": {"ratio": 7.56, "low": 7.1, "high": 8.0},
         "speedup_throughput": 1.07,
         "cache_off": {
             "verdict": "FAIL",
@@ -166,12 +179,27 @@ def partial_summary(out_dir: Path) -> dict[str, Any]:
         "hit_rate_reported": None,
         "hit_rate_ceiling": None,
         "hit_rate_vs_ceiling": None,
-        "server": {"base_url": "http://localhost:8000/v1", "kind": None, "version": None, "model": None,
-                   "prefix_caching_enabled": None, "block_size": None, "embedded": False},
+        "server": {
+            "base_url": "http://localhost:8000/v1",
+            "kind": None,
+            "version": None,
+            "model": None,
+            "prefix_caching_enabled": None,
+            "block_size": None,
+            "embedded": False,
+        },
         "token_plan": None,
         "phases": [
-            {"name": "cold", "server": "cache_on", "repeat": 0, "requests": 1, "failed": 0, "ttft_p50_s": 0.3,
-             "hit_rate": None, "counter_reset": True},
+            {
+                "name": "cold",
+                "server": "cache_on",
+                "repeat": 0,
+                "requests": 1,
+                "failed": 0,
+                "ttft_p50_s": 0.3,
+                "hit_rate": None,
+                "counter_reset": True,
+            },
         ],
         "by_phase": None,
         "ttft_p50_s": {"cold": 0.3, "warm": None, "control": None},
@@ -195,7 +223,7 @@ def fake_records(with_cache_off: bool = True, seed: int = 0) -> list[dict[str, A
     table = {**_TTFT, **(_TTFT_OFF if with_cache_off else {})}
     records = []
     for (server, phase), ttft in table.items():
-        for i in range(2 if phase == "cold" else 60):
+        for i in range(2 if phase in _SINGLE else 60):
             t = ttft * rng.lognormvariate(0, 0.15)
             ok = not (phase == "control" and i == 0)
             records.append(
@@ -229,12 +257,13 @@ def fake_records(with_cache_off: bool = True, seed: int = 0) -> list[dict[str, A
 
 def test_console_starts_with_verdict_and_reason(tmp_path: Path) -> None:
     text = format_console(full_summary(tmp_path), ascii_only=False)
-    first, second, third = text.splitlines()[:3]
+    first, second, third, fourth = text.splitlines()[:4]
     assert first == "PASS  prefix caching works"
     assert "hit rate 0.97 of a 0.98 ceiling (99%)" in second
     assert "warm vs control: TTFT 2.6x faster (CI 2.3–2.9), req/s 1.07x" in second
-    assert "cache off: FAIL, hit rate 0.00 (hits at zero)" in third
-    assert "cache on vs off: warm TTFT 2.7x faster (CI 2.4–3.0), req/s 1.50x" in third
+    assert "cold prompt sent again: TTFT 7.6x faster (CI 7.1–8.0)" in third
+    assert "cache off: FAIL, hit rate 0.00 (hits at zero)" in fourth
+    assert "cache on vs off: warm TTFT 2.7x faster (CI 2.4–3.0), req/s 1.50x" in fourth
 
 
 def test_console_is_short_and_shows_both_servers(tmp_path: Path) -> None:
@@ -244,9 +273,10 @@ def test_console_is_short_and_shows_both_servers(tmp_path: Path) -> None:
     table = "\n".join(lines)
     assert "cache on" in table and "cache off" in table
     # Warm row of cache on: TTFT p50 45 ms, hit rate measured | reported | ceiling.
-    warm = next(line for line in lines if line.strip().startswith("warm"))
+    warm = next(line for line in lines if line.strip().startswith("warm "))
     assert "45.0" in warm and "0.97" in warm and "0.96" in warm and "0.98" in warm
-    assert any(line.startswith("files") and SUMMARY_FILE in line and str(tmp_path) in line for line in lines)
+    files_at = next(i for i, line in enumerate(lines) if line.startswith("files"))
+    assert str(tmp_path) in lines[files_at] and SUMMARY_FILE in lines[files_at + 1]
 
 
 def test_console_marks_checks(tmp_path: Path) -> None:
@@ -286,6 +316,28 @@ def test_console_names_where_prompts_first_differ(tmp_path: Path) -> None:
     assert "first differ at token 3 (prompt #1): '<bos>agent_1 You'" in text
 
 
+def test_a_long_reason_is_wrapped_not_cut(tmp_path: Path) -> None:
+    summary = full_summary(tmp_path)
+    summary["verdict"] = "FAIL"
+    summary["reason"] = (
+        "hit rate far under the ceiling: 0.41 of a 0.98 ceiling (42%); the cache may be too small for "
+        "batch_size x group_size agents in flight, raise --gpu-memory-utilization or lower batch_size"
+    )
+    lines = format_console(summary, ascii_only=False).splitlines()
+    assert lines[0].startswith("FAIL  hit rate far under the ceiling")
+    assert "lower batch_size" in lines[1] and lines[1].startswith("      ")
+    assert "…" not in "".join(lines[:2])
+
+
+def test_many_unpooled_phase_entries_are_capped(tmp_path: Path) -> None:
+    summary = full_summary(tmp_path)
+    summary["by_phase"] = None  # a run stopped before pooling: one row per repeat
+    lines = format_console(summary, ascii_only=False).splitlines()
+    assert len(lines) <= 30
+    assert "warm #0" in "\n".join(lines)
+    assert f"  … 8 more in {PHASES_FILE}" in lines
+
+
 # --- files ------------------------------------------------------------------------------------
 
 
@@ -305,7 +357,7 @@ def test_finish_writes_parseable_files(tmp_path: Path) -> None:
     assert saved["verdict"] == "PASS" and saved["hit_rate"] == 0.97
     assert saved["speedup_ttft"]["ratio"] == 2.62 and saved["ttft_p50_s"]["warm"] == 0.045
     assert saved["report"]["notes"] == [] and HIT_RATE_PLOT_FILE in saved["report"]["files"]
-    assert "report" not in summary  # the caller's dict is left alone
+    assert summary["report"] == saved["report"]  # so the console can list files and notes
 
     lines = (out / RECORDS_FILE).read_text().splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == [r["request_id"] for r in records]
@@ -316,7 +368,8 @@ def test_finish_writes_parseable_files(tmp_path: Path) -> None:
         rows = list(reader)
     assert len(rows) == len(summary["phases"])
     assert rows[0]["name"] == "cold" and rows[0]["server"] == "cache_on" and rows[0]["counter_reset"] == "false"
-    assert float(rows[1]["ttft_p50_s"]) == pytest.approx(0.045)
+    warm = next(row for row in rows if row["name"] == "warm")
+    assert float(warm["ttft_p50_s"]) == pytest.approx(0.045) and float(warm["hit_rate"]) == pytest.approx(0.97)
 
     for name in (TTFT_PLOT_FILE, HIT_RATE_PLOT_FILE):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
@@ -398,14 +451,38 @@ def test_write_summary_is_atomic(tmp_path: Path) -> None:
 # --- secrets --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["api_key", "API_KEY", "wandb_api_key", "Authorization", "hf_token", "token",
-                                 "password", "openai-api-key", "secret_key"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "api_key",
+        "API_KEY",
+        "wandb_api_key",
+        "Authorization",
+        "hf_token",
+        "token",
+        "password",
+        "openai-api-key",
+        "secret_key",
+    ],
+)
 def test_secret_keys_are_recognised(key: str) -> None:
     assert is_secret_key(key)
 
 
-@pytest.mark.parametrize("key", ["prompt_tokens", "max_tokens", "cached_tokens", "completion_tokens",
-                                 "token_plan", "tokenized_by", "tokens_per_s", "shared_prefix_tokens", "key_count"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "prompt_tokens",
+        "max_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "token_plan",
+        "tokenized_by",
+        "tokens_per_s",
+        "shared_prefix_tokens",
+        "key_count",
+    ],
+)
 def test_token_counts_are_not_secrets(key: str) -> None:
     assert not is_secret_key(key)
 
@@ -421,6 +498,12 @@ def test_redact_hides_keys_urls_and_bearer_tokens_but_keeps_counts() -> None:
     assert config["api_key"] == FAKE_KEY  # the input is not modified
 
 
+@dataclasses.dataclass(frozen=True)
+class _ClientConfig:
+    base_url: str
+    api_key: str
+
+
 def test_no_written_file_contains_the_key(tmp_path: Path) -> None:
     writer = RunWriter(tmp_path)
     records = fake_records()
@@ -429,6 +512,7 @@ def test_no_written_file_contains_the_key(tmp_path: Path) -> None:
     writer.append_records(records)
     summary = full_summary(tmp_path)
     summary["phases"][0]["token"] = FAKE_KEY
+    summary["config"]["client_config"] = _ClientConfig("http://127.0.0.1:8011/v1", FAKE_KEY)
     writer.write_summary(summary)
     paths = writer.finish(summary)
     assert len(paths) == 5
@@ -485,4 +569,6 @@ def test_ttft_samples_keep_only_successful_requests() -> None:
     samples = ttft_samples(fake_records())
     assert len(samples[("cache_on", "warm")]) == 60
     assert len(samples[("cache_on", "control")]) == 59  # the timed-out request has no TTFT
-    assert set(samples) == {(s, p) for s in ("cache_on", "cache_off") for p in ("cold", "warm", "control")}
+    assert set(samples) == {
+        (s, p) for s in ("cache_on", "cache_off") for p in ("cold", "warm_single", "warm", "control")
+    }

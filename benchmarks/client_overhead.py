@@ -1,0 +1,389 @@
+"""What the client costs: sustained requests/s and client CPU per request, against a stand-in server.
+
+The server here is a STAND-IN (``standin_server.py``): a minimal streaming
+OpenAI-compatible endpoint that answers instantly with 16 streamed tokens. It is used
+only to isolate the client's cost; it says nothing about any inference engine. Its own
+CPU per request is reported too, to show it is not the bottleneck.
+
+Clients, each in a fresh process, at the same concurrency (requests in flight), on the
+same prompts (the echo env's real ~2 KB transcripts), 16 streamed tokens per request:
+
+- ``worker``: this package's ``RolloutWorker`` over ``LLMClient`` as shipped (the
+  ``openai`` SDK, its default httpx transport, a pool sized to the concurrency);
+- ``worker+aiohttp``: the same worker with the SDK's aiohttp transport
+  (``openai.DefaultAioHttpClient``), the transport question of the issue;
+- ``worker+raw-sse``: a PROTOTYPE living only in this file: ``LLMClient`` with the SDK
+  swapped for aiohttp and a hand-written SSE parser (what vLLM's benchmark client does),
+  to show how much of the cost is the SDK and how much the worker's own bookkeeping;
+- ``naive``: ``AsyncOpenAI()`` with its defaults, one ``completions.create(stream=True)``
+  per prompt under a semaphore, ``asyncio.gather``;
+- ``vllm-bench``: vLLM's own ``vllm bench serve`` client (aiohttp, run through
+  ``vllm_bench.py``), on the same prompts as a ``custom`` dataset.
+
+Client CPU time is the client process's user+system time over the request loop only
+(imports and prompt building excluded; for ``vllm-bench`` the time inside its
+``benchmark()`` coroutine). Repeats rotate the client order, so the shared machine's
+load falls on every client alike.
+
+Full: concurrency 64, 256, 1024; max(1024, 3 x concurrency) requests; 2 repeats (~12 min).
+``--quick``: concurrency 64 and 256, 256 requests, 1 repeat (~2 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from common import BENCH_DIR, fmt, machine_facts, markdown_table, median, ratio, table, write_result
+
+NAME = "client_overhead"
+CLIENTS = ("worker", "worker+aiohttp", "worker+raw-sse", "naive", "vllm-bench")
+"""Every client compared."""
+MODEL = "standin-echo"
+TOKENS = 16
+"""Streamed tokens per request."""
+
+
+# ----- the stand-in server -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def standin_server() -> Iterator[tuple[str, int]]:
+    """Start ``standin_server.py`` on a free port; yield (root URL, pid); stop it."""
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "standin_server.py"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "READY":
+            raise RuntimeError(f"the stand-in server did not start: {line}")
+        yield f"http://127.0.0.1:{line[1]}", proc.pid
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _cpu_of(pid: int) -> float:
+    """User+system CPU seconds of a process so far."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+# ----- the clients (each runs in its own process) -----------------------------------------
+
+
+def _prompts(path: Path, n: int) -> dict[str, str]:
+    rows = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    return {f"agent{i}": rows[i % len(rows)] for i in range(n)}
+
+
+def _raw_sse_client_class() -> type:
+    """PROTOTYPE: ``LLMClient`` with the openai SDK replaced by aiohttp and a hand SSE parser.
+
+    Not part of the package: it overrides a private method, and exists to measure how
+    much of the worker's cost the SDK is. Same records, same retries and semaphore.
+    """
+    import aiohttp
+
+    from echo_env.client import LLMClient, Output, _Failed
+
+    class RawSSEClient(LLMClient):
+        _session: aiohttp.ClientSession | None = None
+
+        async def _post(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+            if self._session is None:
+                connector = aiohttp.TCPConnector(limit=self.config.max_concurrency, keepalive_timeout=60)
+                self._session = aiohttp.ClientSession(connector=connector)
+            headers = {"Authorization": f"Bearer {self.config.resolved_api_key()}"}
+            return await self._session.post(url, json=body, headers=headers)
+
+        async def close(self) -> None:
+            if self._session is not None:
+                await self._session.close()
+            await super().close()
+
+        async def _stream(self, record: Any, api: Any, kwargs: dict[str, Any]) -> None:
+            record.sent_at = time.time()
+            start = time.perf_counter()
+            outputs: dict[int, Output] = {}
+            last: dict[int, float] = {}
+            body = {k: v for k, v in kwargs.items() if k != "extra_body"}
+            body.update(kwargs.get("extra_body") or {})
+            path = "/completions" if api == "completions" else "/chat/completions"
+            try:
+                resp = await self._post(self.config.base_url.rstrip("/") + path, body)
+            except aiohttp.ClientError as exc:
+                raise _Failed(f"connection failed: {exc}", retryable=True) from None
+            async with resp:
+                if resp.status != 200:
+                    raise _Failed(f"HTTP {resp.status}", retryable=resp.status >= 500, status=resp.status)
+                buf = b""
+                async for data in resp.content.iter_any():
+                    buf += data
+                    while b"\n\n" in buf:
+                        event, buf = buf.split(b"\n\n", 1)
+                        if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                            continue
+                        chunk = json.loads(event[6:])
+                        now = time.perf_counter() - start
+                        for choice in chunk.get("choices") or ():
+                            i = choice["index"]
+                            text = choice.get("text") if api == "completions" else choice["delta"].get("content")
+                            out = outputs.get(i)
+                            if out is None:
+                                out = outputs[i] = Output(index=i)
+                            if text:
+                                if out.ttft_s is None:
+                                    out.ttft_s = now
+                                    if record.ttft_s is None:
+                                        record.ttft_s = now
+                                else:
+                                    out.itl_s.append(now - last[i])
+                                last[i] = now
+                                out.text += text
+                                out.chunks += 1
+                            if choice.get("finish_reason") is not None:
+                                out.finish_reason = choice["finish_reason"]
+                                out.e2e_s = now
+                        usage = chunk.get("usage")
+                        if usage:
+                            record.prompt_tokens = usage.get("prompt_tokens")
+                            record.completion_tokens = usage.get("completion_tokens")
+                            details = usage.get("prompt_tokens_details") or {}
+                            record.cached_tokens = details.get("cached_tokens")
+            record.e2e_s = time.perf_counter() - start
+            record.outputs = [outputs[i] for i in sorted(outputs)]
+            for out in record.outputs:
+                if out.e2e_s is None:
+                    out.e2e_s = record.e2e_s
+
+    return RawSSEClient
+
+
+async def _trial_worker(variant: str, url: str, prompts: dict[str, str], concurrency: int) -> tuple[int, float, float]:
+    import openai
+
+    from echo_env.client import ClientConfig, LLMClient
+    from echo_env.worker import RolloutWorker, SamplingConfig
+
+    config = ClientConfig(base_url=f"{url}/v1", model=MODEL, max_concurrency=concurrency, timeout_s=600)
+    client: LLMClient = _raw_sse_client_class()(config) if variant == "worker+raw-sse" else LLMClient(config)
+    if variant == "worker+aiohttp":
+        # The SDK's own aiohttp transport, with the same pool size as the shipped client.
+        import httpx2
+
+        await client._openai.close()
+        limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        client._openai = openai.AsyncOpenAI(
+            base_url=config.base_url,
+            api_key="EMPTY",
+            max_retries=0,
+            timeout=config.timeout_s,
+            http_client=openai.DefaultAioHttpClient(limits=limits, timeout=config.timeout_s),
+        )
+    worker = RolloutWorker(client, SamplingConfig(max_tokens=TOKENS, stop=(), temperature=0.0))
+    async with client:
+        cpu, wall = time.process_time(), time.perf_counter()
+        _, records = await worker.complete(prompts)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    ok = sum(1 for r in records if r.ok and (r.completion_tokens or 0) == TOKENS)
+    return ok, wall, cpu
+
+
+async def _trial_naive(url: str, prompts: dict[str, str], concurrency: int) -> tuple[int, float, float]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY")
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str) -> bool:
+        async with sem:
+            stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=TOKENS, stream=True)
+            chunks = 0
+            async for chunk in stream:
+                chunks += 1 if chunk.choices and chunk.choices[0].text else 0
+            return chunks == TOKENS
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts.values()), return_exceptions=True)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    await client.close()
+    return sum(1 for r in results if r is True), wall, cpu
+
+
+def run_trial(client: str, url: str, prompts_path: Path, concurrency: int, requests: int) -> None:
+    """In the child process: run one client, print one JSON line of its figures."""
+    prompts = _prompts(prompts_path, requests)
+    if client == "naive":
+        ok, wall, cpu = asyncio.run(_trial_naive(url, prompts, concurrency))
+    else:
+        ok, wall, cpu = asyncio.run(_trial_worker(client, url, prompts, concurrency))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"ok": ok, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak}))
+
+
+def _vllm_bench(url: str, prompts_path: Path, concurrency: int, requests: int, tokenizer: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        timing = Path(tmp) / "timing.json"
+        cmd = [
+            sys.executable, str(BENCH_DIR / "vllm_bench.py"),
+            "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+            "--model", MODEL, "--tokenizer", tokenizer,
+            "--dataset-name", "custom", "--dataset-path", str(prompts_path),
+            "--custom-output-len", str(TOKENS), "--skip-chat-template", "--disable-shuffle",
+            "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
+            "--request-rate", "inf", "--ignore-eos", "--disable-tqdm",
+            "--save-result", "--result-dir", tmp, "--result-filename", "result.json",
+        ]  # fmt: skip
+        env = dict(os.environ, ECHO_BENCH_TIMING_FILE=str(timing))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        if out.returncode != 0 or not timing.exists():
+            raise RuntimeError(f"vllm bench serve failed ({out.returncode}): {out.stderr[-2000:]}")
+        t = json.loads(timing.read_text())
+        result = json.loads((Path(tmp) / "result.json").read_text())
+    # vLLM's own duration excludes its metrics pass; the wall we compare is its request loop.
+    return {"ok": result["completed"], "wall_s": result["duration"], "cpu_s": t["cpu_s"], "bench_wall_s": t["wall_s"]}
+
+
+def _child(client: str, url: str, prompts: Path, concurrency: int, requests: int, tokenizer: str) -> dict[str, Any]:
+    if client == "vllm-bench":
+        return _vllm_bench(url, prompts, concurrency, requests, tokenizer)
+    cmd = [sys.executable, __file__, "--trial", client, "--url", url, "--prompts", str(prompts)]
+    cmd += ["--concurrency", str(concurrency), "--requests", str(requests)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"{client} trial failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# ----- main ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every client at every concurrency, print the ratios, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="concurrency 64 and 256, 256 requests, 1 repeat")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="requests in flight (default 64 256 1024)")
+    parser.add_argument("--repeats", type=int, help="repeats (default 2; quick 1)")
+    parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
+    parser.add_argument("--trial", choices=CLIENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.trial:
+        run_trial(args.trial, args.url, args.prompts, args.concurrency[0], args.requests)
+        return 0
+
+    from tqdm.auto import tqdm
+
+    from echo_env import parallel_env
+    from echo_env.model import load_tokenizer, resolve_model
+
+    concurrencies = args.concurrency or ([64, 256] if args.quick else [64, 256, 1024])
+    repeats = args.repeats or (1 if args.quick else 2)
+
+    def n_requests(c: int) -> int:
+        return 256 if args.quick else max(1024, 3 * c)
+
+    tokenizer = resolve_model(None)  # vLLM's client needs a tokenizer to size prompts
+    load_tokenizer(tokenizer)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, standin_server() as (url, server_pid):
+        prompts = Path(tmp) / "prompts.jsonl"
+        env = parallel_env(batch_size=128, group_size=8)
+        observations, _ = env.reset(seed=0)
+        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in observations.values()))
+        bar = tqdm(total=repeats * len(concurrencies) * len(args.clients), desc=NAME, unit="trial")
+        for repeat in range(repeats):
+            for k, c in enumerate(concurrencies):
+                shift = (repeat + k) % len(args.clients)
+                for client in args.clients[shift:] + args.clients[:shift]:
+                    server_cpu = _cpu_of(server_pid)
+                    fig = _child(client, url, prompts, c, n_requests(c), tokenizer)
+                    fig["server_cpu_s"] = _cpu_of(server_pid) - server_cpu
+                    fig.update({"client": client, "concurrency": c, "requests": n_requests(c), "repeat": repeat})
+                    rows.append(fig)
+                    bar.set_postfix_str(f"{client}@{c}: {fig['ok'] / fig['wall_s']:.0f} req/s")
+                    bar.update(1)
+        bar.close()
+
+    summary = []
+    for c in concurrencies:
+        by: dict[str, dict[str, Any]] = {}
+        for client in args.clients:
+            mine = [r for r in rows if r["client"] == client and r["concurrency"] == c]
+            by[client] = {
+                "requests_per_s": median([r["ok"] / r["wall_s"] for r in mine]),
+                "cpu_ms_per_request": median([1000 * r["cpu_s"] / max(r["ok"], 1) for r in mine]),
+                "ok_share": sum(r["ok"] for r in mine) / sum(r["requests"] for r in mine),
+                "server_cpu_ms_per_request": median([1000 * r["server_cpu_s"] / max(r["ok"], 1) for r in mine]),
+                "peak_rss_mb": median([r["peak_rss_mb"] for r in mine if "peak_rss_mb" in r]),
+            }
+        base_w = by.get("worker", {}).get("requests_per_s")
+        for client, f in by.items():
+            f["vs_vllm_bench"] = ratio(f["requests_per_s"], by.get("vllm-bench", {}).get("requests_per_s"))
+            f["vs_naive"] = ratio(f["requests_per_s"], by.get("naive", {}).get("requests_per_s"))
+            f["vs_worker"] = ratio(f["requests_per_s"], base_w)
+            summary.append({"concurrency": c, "client": client, **f})
+
+    headers = ["concurrency", "client", "req/s", "CPU ms/req", "vs vllm-bench", "vs naive", "ok", "stand-in CPU ms/req"]
+    body = [
+        [
+            s["concurrency"],
+            s["client"],
+            fmt(s["requests_per_s"], 0),
+            fmt(s["cpu_ms_per_request"], 2),
+            fmt(s["vs_vllm_bench"], 2, "x"),
+            fmt(s["vs_naive"], 2, "x"),
+            fmt(s["ok_share"], 2),
+            fmt(s["server_cpu_ms_per_request"], 3),
+        ]
+        for s in summary
+    ]
+    print(f"\nclient cost against the STAND-IN server ({TOKENS} streamed tokens/request; medians of {repeats} repeat(s))")
+    print(table(headers, body))
+    path = write_result(
+        NAME,
+        args.quick,
+        {
+            "what": "client throughput and CPU per request against a stand-in server that answers instantly "
+            "(stand-in used only to isolate client cost)",
+            "settings": {
+                "concurrency": concurrencies,
+                "requests": {str(c): n_requests(c) for c in concurrencies},
+                "streamed_tokens": TOKENS,
+                "repeats": repeats,
+                "prompts": "echo env transcripts (~520 tokens, ~2 KB)",
+            },
+            "machine": machine_facts(model=f"{MODEL} (stand-in, no model)"),
+            "summary": summary,
+            "trials": rows,
+            "markdown": markdown_table(headers, body),
+        },
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Fixtures shared by the whole test suite.
+
+Tests that need the real vLLM engine are marked ``engine`` (``pytest -m "not engine"``
+skips them) and take the session-scoped :func:`engine` fixture, so the suite starts one
+server at most. Set ``ECHO_ENV_TEST_BASE_URL=http://127.0.0.1:8000/v1`` to run them
+against a server that is already up instead (``ECHO_ENV_TEST_MODEL`` names its model
+when it serves several).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+BASE_URL_ENV = "ECHO_ENV_TEST_BASE_URL"
+"""Environment variable: the ``/v1`` address of a running server to test against."""
+
+MODEL_ENV = "ECHO_ENV_TEST_MODEL"
+"""Environment variable: the served model name on that server (default: its first model)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "engine: needs the real embedded vLLM engine")
+
+
+# ----- the engine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A server someone else started: the addresses of an ``EmbeddedEngine``, nothing to stop."""
+
+    base_url: str
+    """``http://host:port/v1``."""
+    served_model_name: str
+    """The model name the server answers to."""
+
+    @property
+    def server_url(self) -> str:
+        """The server root, without ``/v1``."""
+        return self.base_url.removesuffix("/v1")
+
+    @property
+    def metrics_url(self) -> str:
+        """The Prometheus metrics page."""
+        return f"{self.server_url}/metrics"
+
+
+def _running_server(url: str) -> RunningServer:
+    base_url = url.rstrip("/")
+    if not base_url.endswith("/v1"):
+        base_url += "/v1"
+    model = os.environ.get(MODEL_ENV)
+    if not model:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=10) as response:
+            model = str(json.load(response)["data"][0]["id"])
+    return RunningServer(base_url=base_url, served_model_name=model)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Any]:
+    """One vLLM server with prefix caching on, for the whole session.
+
+    Yields an ``EmbeddedEngine`` (started here, stopped at the end of the session), or a
+    :class:`RunningServer` when ``ECHO_ENV_TEST_BASE_URL`` is set. Both have
+    ``base_url``, ``server_url``, ``metrics_url`` and ``served_model_name``. The embedded
+    one runs in dev mode, so tests may ``POST /reset_prefix_cache``.
+    """
+    url = os.environ.get(BASE_URL_ENV)
+    if url:
+        yield _running_server(url)
+        return
+    from echo_env.engine import EmbeddedEngine, EngineConfig
+
+    with EmbeddedEngine(EngineConfig(prefix_caching=True, dev_mode=True)) as server:
+        yield server

@@ -1,0 +1,90 @@
+"""The ``echo-prefix`` command line: errors a user meets, and the main job end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "echo_env", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["test", "batch_siz=3"], "did you mean batch_size"),
+        (["test", "batch_size=0"], "batch_size must be at least 1"),
+        (["test", "batch_size=many"], "not a whole number"),
+        (["test", "max_tokens=100000"], "max_tokens=100000 is out of range"),
+        (["test", "api=grpc"], "use one of completions, chat"),
+        (["test", "nonsense"], "key=value"),
+        (["rollout", "batching=everything"], "use one of per_agent, per_group, batched"),
+        (["frobnicate"], "unknown command"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix(args: list[str], needle: str) -> None:
+    proc = _cli(*args)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback() -> None:
+    proc = _cli("test", "batch_size=0", "debug=true")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unreachable_server_is_reported_not_crashed(tmp_path: Path) -> None:
+    from echo_env.engine import find_free_port
+
+    url = f"http://127.0.0.1:{find_free_port()}/v1"
+    proc = _cli("test", f"base_url={url}", f"out_dir={tmp_path}", "repeats=1")
+    assert proc.returncode == 2
+    assert "no server answers" in proc.stderr and "Traceback" not in proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["verdict"] == "UNKNOWN" and summary["partial"] is True
+
+
+def test_help_lists_every_key() -> None:
+    proc = _cli("test", "--help")
+    assert proc.returncode == 0
+    for key in ("base_url", "batch_size", "group_size", "compare_without_cache", "baseline_url", "repeats"):
+        assert key in proc.stdout
+
+
+@pytest.mark.engine
+def test_command_line_compare_without_cache_restarts_the_embedded_engine(tmp_path: Path) -> None:
+    """The README's main job, shrunk: exit 0 on PASS, and the cache-off run fails its hit-rate check."""
+    out = tmp_path / "run"
+    args = ["compare_without_cache=true", "batch_size=4", "group_size=4", "repeats=1", f"out_dir={out}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "echo_env", "test", *args], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0].startswith("PASS")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["server"]["embedded"] is True
+    off = summary["cache_off"]
+    assert off["verdict"] == "FAIL" and "caching disabled" in off["reason"]
+    assert off["throughput_ratio_on_vs_off"] > 1.0
+
+
+@pytest.mark.engine
+def test_rollout_prints_reward_and_latency_table(engine: Any, tmp_path: Path) -> None:
+    proc = _cli(
+        "rollout", f"base_url={engine.base_url}", "batch_size=2", "group_size=2", "max_tokens=8",
+        "batching=per_group", f"out_dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for key in ("mean_reward", "frac_correct", "frac_format_error", "ttft_s", "requests_per_s"):
+        assert key in proc.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["agents"] == 4 and summary["failed"] == 0
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 2
