@@ -36,7 +36,7 @@ install: $(STAMP_CORE)
 install-engine: $(STAMP_ENGINE)
 
 run: $(STAMP_ENGINE)
-	$(VENV)/bin/echo-prefix test $(ARGS)
+	$(VENV)/bin/echo-prefix test compare_without_cache=true $(ARGS)
 
 serve: $(STAMP_ENGINE)
 	$(VENV)/bin/echo-prefix serve $(ARGS)

@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_DIR, fmt, machine_facts, markdown_table, median, ratio, table, write_result
+from common import BENCH_DIR, fmt, machine_facts, markdown_table, median, ratio, run_vllm_bench, table, write_result
 
 NAME = "client_overhead"
 CLIENTS = ("worker", "worker+aiohttp", "worker+raw-sse", "naive", "vllm-bench")
@@ -242,26 +241,11 @@ def run_trial(client: str, url: str, prompts_path: Path, concurrency: int, reque
 
 
 def _vllm_bench(url: str, prompts_path: Path, concurrency: int, requests: int, tokenizer: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        timing = Path(tmp) / "timing.json"
-        cmd = [
-            sys.executable, str(BENCH_DIR / "vllm_bench.py"),
-            "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
-            "--model", MODEL, "--tokenizer", tokenizer,
-            "--dataset-name", "custom", "--dataset-path", str(prompts_path),
-            "--custom-output-len", str(TOKENS), "--skip-chat-template", "--disable-shuffle",
-            "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
-            "--request-rate", "inf", "--ignore-eos", "--disable-tqdm",
-            "--save-result", "--result-dir", tmp, "--result-filename", "result.json",
-        ]  # fmt: skip
-        env = dict(os.environ, ECHO_BENCH_TIMING_FILE=str(timing))
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-        if out.returncode != 0 or not timing.exists():
-            raise RuntimeError(f"vllm bench serve failed ({out.returncode}): {out.stderr[-2000:]}")
-        t = json.loads(timing.read_text())
-        result = json.loads((Path(tmp) / "result.json").read_text())
-    # vLLM's own duration excludes its metrics pass; the wall we compare is its request loop.
-    return {"ok": result["completed"], "wall_s": result["duration"], "cpu_s": t["cpu_s"], "bench_wall_s": t["wall_s"]}
+    rows = [json.loads(line)["prompt"] for line in prompts_path.read_text().splitlines() if line.strip()]
+    prompts = [rows[i % len(rows)] for i in range(requests)]
+    result = run_vllm_bench(url, MODEL, tokenizer, prompts, concurrency, TOKENS)
+    # vLLM's duration is its request loop; the CPU is its whole benchmark() coroutine.
+    return {"ok": result["completed"], "wall_s": result["duration"], "cpu_s": result["client_cpu_s"]}
 
 
 def _child(client: str, url: str, prompts: Path, concurrency: int, requests: int, tokenizer: str) -> dict[str, Any]:
@@ -360,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         for s in summary
     ]
-    print(f"\nclient cost against the STAND-IN server ({TOKENS} streamed tokens/request; medians of {repeats} repeat(s))")
+    print(f"\nclient cost against the STAND-IN server ({TOKENS} streamed tokens/request, medians of {repeats} run(s))")
     print(table(headers, body))
     path = write_result(
         NAME,

@@ -298,3 +298,57 @@ async def run_phase(name: str, worker: Any, prompts: Mapping[str, Any], reader: 
     if failed:
         print(f"{name}: {len(failed)} of {len(records)} requests failed, e.g. {failed[0].error}", file=sys.stderr)
     return Phase(name, list(records), wall, counters)
+
+
+# ----- vLLM's own benchmark client ---------------------------------------------------------
+
+
+def run_vllm_bench(
+    base_url: str,
+    model: str,
+    tokenizer: str,
+    prompts: Sequence[str],
+    concurrency: int,
+    output_len: int,
+    extra: Sequence[str] = (),
+    timeout_s: float = 1800,
+) -> dict[str, Any]:
+    """Run ``vllm bench serve`` (through ``vllm_bench.py``) on ``prompts`` as a ``custom`` dataset.
+
+    No warm-up requests and no readiness probe (vLLM's defaults in 0.32), so nothing
+    touches the prompts' prefix before the measured requests. The prompts go in order,
+    as written (``--disable-shuffle``), as plain text (``--skip-chat-template``).
+
+    Returns:
+        vLLM's saved result (with per-request ``ttfts`` etc.), plus ``client_cpu_s`` and
+        ``client_wall_s``: the bench process's CPU and wall time inside its request loop.
+
+    Raises:
+        RuntimeError: The bench failed; the message holds the end of its output.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "prompts.jsonl"
+        data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        timing = Path(tmp) / "timing.json"
+        cmd = [
+            sys.executable, str(BENCH_DIR / "vllm_bench.py"),
+            "--backend", "openai", "--base-url", base_url.removesuffix("/v1"), "--endpoint", "/v1/completions",
+            "--model", model, "--tokenizer", tokenizer,
+            "--dataset-name", "custom", "--dataset-path", str(data),
+            "--custom-output-len", str(output_len), "--skip-chat-template", "--disable-shuffle",
+            "--num-prompts", str(len(prompts)), "--max-concurrency", str(concurrency),
+            "--request-rate", "inf", "--ignore-eos", "--disable-tqdm",
+            "--save-result", "--save-detailed", "--result-dir", tmp, "--result-filename", "result.json",
+            *extra,
+        ]  # fmt: skip
+        env = dict(os.environ, ECHO_BENCH_TIMING_FILE=str(timing))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+        result_file = Path(tmp) / "result.json"
+        if out.returncode != 0 or not timing.exists() or not result_file.exists():
+            raise RuntimeError(f"vllm bench serve failed (exit {out.returncode}): {(out.stdout + out.stderr)[-3000:]}")
+        result = dict(json.loads(result_file.read_text()))
+        t = json.loads(timing.read_text())
+    result["client_cpu_s"], result["client_wall_s"] = t["cpu_s"], t["wall_s"]
+    return result

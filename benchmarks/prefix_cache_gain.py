@@ -14,13 +14,16 @@ a time. Every figure is a ratio of the two, measured in the same run:
 - the ideal prefill speedup ``prompt_tokens / uncached_tokens`` beside the measured one.
 
 Sweeps: the shared-prefix share of the prompt (about 50%, 80% and the shipped prompt's
-~97%) with one agent per prompt, so the prefix is the only reuse; and group_size
+~99%) with one agent per prompt, so the prefix is the only reuse; and group_size
 (1, 4, 8, 16: agents sending the very same prompt) at the 50% share, where a group's
 own text (more than a block long) can be cached too. The shipped workload (default
-share, group_size 8) is the headline row.
+share, group_size 8) is the headline row. With caching off every request computes its
+whole prompt whatever its group, so the cache-off baseline is measured once per share
+(one agent per prompt) and serves every group_size of that share.
 
-Full mode: 48 agents per point, 2 repeats per server (about 12 minutes on 2 cores).
-``--quick``: 16 agents, 3 points, 1 repeat (about 4 minutes, engine starts included).
+Full mode: 7 points, 48 agents each, 2 repeats per server (about 12-15 minutes on 2
+busy cores, three engine starts included). ``--quick``: 3 points, 16 agents, 1 repeat
+(about 5 minutes, most of it two engine starts).
 """
 
 from __future__ import annotations
@@ -194,6 +197,8 @@ async def run_block(
     reader = MetricsReader(engine.metrics_url, model_name=engine.served_model_name)
     sampling = SamplingConfig(max_tokens=32, temperature=0.0, seed=0)
     runs: list[Run] = []
+    if server == "cache_off":
+        points = off_points(points)
     config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name, timeout_s=900, max_concurrency=1024)
     async with LLMClient(config) as client:
         worker = RolloutWorker(client, sampling)
@@ -217,6 +222,16 @@ async def run_block(
                     f"(ceiling {fmt(f.get('hit_rate_ceiling'), 3)})"
                 )
     return runs
+
+
+def off_points(points: Sequence[Point]) -> list[Point]:
+    """The cache-off baselines: one per prefix share, with one agent per prompt.
+
+    With caching off every request computes its whole prompt, so group_size changes
+    nothing the server does: the group points of a share compare against one baseline.
+    """
+    shares = list(dict.fromkeys(p.share for p in points))
+    return [Point(share, 1) for share in shares]
 
 
 _BLOCK_SIZE: dict[str, int] = {}
@@ -257,7 +272,7 @@ def pooled(phases: Sequence[Phase]) -> dict[str, Any]:
 def summarize_point(point: Point, runs: Sequence[Run]) -> dict[str, Any]:
     """The on/off ratios of one point, pooled over repeats, plus each repeat's own ratio."""
     on = [r for r in runs if r.point == point and r.server == "cache_on"]
-    off = [r for r in runs if r.point == point and r.server == "cache_off"]
+    off = [r for r in runs if r.point.share == point.share and r.server == "cache_off"]
     f_on, f_off = pooled([r.warm for r in on]), pooled([r.warm for r in off])
     per_repeat = []
     for a in on:
@@ -298,6 +313,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    times = FuncFormatter(lambda v, _pos: f"{v:g}x")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     share_rows = [r for r in rows if r["group_size"] == 1 and r["prefix_share"]]
@@ -313,6 +331,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax1.set_xlabel("shared prefix, % of prompt tokens (group_size 1)")
     ax1.set_ylabel("speedup (x)")
     ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(times)
+    ax1.yaxis.set_minor_formatter(times)
     ax1.axhline(1, color="grey", lw=0.5)
     ax1.legend(fontsize=7)
     ax1.set_title("cache on vs off, by prefix share")
@@ -326,6 +346,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax2.plot(g, [r[key] for r in group_rows], style, label=label)
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(times)
+    ax2.yaxis.set_minor_formatter(times)
     ax2.set_xticks(g, [str(v) for v in g])
     ax2.set_xlabel("group_size (agents per identical prompt), ~50% shared prefix")
     ax2.axhline(1, color="grey", lw=0.5)
@@ -370,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 blocks.append((server, [r]))
     runs: list[Run] = []
     facts: dict[str, Any] = {}
-    bar = tqdm(total=2 * repeats * len(points) * agents, desc=NAME, unit="req")
+    bar = tqdm(total=repeats * (len(points) + len(off_points(points))) * agents, desc=NAME, unit="req")
     try:
         for server, block_repeats in blocks:
             with embedded_engine(prefix_caching=server == "cache_on", log=bar.write) as engine:

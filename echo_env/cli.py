@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal
 
 from echo_env.config import describe, parse_overrides
@@ -63,7 +66,7 @@ class RolloutCommand:
     """Episodes to run."""
     prompt_format: Literal["text", "tokens"] = "text"
     """``tokens`` sends token ids."""
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     """Bearer token (never printed)."""
     timeout_s: float = 120.0
     """Per-request limit."""
@@ -73,6 +76,29 @@ class RolloutCommand:
     """Write per-request records and the summary here."""
     debug: bool = False
     """Tracebacks and per-step timing logs."""
+
+    def __post_init__(self) -> None:
+        # Check every value before an engine starts or a server is asked: a typo must not
+        # cost a minute of engine start-up, nor hide behind "no server answers".
+        for key in ("batch_size", "group_size", "max_turns", "steps"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"{key} must be at least 1, got {value}")
+        from echo_env.client import ClientConfig
+        from echo_env.worker import SamplingConfig
+
+        ClientConfig(
+            base_url=self.base_url or "http://127.0.0.1/v1",
+            timeout_s=self.timeout_s,
+            max_concurrency=self.max_concurrency,
+        )
+        SamplingConfig(
+            api=self.api,
+            batching=self.batching,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            prompt_format=self.prompt_format,
+        )
 
 
 @dataclass(frozen=True)
@@ -262,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     debug = any(a.replace(" ", "").lower() in ("debug=true", "debug=1", "--debug") for a in rest)
     rest = [a for a in rest if a != "--debug"] + (["debug=true"] if "--debug" in rest else [])
+    previous = _sigterm_as_interrupt()
     try:
         return COMMANDS[name][0](rest)
     except EchoEnvError as exc:
@@ -274,3 +301,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt() -> Any:
+    """Make SIGTERM (``kill``, ``timeout``, a CI job cancelled) act like Ctrl-C.
+
+    By default SIGTERM ends Python at once, skipping ``finally`` blocks: the embedded
+    engine, in a session of its own, would be orphaned and the partial results unwritten.
+    As a KeyboardInterrupt it takes the same way out as Ctrl-C. Returns the previous
+    handler, or None when not on the main thread (where handlers cannot be set).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)

@@ -135,6 +135,12 @@ class Output:
     """Why generation stopped (``stop``, ``length``...)."""
     itl_s: list[float] = field(default_factory=list)
     """Gaps between this sequence's successive text chunks."""
+    token_ids: list[int] | None = None
+    """Generated token ids, when the server sends them (vLLM's ``return_token_ids``)."""
+    logprobs: list[float | None] | None = None
+    """Logprob of each generated token, when asked for (``logprobs`` on completions)."""
+    prompt_token_ids: list[int] | None = None
+    """The prompt as the server tokenized it, when it sends it (vLLM's ``return_token_ids``)."""
 
 
 @dataclass
@@ -221,6 +227,7 @@ class LLMClient:
         )
         self._sem = asyncio.Semaphore(self.max_concurrency)
         self._model: str | None = config.model
+        self._model_checked = False
         self.in_flight = 0
         """Requests being sent right now."""
         self.peak_in_flight = 0
@@ -266,7 +273,14 @@ class LLMClient:
         return names
 
     async def model(self) -> str:
-        """The model to ask for: the configured one (checked against the server) or the first served."""
+        """The model to ask for: the configured one (checked against the server) or the first served.
+
+        The server is asked once per client. The worker calls this before every batch, and
+        a second ``/v1/models`` call would fail at once on a stalled server, before the
+        requests' own timeouts and retries had their say.
+        """
+        if self._model_checked and self._model is not None:
+            return self._model
         served = await self.served_models()
         if self._model is None:
             self._model = served[0]
@@ -275,6 +289,7 @@ class LLMClient:
                 f"model_name={self._model!r} is not served at {self.config.base_url}; it serves {served}: "
                 f"set model_name={served[0]}"
             )
+        self._model_checked = True
         return self._model
 
     async def generate(
@@ -408,6 +423,8 @@ class LLMClient:
                         last[choice.index] = now
                         out.text += text
                         out.chunks += 1
+                    if api == "completions":
+                        _collect_tokens(out, choice)
                     if choice.finish_reason is not None:
                         out.finish_reason = choice.finish_reason
                         out.e2e_s = now
@@ -429,6 +446,26 @@ class LLMClient:
         for out in record.outputs:
             if out.e2e_s is None:
                 out.e2e_s = record.e2e_s
+
+
+def _collect_tokens(out: Output, choice: Any) -> None:
+    """Append a streamed chunk's token ids and logprobs to its sequence.
+
+    Trainers need exactly the sampled tokens and their logprobs, not re-tokenized text;
+    vLLM sends them per chunk (``token_ids``/``prompt_token_ids`` are vLLM extensions
+    that the openai client keeps as extra attributes).
+    """
+    prompt_ids = getattr(choice, "prompt_token_ids", None)
+    if prompt_ids:
+        out.prompt_token_ids = list(prompt_ids)
+    ids = getattr(choice, "token_ids", None)
+    if ids is not None:
+        out.token_ids = out.token_ids or []
+        out.token_ids.extend(ids)
+    logprobs = getattr(getattr(choice, "logprobs", None), "token_logprobs", None)
+    if logprobs is not None:
+        out.logprobs = out.logprobs or []
+        out.logprobs.extend(logprobs)
 
 
 def _short(text: str, limit: int = 200) -> str:

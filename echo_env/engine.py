@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,7 +74,7 @@ _MODEL_SIGNS = (
     "401 client error",
     "couldn't connect to",
     "unrecognized model",
-    "model type",
+    "does not recognize this architecture",
 )
 
 
@@ -117,8 +118,13 @@ class EngineConfig:
             raise ConfigError(f"startup_timeout_s={self.startup_timeout_s} must be positive (300 suits a CPU)")
         if self.block_size is not None and self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive, or unset for vLLM's default")
-        if isinstance(self.extra_args, (str, list)):
-            raise ConfigError("extra_args must be a tuple of separate arguments, such as ('--seed', '0')")
+        if isinstance(self.extra_args, str):
+            raise ConfigError("extra_args must be separate arguments, such as ('--seed', '0'), not one string")
+        # Command lines and config files hand over strings and lists; the frozen fields stay hashable.
+        if not isinstance(self.extra_args, tuple):
+            object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -468,7 +474,9 @@ def serve_forever(config: EngineConfig) -> int:
         raise KeyboardInterrupt
 
     # SIGTERM would otherwise end this process without running stop(), orphaning vLLM.
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # Only the main thread may install a handler.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     engine = EmbeddedEngine(config)
     try:
         with engine:

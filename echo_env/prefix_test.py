@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from echo_env.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.errors import ConfigError, EchoEnvError, MetricsError
+from echo_env.errors import ConfigError, EchoEnvError, MetricsError, ServerUnreachableError
 from echo_env.parallel import EchoPrefixParallelEnv
 from echo_env.server_info import ServerFacts, read_server_facts, tokenize_prompts
 from echo_env.server_metrics import CounterDelta, MetricsReader, Snapshot, delta
@@ -118,6 +118,15 @@ class PrefixTestConfig:
             raise ConfigError(f"max_tokens={self.max_tokens} is out of range: use 1 to 4096")
         if self.block_size is not None and self.block_size < 1:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        # Checked here, not where they are used, so a bad value fails before an engine starts.
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}: e.g. timeout_s=600")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ConfigError(f"temperature={self.temperature} is out of range: use 0 to 10")
+        for key in ("base_url", "baseline_url"):
+            url = getattr(self, key)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{key}={url!r} is not an http(s) URL: e.g. {key}=http://127.0.0.1:8000/v1")
         if self.api == "chat" and self.prompt_format == "tokens":
             raise ConfigError("prompt_format=tokens needs api=completions")
         if self.baseline_url is not None and self.base_url is None:
@@ -163,6 +172,7 @@ def _pooled(runs: Sequence[PhaseRun]) -> dict[str, Any]:
     ok = [r for r in records if r.ok]
     wall = sum(run.wall_s for run in runs)
     out: dict[str, Any] = {"requests": len(records), "failed": len(records) - len(ok), "wall_s": wall}
+    out["first_error"] = next((r.error for r in records if not r.ok), None)
     out["throughput_rps"] = len(ok) / wall if wall > 0 else None
     completion = sum(r.completion_tokens or 0 for r in ok)
     out["tokens_per_s"] = completion / wall if wall > 0 else None
@@ -383,14 +393,19 @@ async def run_phases(
             if name in ("cold", "warm"):
                 completions.update(done)
             runs.append(run)
-            worker.check_reachable(records)
+            try:
+                worker.check_reachable(records)
+            except ServerUnreachableError:
+                on_phase(run)  # the failed requests and their reasons are part of what was measured
+                raise
             if name == "warm":
                 # Grade the agents: the env is the workload, not just a prompt source.
                 work.env.set_request_timings({a: c.timing for a, c in completions.items()})
                 _, rewards, _, _, _ = work.env.step({a: c.text for a, c in completions.items()})
                 first = next(iter(work.cold))
                 runs[-2].rewards = [rewards[first]]
-                run.rewards = [r for a, r in rewards.items() if a != first]
+                # A failed request's empty reply is graded too; it says nothing about the model.
+                run.rewards = [r for a, r in rewards.items() if a != first and completions[a].error is None]
             on_phase(run)
             log.debug("%s %s repeat %d: %d requests in %.2f s", server, name, repeat, len(records), wall)
     return runs
@@ -445,7 +460,8 @@ def checks_and_verdict(
     else:
         check("prefix shared across prompts in whole blocks", None, "no tokenizer and block size: pass block_size=")
     hit, ceiling, reported = warm.get("hit_rate"), warm.get("hit_rate_ceiling"), warm.get("hit_rate_reported")
-    measured = hit if hit is not None else reported
+    # After a restart the cache starts empty, so even cached_tokens would understate it.
+    measured = None if warm.get("counter_reset") else (hit if hit is not None else reported)
     source = "server counters" if hit is not None else "usage.cached_tokens"
     if measured is None:
         check("hits reach 90% of the ceiling", None, "no counters and no cached_tokens")
@@ -485,6 +501,27 @@ def checks_and_verdict(
                 checks,
             )
         return "FAIL", f"prefix shorter than one block ({plan.block_size} tokens): nothing can be cached", checks
+    finished = warm.get("requests", 0) - warm.get("failed", 0)
+    check(
+        "warm requests finished",
+        None if not warm else finished == warm.get("requests"),
+        f"{finished} of {warm.get('requests', 0)}"
+        + (f"; first error: {warm['first_error']}" if warm.get("first_error") else ""),
+    )
+    if warm and finished == 0:
+        return (
+            "UNKNOWN",
+            f"no warm request finished ({warm.get('failed')} failed; first error: {warm.get('first_error')}): "
+            "fix what the error names, or raise timeout_s",
+            checks,
+        )
+    if warm.get("counter_reset"):
+        return (
+            "UNKNOWN",
+            "the server restarted during the warm phase (its counters went back to zero), so that phase's hit "
+            "rate is unknown: rerun on a server that stays up",
+            checks,
+        )
     if measured is None:
         why = metrics_error or "no prefix-cache counters on /metrics"
         return (
@@ -564,7 +601,7 @@ def summarize_runs(
     warm = on.get("warm", {})
     hit = warm.get("hit_rate")
     ceiling = warm.get("hit_rate_ceiling")
-    measured = hit if hit is not None else warm.get("hit_rate_reported")
+    measured = None if warm.get("counter_reset") else (hit if hit is not None else warm.get("hit_rate_reported"))
     summary: dict[str, Any] = {
         "verdict": verdict,
         "reason": reason,
@@ -740,6 +777,7 @@ async def _run_all(config: PrefixTestConfig, writer: Any, state: dict[str, Any],
                         facts.block_size = config.block_size
                     if embedded:
                         facts.tokenizer_source = config.model_name or "default"
+                    state["errors"][server] = facts.metrics_error  # named in an UNKNOWN verdict
                     if caching:
                         state["facts"] = facts
                         state["plan"] = await _whole_plan(config, facts, run_id)
@@ -751,9 +789,7 @@ async def _run_all(config: PrefixTestConfig, writer: Any, state: dict[str, Any],
                         writer.append_records(_record_rows(run))
                         writer.write_summary(_final_summary(config, state) | {"partial": True})
 
-                    runs = await run_phases(config, client, facts, server, run_id, on_phase, bar.update)
-                    state["errors"][server] = None
-                    del runs
+                    await run_phases(config, client, facts, server, run_id, on_phase, bar.update)
     finally:
         bar.close()
 

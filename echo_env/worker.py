@@ -86,6 +86,8 @@ class AgentCompletion:
     """The request that produced it."""
     error: str | None = None
     """Why there is no completion."""
+    output: Output | None = None
+    """The generated sequence itself (token ids and logprobs when the server sent them)."""
 
 
 @dataclass
@@ -241,7 +243,7 @@ class RolloutWorker:
             for agent, rec in zip(agents, records):
                 out = rec.outputs[0] if rec.ok and rec.outputs else None
                 results[agent] = AgentCompletion(
-                    out.text if out else "", _timing(rec, out, shared=False), rec.request_id, rec.error
+                    out.text if out else "", _timing(rec, out, shared=False), rec.request_id, rec.error, out
                 )
             return results, list(records)
         if mode == "per_group":
@@ -263,7 +265,11 @@ class RolloutWorker:
                     k = 0 if greedy else i
                     out = rec.outputs[k] if rec.ok and k < len(rec.outputs) else None
                     results[agent] = AgentCompletion(
-                        out.text if out else "", _timing(rec, out, shared=len(group) > 1), rec.request_id, rec.error
+                        out.text if out else "",
+                        _timing(rec, out, shared=len(group) > 1),
+                        rec.request_id,
+                        rec.error,
+                        out,
                     )
             return results, list(records)
         wire = [self._wire_prompt(prompts[a]) for a in agents]
@@ -271,7 +277,7 @@ class RolloutWorker:
         for i, agent in enumerate(agents):
             out = rec.outputs[i] if rec.ok and i < len(rec.outputs) else None
             results[agent] = AgentCompletion(
-                out.text if out else "", _timing(rec, out, shared=True), rec.request_id, rec.error
+                out.text if out else "", _timing(rec, out, shared=True), rec.request_id, rec.error, out
             )
         return results, [rec]
 
@@ -346,6 +352,41 @@ class RolloutWorker:
             steps.append(result)
             observations, infos = result.observations, result.infos
         return steps
+
+    async def run_vector(self, venv: Any, seed: int | None = None) -> StepResult:
+        """Reset a Gymnasium vector env of echo envs, get every reply in one batch, step it once.
+
+        With ``gymnasium.make_vec("EchoPrefix-v0", n, vectorization_mode="sync",
+        wrappers=[TimingWrapper])`` each sub-env also gets the request figures in its
+        ``info["timing"]``; with other vector envs they are only in the result.
+        """
+        start = time.perf_counter()
+        obs, infos = venv.reset(seed=seed)
+        keys = [str(i) for i in range(len(obs))]
+        messages = infos.get("messages")
+        per_env_infos = {k: ({"messages": messages[i]} if messages is not None else {}) for i, k in enumerate(keys)}
+        completions, records = await self.complete(self._prompts(dict(zip(keys, obs)), per_env_infos))
+        self.check_reachable(records)
+        for i, sub in enumerate(getattr(venv, "envs", [])):
+            if isinstance(sub, TimingWrapper):
+                sub.set_request_timing(completions[keys[i]].timing)
+        actions = tuple(completions[k].text for k in keys)
+        next_obs, rewards, terms, _truncs, step_infos = venv.step(actions)
+        infos_by_env = {
+            k: {name: values[i] for name, values in step_infos.items() if not name.startswith("_")}
+            for i, k in enumerate(keys)
+        }
+        failures = {k: c.error for k, c in completions.items() if c.error is not None}
+        return StepResult(
+            dict(zip(keys, actions)),
+            dict(zip(keys, next_obs)),
+            {k: float(rewards[i]) for i, k in enumerate(keys)},
+            {k: bool(terms[i]) for i, k in enumerate(keys)},
+            infos_by_env,
+            list(records),
+            failures,
+            time.perf_counter() - start,
+        )
 
     async def run_gym(self, envs: Sequence[gym.Env[str, str]], seed: int | None = None) -> StepResult:
         """Reset a list of Gymnasium envs, get every reply in one batch, step each once.

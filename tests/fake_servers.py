@@ -87,6 +87,8 @@ class FakeOpenAIServer:
         """Whether usage carries ``prompt_tokens_details.cached_tokens``."""
         self.metrics_mode: str = "ok"
         """One of :data:`METRICS_MODES`."""
+        self.html_only: bool = False
+        """Answer everything with an HTML page, as a web app mistaken for base_url would."""
         # ----- what the server saw -----
         self.paths: Counter[str] = Counter()
         """Requests per ``METHOD /path``."""
@@ -241,6 +243,8 @@ class FakeOpenAIServer:
         return True
 
     async def _route(self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
+        if self.html_only:
+            return await self._send(writer, 200, b"<!doctype html><html><body>Welcome</body></html>", "text/html")
         if method == "GET" and path == "/v1/models":
             data = {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]}
             return await self._send(writer, 200, json.dumps(data).encode())

@@ -76,6 +76,12 @@ def test_config_cannot_listen_beyond_localhost() -> None:
         EngineConfig(host="0.0.0.0")  # type: ignore[call-arg]
 
 
+def test_config_accepts_lists_and_strings_from_a_command_line(tmp_path: Path) -> None:
+    config = EngineConfig(extra_args=["--seed", "0"], cache_dir=str(tmp_path))  # type: ignore[arg-type]
+    assert config.extra_args == ("--seed", "0")
+    assert config.resolved_cache_dir == tmp_path
+
+
 def test_served_name_defaults() -> None:
     assert EngineConfig().resolved_served_model_name == DEFAULT_SERVED_MODEL_NAME
     assert EngineConfig(model="default").resolved_served_model_name == DEFAULT_SERVED_MODEL_NAME

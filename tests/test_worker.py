@@ -122,3 +122,15 @@ def test_unknown_model_name_names_the_served_one(engine: Any) -> None:
 
     with pytest.raises(ConfigError, match=engine.served_model_name):
         _run(go())
+
+
+def test_vector_env_of_timing_wrapped_envs(engine: Any) -> None:
+    async def go() -> Any:
+        async with _client(engine) as client:
+            worker = RolloutWorker(client, SamplingConfig(max_tokens=8))
+            venv = gymnasium.make_vec("EchoPrefix-v0", num_envs=3, vectorization_mode="sync", wrappers=[TimingWrapper])
+            return await worker.run_vector(venv, seed=0)
+
+    result = _run(go())
+    assert len(result.rewards) == 3 and len(result.records) == 3
+    assert all(info["timing"]["ttft_s"] is not None for info in result.infos.values())

@@ -1,0 +1,243 @@
+"""Block-aligned prefixes: the hit-rate ceiling and measured TTFT before and after aligning the system prompt.
+
+A prefix cache serves whole blocks only (128 tokens on vLLM's CPU backend, 16 on GPUs),
+so the shared tokens past the last block boundary are computed again for every prompt.
+``echo_env.tokens.align_system_prompt`` pads or trims the system prompt's worked
+examples so the shared prefix ends just past a boundary.
+
+1. *Computed* (no server): the ceiling for the default model's tokenizer, before and
+   after alignment, for block sizes 16-256, the transcript and chat renderings, with and
+   without the prefix test's run tag.
+2. *Measured* (embedded engine, block 128): the shipped prompt as the env sends it (no
+   run tag: its shared prefix is 502 tokens, so only 384 can be cached) against the same
+   prompt aligned (one example added: 518 shared, 512 cacheable). Each run resets the
+   engine's prefix cache (``POST /reset_prefix_cache``, dev mode) so the same prompt is
+   cold again, sends the first agent alone, then every other agent all in flight.
+   Before and after alternate (ABBA...) on the one engine, so both see the same load.
+
+Full: 48 agents (6 groups of 8), 4 runs of each (about 4 minutes with the engine start).
+``--quick``: 16 agents, 2 runs of each (about 2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+from common import (
+    Phase,
+    embedded_engine,
+    engine_facts,
+    fmt,
+    machine_facts,
+    markdown_table,
+    ratio,
+    run_phase,
+    table,
+    write_result,
+)
+from tqdm.auto import tqdm
+
+from echo_env.client import ClientConfig, LLMClient
+from echo_env.server_metrics import MetricsReader
+from echo_env.task import EchoTask, find_worked_examples
+from echo_env.tokens import align_system_prompt, encode_prompts, plan_tokens, prefix_geometry
+from echo_env.worker import RolloutWorker, SamplingConfig
+
+NAME = "block_alignment"
+TAG = "[echo-prefix run 5f3a9c2e-on00]"
+"""A run tag of the prefix test's form (it is part of the prefix)."""
+
+
+def computed_table(tokenizer: Any) -> list[dict[str, Any]]:
+    """Ceilings before/after alignment for several block sizes and renderings (no server)."""
+    rows = []
+    for tagged in (False, True):
+        task = EchoTask(run_tag=TAG if tagged else "")
+        for render in ("transcript", "chat"):
+            for block in (16, 32, 64, 128, 256):
+                before = prefix_geometry(task, tokenizer, block, render)  # type: ignore[arg-type]
+                aligned = align_system_prompt(task, tokenizer, block, render=render)  # type: ignore[arg-type]
+                after = prefix_geometry(aligned, tokenizer, block, render)  # type: ignore[arg-type]
+                rows.append(
+                    {
+                        "run_tag": tagged,
+                        "render": render,
+                        "block_size": block,
+                        "examples_before": len(find_worked_examples(task.system_prompt)),
+                        "examples_after": len(find_worked_examples(aligned.system_prompt)),
+                        "shared_before": before.shared_tokens,
+                        "shared_after": after.shared_tokens,
+                        "cacheable_before": before.cacheable_tokens,
+                        "cacheable_after": after.cacheable_tokens,
+                        "ceiling_before": before.hit_rate_ceiling,
+                        "ceiling_after": after.hit_rate_ceiling,
+                    }
+                )
+    return rows
+
+
+def workload(task: EchoTask, agents: int, seed: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Cold (first agent) and warm (the rest) transcripts; groups of 8 agents share a word."""
+    group = 8 if agents % 8 == 0 else 1
+    words = task.sample_words(agents // group, seed=seed)
+    prompts = {f"group{g}_agent{i}": task.transcript(w) for g, w in enumerate(words) for i in range(group)}
+    first = next(iter(prompts))
+    return {first: prompts[first]}, {a: p for a, p in prompts.items() if a != first}
+
+
+async def measure(
+    engine: Any, variants: dict[str, EchoTask], agents: int, runs: int, tokenizer: Any, bar: Any
+) -> list[dict[str, Any]]:
+    """Alternate the variants (ABBA...), each run on a freshly reset prefix cache."""
+    reader = MetricsReader(engine.metrics_url, model_name=engine.served_model_name)
+    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name, timeout_s=900, max_concurrency=1024)
+    out: list[dict[str, Any]] = []
+    names = list(variants)
+    async with LLMClient(config) as client, httpx.AsyncClient(timeout=60) as http:
+        worker = RolloutWorker(client, SamplingConfig(max_tokens=32, temperature=0.0, seed=0))
+        worker.on_record = lambda _r: bar.update(1)
+        for run in range(runs):
+            order = names if run % 2 == 0 else names[::-1]
+            for name in order:
+                resp = await http.post(f"{engine.server_url}/reset_prefix_cache")
+                resp.raise_for_status()
+                cold, warm = workload(variants[name], agents, seed=run)
+                ids = encode_prompts(tokenizer, list(cold.values()) + list(warm.values()))
+                cold_phase = await run_phase("cold", worker, cold, reader)
+                warm_phase: Phase = await run_phase("warm", worker, warm, reader)
+                warm_phase.plan = plan_tokens(ids[1:], 128, warm=ids[:1])
+                f = warm_phase.figures()
+                f.update({"variant": name, "run": run, "cold_ttft_s": cold_phase.figures()["ttft_p50_s"]})
+                out.append(f)
+                bar.write(
+                    f"  run {run} {name:7} warm TTFT p50 {fmt(f['ttft_p50_s'], 3)} s, hit rate "
+                    f"{fmt(f.get('hit_rate'), 3)} (ceiling {fmt(f['hit_rate_ceiling'], 3)})"
+                )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the computed and measured before/after tables, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16 agents, 2 runs of each variant")
+    parser.add_argument("--agents", type=int, help="agents per run (default 48; quick 16)")
+    parser.add_argument("--runs", type=int, help="runs of each variant (default 4; quick 2)")
+    args = parser.parse_args(argv)
+    agents = args.agents or (16 if args.quick else 48)
+    runs = args.runs or (2 if args.quick else 4)
+
+    from echo_env.model import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    computed = computed_table(tokenizer)
+    c_headers = ["run tag", "render", "block", "examples", "shared tokens", "cacheable", "ceiling before", "after"]
+    c_body = [
+        [
+            "yes" if r["run_tag"] else "no",
+            r["render"],
+            r["block_size"],
+            f"{r['examples_before']} -> {r['examples_after']}",
+            f"{r['shared_before']} -> {r['shared_after']}",
+            f"{r['cacheable_before']} -> {r['cacheable_after']}",
+            fmt(r["ceiling_before"], 3),
+            fmt(r["ceiling_after"], 3),
+        ]
+        for r in computed
+    ]
+    print("hit-rate ceiling of one warm prompt, default model's tokenizer, before -> after align_system_prompt")
+    print(table(c_headers, c_body))
+
+    shipped = EchoTask()
+    variants = {"shipped": shipped, "aligned": align_system_prompt(shipped, tokenizer, 128)}
+    bar = tqdm(total=2 * runs * agents, desc=NAME, unit="req")
+    try:
+        with embedded_engine(prefix_caching=True, dev_mode=True, log=bar.write) as engine:
+            facts = engine_facts(engine.base_url)
+            measured = asyncio.run(measure(engine, variants, agents, runs, tokenizer, bar))
+    finally:
+        bar.close()
+
+    def pooled(name: str, key: str) -> float | None:
+        values = sorted(m[key] for m in measured if m["variant"] == name and m.get(key) is not None)
+        return values[len(values) // 2] if values else None
+
+    summary = {
+        name: {
+            "ttft_p50_s_median_of_runs": pooled(name, "ttft_p50_s"),
+            "ttft_p99_s_median_of_runs": pooled(name, "ttft_p99_s"),
+            "requests_per_s_median_of_runs": pooled(name, "requests_per_s"),
+            "hit_rate_median_of_runs": pooled(name, "hit_rate"),
+            "hit_rate_ceiling": pooled(name, "hit_rate_ceiling"),
+            "cold_ttft_s_median_of_runs": pooled(name, "cold_ttft_s"),
+            "prompt_tokens_per_request": pooled(name, "plan_prompt_tokens") / (agents - 1)
+            if pooled(name, "plan_prompt_tokens")
+            else None,
+        }
+        for name in variants
+    }
+    per_run = []
+    for run in range(runs):
+        a = next(m for m in measured if m["run"] == run and m["variant"] == "shipped")
+        b = next(m for m in measured if m["run"] == run and m["variant"] == "aligned")
+        per_run.append(
+            {
+                "run": run,
+                "ttft_p50_speedup": ratio(a["ttft_p50_s"], b["ttft_p50_s"]),
+                "throughput_ratio": ratio(b["requests_per_s"], a["requests_per_s"]),
+            }
+        )
+    s, al = summary["shipped"], summary["aligned"]
+    m_headers = ["prompt", "tokens", "ceiling", "hit rate", "warm TTFT p50", "warm TTFT p99", "req/s"]
+    m_body = [
+        [
+            name,
+            fmt(f["prompt_tokens_per_request"], 0),
+            fmt(f["hit_rate_ceiling"], 3),
+            fmt(f["hit_rate_median_of_runs"], 3),
+            fmt(f["ttft_p50_s_median_of_runs"], 3, " s"),
+            fmt(f["ttft_p99_s_median_of_runs"], 3, " s"),
+            fmt(f["requests_per_s_median_of_runs"], 1),
+        ]
+        for name, f in summary.items()
+    ]
+    speedups = [p["ttft_p50_speedup"] for p in per_run if p["ttft_p50_speedup"]]
+    tputs = [p["throughput_ratio"] for p in per_run if p["throughput_ratio"]]
+    ratios = {
+        "ceiling_after_over_before": ratio(al["hit_rate_ceiling"], s["hit_rate_ceiling"]),
+        "hit_rate_after_over_before": ratio(al["hit_rate_median_of_runs"], s["hit_rate_median_of_runs"]),
+        "ttft_p50_speedup_median_of_runs": sorted(speedups)[len(speedups) // 2] if speedups else None,
+        "ttft_p50_speedup_per_run": speedups,
+        "throughput_ratio_median_of_runs": sorted(tputs)[len(tputs) // 2] if tputs else None,
+    }
+    print(f"\nmeasured on the embedded engine (block 128), warm phase of {agents - 1} requests, {runs} runs each")
+    print(table(m_headers, m_body))
+    print(
+        f"aligned vs shipped: ceiling {fmt(ratios['ceiling_after_over_before'], 2, 'x')}, "
+        f"hit rate {fmt(ratios['hit_rate_after_over_before'], 2, 'x')}, warm TTFT p50 "
+        f"{fmt(ratios['ttft_p50_speedup_median_of_runs'], 2, 'x')} faster (per run: "
+        f"{', '.join(fmt(x, 2) for x in speedups)}), "
+        f"throughput {fmt(ratios['throughput_ratio_median_of_runs'], 2, 'x')}"
+    )
+    path = write_result(
+        NAME,
+        args.quick,
+        {
+            "what": "hit-rate ceiling and measured TTFT, shipped system prompt vs align_system_prompt, block 128",
+            "settings": {"agents": agents, "runs_per_variant": runs, "max_tokens": 32, "group_size": 8},
+            "machine": machine_facts(model="echo-gemma3-270m (Gemma 3 270M base, bf16)", server=facts),
+            "computed": computed,
+            "measured": {"summary": summary, "ratios": ratios, "per_run": per_run, "runs": measured},
+            "markdown_computed": markdown_table(c_headers, c_body),
+            "markdown_measured": markdown_table(m_headers, m_body),
+        },
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""Clock honesty: this package's TTFT vs ``vllm bench serve``'s vs the server's own histogram.
+
+On the embedded engine (prefix caching on), each client runs the prefix test's workload
+on a prefix of its own (a run tag, same words and lengths): the first agent's prompt is
+sent alone first (unmeasured, the same for both clients), then the measured requests:
+
+- ``burst``: every other agent's prompt all in flight (the prefix test's warm phase);
+- ``serial``: 24 of them one at a time (no queueing: the difference is the clients' own).
+
+This package measures through its ``RolloutWorker``; vLLM's client is ``vllm bench
+serve`` (through ``vllm_bench.py``) on the same prompts as a ``custom`` dataset, with no
+warm-up requests and no readiness probe, so nothing it sends before the measured
+requests touches their prefix (the engine itself was warmed at start-up with an
+unrelated prompt). Both ask for 16 tokens with ``ignore_eos`` at temperature 0.
+
+The server's figure is the delta of ``vllm:time_to_first_token_seconds`` over exactly
+the measured requests of that run: its mean is exact (sum / count), its p50 is
+interpolated in vLLM's buckets (coarse: 0.1, 0.25, 0.5, 0.75, 1, 2.5 s...). The
+differences are printed in ms; the goal is this package within 10% of vLLM's client and
+never below the server. Clients alternate in rotating order over the repeats.
+
+Full: 128 agents (16 x 8), 3 repeats (about 7 minutes). ``--quick``: 32 agents, 1 repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from common import (
+    embedded_engine,
+    engine_facts,
+    fmt,
+    machine_facts,
+    markdown_table,
+    median,
+    ratio,
+    run_vllm_bench,
+    snapshot,
+    table,
+    write_result,
+)
+from tqdm.auto import tqdm
+
+from echo_env.client import ClientConfig, LLMClient
+from echo_env.parallel import EchoPrefixParallelEnv
+from echo_env.server_metrics import MetricsReader, delta
+from echo_env.stats import summarize
+from echo_env.task import EchoTask
+from echo_env.worker import RolloutWorker, SamplingConfig
+
+NAME = "clock_honesty"
+TOKENS = 16
+SERIAL_REQUESTS = 24
+CLIENTS = ("echo_env", "vllm-bench")
+
+
+def prompts_for(tag: str, batch: int, group: int, seed: int) -> tuple[str, list[str]]:
+    """The cold prompt and the other agents' prompts of one run (the env's own transcripts)."""
+    env = EchoPrefixParallelEnv(batch_size=batch, group_size=group, task=EchoTask(run_tag=tag))
+    observations, _ = env.reset(seed=seed)
+    texts = list(observations.values())
+    return texts[0], texts[1:]
+
+
+async def ours(engine: Any, prompts: Sequence[str], concurrency: int) -> list[float]:
+    """TTFTs measured by this package's worker, ``concurrency`` in flight."""
+    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name, max_concurrency=concurrency)
+    sampling = SamplingConfig(max_tokens=TOKENS, stop=(), temperature=0.0, extra_body={"ignore_eos": True})
+    async with LLMClient(config) as client:
+        worker = RolloutWorker(client, sampling)
+        _, records = await worker.complete({f"agent{i}": p for i, p in enumerate(prompts)})
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed: {failed[0].error}")
+    return [r.ttft_s for r in records if r.ttft_s is not None]
+
+
+async def prime(engine: Any, prompt: str) -> None:
+    """Send one prompt alone, unmeasured (the cold request, or the engine warm-up)."""
+    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name)
+    async with LLMClient(config) as client:
+        record = await client.generate(prompt, max_tokens=TOKENS, temperature=0.0, extra_body={"ignore_eos": True})
+    if not record.ok:
+        raise RuntimeError(f"priming request failed: {record.error}")
+
+
+def one_run(
+    engine: Any, client: str, mode: str, tag: str, batch: int, group: int, seed: int, tok: str
+) -> dict[str, Any]:
+    """Prime, then measure one client's TTFTs and the server's histogram delta over them."""
+    reader = MetricsReader(engine.metrics_url, model_name=engine.served_model_name)
+    cold, warm = prompts_for(tag, batch, group, seed)
+    if mode == "serial":
+        warm = warm[:SERIAL_REQUESTS]
+    concurrency = len(warm) if mode == "burst" else 1
+    asyncio.run(prime(engine, cold))
+    before = snapshot(reader)
+    if client == "echo_env":
+        ttfts = asyncio.run(ours(engine, warm, concurrency))
+    else:
+        result = run_vllm_bench(
+            engine.base_url, engine.served_model_name, tok, warm, concurrency, TOKENS, extra=["--temperature", "0"]
+        )
+        if result["completed"] != len(warm):
+            raise RuntimeError(f"vllm bench serve finished {result['completed']} of {len(warm)} requests")
+        ttfts = [t for t in result["ttfts"] if t]
+    after = snapshot(reader)
+    d = delta(before.counters, after.counters) if before is not None and after is not None else None
+    s = summarize(ttfts)
+    return {
+        "client": client,
+        "mode": mode,
+        "requests": len(warm),
+        "client_ttft_p50_s": s.p50,
+        "client_ttft_mean_s": s.mean,
+        "server_ttft_p50_s": d.ttft_quantile(0.5) if d is not None else None,
+        "server_ttft_mean_s": d.ttft_mean if d is not None else None,
+        "server_ttft_count": d.ttft_count if d is not None else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both clients in both modes, print the differences in ms, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="32 agents, 1 repeat")
+    parser.add_argument("--repeats", type=int, help="repeats (default 3; quick 1)")
+    args = parser.parse_args(argv)
+    batch, group = (4, 8) if args.quick else (16, 8)
+    repeats = args.repeats or (1 if args.quick else 3)
+
+    from echo_env.model import resolve_model
+
+    tokenizer = resolve_model(None)
+    run_id = uuid.uuid4().hex[:8]
+    runs: list[dict[str, Any]] = []
+    bar = tqdm(total=repeats * 2 * len(CLIENTS), desc=NAME, unit="run")
+    try:
+        with embedded_engine(prefix_caching=True, log=bar.write) as engine:
+            facts = engine_facts(engine.base_url)
+            # Engine warm-up on an unrelated prompt: no measured prefix is touched.
+            for i in range(4):
+                asyncio.run(prime(engine, f"[engine warm-up {i}] The quick brown fox jumps over the lazy dog. " * 8))
+            for repeat in range(repeats):
+                for mode in ("burst", "serial"):
+                    order = CLIENTS if (repeat + (mode == "serial")) % 2 == 0 else CLIENTS[::-1]
+                    for client in order:
+                        tag = f"[echo-prefix run {run_id}-{client[:2]}{repeat}{mode[0]}]"
+                        run = one_run(engine, client, mode, tag, batch, group, repeat, tokenizer)
+                        run["repeat"] = repeat
+                        runs.append(run)
+                        bar.write(
+                            f"  r{repeat} {mode:6} {client:10} TTFT p50 {fmt(run['client_ttft_p50_s'], 4)} s "
+                            f"(server p50 {fmt(run['server_ttft_p50_s'], 4)}, mean {fmt(run['server_ttft_mean_s'], 4)},"
+                            f" {fmt(run['server_ttft_count'], 0)} observations)"
+                        )
+                        bar.update(1)
+    finally:
+        bar.close()
+
+    rows = []
+    for mode in ("burst", "serial"):
+        f: dict[str, dict[str, float | None]] = {}
+        for client in CLIENTS:
+            mine = [r for r in runs if r["mode"] == mode and r["client"] == client]
+            f[client] = {k: median([r[k] for r in mine if r[k] is not None]) for k in mine[0] if k.endswith("_s")}
+        o, v = f["echo_env"], f["vllm-bench"]
+
+        def ms(a: float | None, b: float | None) -> float | None:
+            return 1000 * (a - b) if a is not None and b is not None else None
+
+        rows.append(
+            {
+                "mode": mode,
+                "requests": runs[[r["mode"] for r in runs].index(mode)]["requests"],
+                "echo_env_ttft_p50_s": o["client_ttft_p50_s"],
+                "vllm_bench_ttft_p50_s": v["client_ttft_p50_s"],
+                "echo_env_minus_vllm_bench_p50_ms": ms(o["client_ttft_p50_s"], v["client_ttft_p50_s"]),
+                "echo_env_over_vllm_bench_p50": ratio(o["client_ttft_p50_s"], v["client_ttft_p50_s"]),
+                "echo_env_minus_server_p50_ms": ms(o["client_ttft_p50_s"], o["server_ttft_p50_s"]),
+                "vllm_bench_minus_server_p50_ms": ms(v["client_ttft_p50_s"], v["server_ttft_p50_s"]),
+                "echo_env_minus_server_mean_ms": ms(o["client_ttft_mean_s"], o["server_ttft_mean_s"]),
+                "vllm_bench_minus_server_mean_ms": ms(v["client_ttft_mean_s"], v["server_ttft_mean_s"]),
+                "within_10pct_of_vllm_bench": (
+                    abs(o["client_ttft_p50_s"] / v["client_ttft_p50_s"] - 1) <= 0.10
+                    if o["client_ttft_p50_s"] and v["client_ttft_p50_s"]
+                    else None
+                ),
+                "never_below_server": all(
+                    r["client_ttft_mean_s"] >= r["server_ttft_mean_s"]
+                    for r in runs
+                    if r["mode"] == mode and r["client"] == "echo_env" and r["server_ttft_mean_s"] is not None
+                ),
+                "by_client": f,
+            }
+        )
+    headers = [
+        "mode",
+        "requests",
+        "echo_env p50",
+        "vllm bench p50",
+        "echo_env / vllm",
+        "echo_env - vllm",
+        "echo_env - server p50",
+        "vllm - server p50",
+        "echo_env - server mean",
+        "vllm - server mean",
+    ]
+    body = [
+        [
+            r["mode"],
+            r["requests"],
+            fmt(r["echo_env_ttft_p50_s"], 4, " s"),
+            fmt(r["vllm_bench_ttft_p50_s"], 4, " s"),
+            fmt(r["echo_env_over_vllm_bench_p50"], 3, "x"),
+            fmt(r["echo_env_minus_vllm_bench_p50_ms"], 1, " ms"),
+            fmt(r["echo_env_minus_server_p50_ms"], 1, " ms"),
+            fmt(r["vllm_bench_minus_server_p50_ms"], 1, " ms"),
+            fmt(r["echo_env_minus_server_mean_ms"], 1, " ms"),
+            fmt(r["vllm_bench_minus_server_mean_ms"], 1, " ms"),
+        ]
+        for r in rows
+    ]
+    print(f"\nTTFT: this package vs vllm bench serve vs the server's histogram (medians over {repeats} repeat(s))")
+    print(table(headers, body))
+    for r in rows:
+        print(
+            f"{r['mode']}: within 10% of vllm bench: {r['within_10pct_of_vllm_bench']}; "
+            f"never below the server's mean: {r['never_below_server']}"
+        )
+    path = write_result(
+        NAME,
+        args.quick,
+        {
+            "what": "TTFT of this package's worker vs vllm bench serve vs the server's histogram, same workload",
+            "settings": {
+                "agents": batch * group,
+                "batch_size": batch,
+                "group_size": group,
+                "serial_requests": SERIAL_REQUESTS,
+                "max_tokens": TOKENS,
+                "ignore_eos": True,
+                "repeats": repeats,
+            },
+            "machine": machine_facts(model="echo-gemma3-270m (Gemma 3 270M base, bf16)", server=facts),
+            "rows": rows,
+            "runs": runs,
+            "markdown": markdown_table(headers, body),
+        },
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

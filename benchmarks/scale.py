@@ -1,0 +1,201 @@
+"""Scale: the rollout worker from 8 to 8192 agents, against the stand-in server and the embedded engine.
+
+Each point is one vectorized step of the parallel env (``batch_size = agents / 8``,
+``group_size = 8``, one shared prefix) driven by this package's ``RolloutWorker``, in a
+fresh process: reset, every agent's request (at most 1024 in flight, the prefix test's
+default), grading. Per point: requests/s, client CPU per agent, and the worker
+process's peak memory per agent (peak RSS minus the RSS after imports, over agents).
+
+Targets:
+
+- the STAND-IN server (``standin_server.py``, answers instantly; used only to isolate
+  the worker's own cost);
+- the embedded vLLM engine (prefix caching on; the env's prompt primed once first, so
+  every point hits the same cached prefix).
+
+The ratios that matter are between points of the same target in the same run: how
+cost per agent changes as agents grow (the shape), and where it stops growing linearly.
+
+Full: stand-in 8, 128, 1024, 8192 agents; engine 8, 128, 1024, 8192; 4 tokens per reply
+(about 10 minutes, most of it the engine's 8192-agent step). ``--quick``: stand-in 8,
+128, 1024; engine 8, 128 (about 2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common import embedded_engine, engine_facts, fmt, machine_facts, markdown_table, ratio, table, write_result
+
+NAME = "scale"
+MAX_TOKENS = 4
+MAX_IN_FLIGHT = 1024
+"""The prefix test's default ``max_concurrency``."""
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now, in MB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 1024**2
+
+
+async def _point(url: str, model: str, agents: int) -> dict[str, Any]:
+    from echo_env import ParallelTimingWrapper, parallel_env
+    from echo_env.client import ClientConfig, LLMClient
+    from echo_env.worker import RolloutWorker, SamplingConfig
+
+    rss0 = _rss_mb()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    env = ParallelTimingWrapper(parallel_env(batch_size=agents // 8, group_size=8))
+    observations, infos = env.reset(seed=0)
+    reset_s = time.perf_counter() - wall0
+    config = ClientConfig(
+        base_url=url, model=model, max_concurrency=min(agents, MAX_IN_FLIGHT), timeout_s=1800, max_retries=0
+    )
+    async with LLMClient(config) as client:
+        worker = RolloutWorker(client, SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.0))
+        step = await worker.step(env, observations, infos)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    ok = sum(1 for r in step.records if r.ok)
+    errors = sorted({(r.error or "")[:120] for r in step.records if not r.ok})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "agents": agents,
+        "ok": ok,
+        "errors": errors[:3],
+        "reset_s": reset_s,
+        "step_s": step.wall_s,
+        "wall_s": wall,
+        "requests_per_s": ok / step.wall_s if step.wall_s > 0 else None,
+        "client_cpu_ms_per_agent": 1000 * cpu / agents,
+        "rss_after_imports_mb": rss0,
+        "peak_rss_mb": peak,
+        "peak_kb_per_agent": 1024 * (peak - rss0) / agents,
+        "mean_reward": sum(step.rewards.values()) / len(step.rewards) if step.rewards else None,
+    }
+
+
+def run_point(target: str, url: str, model: str, agents: int) -> dict[str, Any]:
+    """One point in a fresh process (so peak memory is this point's own)."""
+    cmd = [sys.executable, __file__, "--point", str(agents), "--url", url, "--model", model]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        return {"agents": agents, "target": target, "ok": 0, "errors": [out.stderr.strip()[-300:]], "crashed": True}
+    fig = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    fig["target"] = target
+    return fig
+
+
+def shape(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Between neighbouring points: how step time and memory grow (log-log slope; 1.0 is linear)."""
+    out = []
+    for a, b in itertools.pairwise(points):
+        if not a.get("step_s") or not b.get("step_s"):
+            continue
+        grow = math.log(b["agents"] / a["agents"])
+        out.append(
+            {
+                "from": a["agents"],
+                "to": b["agents"],
+                "step_time_slope": math.log(b["step_s"] / a["step_s"]) / grow,
+                "peak_memory_slope": math.log(max(b["peak_rss_mb"] - b["rss_after_imports_mb"], 1e-3) /
+                                              max(a["peak_rss_mb"] - a["rss_after_imports_mb"], 1e-3)) / grow,
+                "cpu_per_agent_ratio": ratio(b["client_cpu_ms_per_agent"], a["client_cpu_ms_per_agent"]),
+            }
+        )  # fmt: skip
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both targets' points, print the table and the growth shape, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="stand-in 8-1024, engine 8-128")
+    parser.add_argument("--engine-agents", type=int, nargs="+", help="engine points (default 8 128 1024 8192)")
+    parser.add_argument("--standin-agents", type=int, nargs="+", help="stand-in points (default 8 128 1024 8192)")
+    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.point:
+        print(json.dumps(asyncio.run(_point(args.url, args.model, args.point))))
+        return 0
+
+    from client_overhead import MODEL as STANDIN_MODEL
+    from client_overhead import standin_server
+    from tqdm.auto import tqdm
+
+    standin_points = args.standin_agents or ([8, 128, 1024] if args.quick else [8, 128, 1024, 8192])
+    engine_points = args.engine_agents or ([8, 128] if args.quick else [8, 128, 1024, 8192])
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=sum(standin_points) + sum(engine_points), desc=NAME, unit="agent")
+    facts: dict[str, Any] = {}
+    try:
+        with standin_server() as (root, _pid):
+            for n in standin_points:
+                rows.append(run_point("stand-in", f"{root}/v1", STANDIN_MODEL, n))
+                bar.update(n)
+        if engine_points:
+            with embedded_engine(prefix_caching=True, log=bar.write) as engine:
+                facts = engine_facts(engine.base_url)
+                # Prime the env's shared prefix once, so every point sees the same warm cache.
+                rows.append(run_point("engine-prime", engine.base_url, engine.served_model_name, 8))
+                for n in engine_points:
+                    rows.append(run_point("engine", engine.base_url, engine.served_model_name, n))
+                    bar.update(n)
+    finally:
+        bar.close()
+
+    headers = ["target", "agents", "ok", "req/s", "step s", "CPU ms/agent", "peak MB", "KB/agent", "errors"]
+    body = [
+        [
+            r["target"],
+            r["agents"],
+            r.get("ok"),
+            fmt(r.get("requests_per_s"), 1),
+            fmt(r.get("step_s"), 2),
+            fmt(r.get("client_cpu_ms_per_agent"), 2),
+            fmt(r.get("peak_rss_mb"), 0),
+            fmt(r.get("peak_kb_per_agent"), 1),
+            "; ".join(r.get("errors") or []) or "-",
+        ]
+        for r in rows
+        if r["target"] != "engine-prime"
+    ]
+    shapes = {t: shape([r for r in rows if r["target"] == t]) for t in ("stand-in", "engine")}
+    print(f"\nscale: one vectorized step, groups of 8, <= {MAX_IN_FLIGHT} in flight, {MAX_TOKENS} tokens per reply")
+    print(table(headers, body))
+    for target, steps in shapes.items():
+        for s in steps:
+            print(
+                f"{target}: {s['from']} -> {s['to']} agents: step time grows as agents^{s['step_time_slope']:.2f}, "
+                f"peak memory as agents^{s['peak_memory_slope']:.2f}, CPU per agent x{s['cpu_per_agent_ratio']:.2f}"
+            )
+    path = write_result(
+        NAME,
+        args.quick,
+        {
+            "what": "one vectorized worker step at 8..8192 agents: throughput, CPU and peak memory per agent",
+            "settings": {"max_tokens": MAX_TOKENS, "max_in_flight": MAX_IN_FLIGHT, "group_size": 8},
+            "machine": machine_facts(model="echo-gemma3-270m (engine) / stand-in (no model)", server=facts),
+            "rows": rows,
+            "shape": shapes,
+            "markdown": markdown_table(headers, body),
+        },
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

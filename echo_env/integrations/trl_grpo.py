@@ -1,0 +1,374 @@
+"""GRPO on the echo task with TRL: the dataset, the reward, and a rollout function.
+
+The three pieces ``GRPOTrainer`` takes::
+
+    from trl import GRPOConfig, GRPOTrainer
+    from echo_env.integrations.trl_grpo import EchoRollout, echo_dataset, echo_reward
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=echo_reward,
+        train_dataset=echo_dataset(64),           # one row per prompt; TRL repeats it per group
+        args=GRPOConfig(num_generations=8, max_completion_length=8, ...),
+        rollout_func=EchoRollout("http://127.0.0.1:8000/v1"),   # optional: sample on a vLLM server
+    )
+
+Without ``rollout_func`` TRL generates with the model itself (transformers); give the
+model :func:`stop_at_newline` first so generation ends where the answer line ends, as
+the server's ``stop=["\\n"]`` does. With it, each group goes to the server as one
+request with ``n`` = group size (one prefill of the shared prefix, the prefix cache's
+best case) through :class:`echo_env.worker.RolloutWorker`; the server's token ids and
+logprobs go back to the trainer. On a GPU, serve the policy with ``trl vllm-serve`` and
+set ``use_vllm=True, vllm_mode="server"`` so TRL pushes each update into that server.
+
+Only :func:`echo_dataset` and :func:`grpo_trainer_class` import a library (``datasets``,
+``trl``); everything else here is plain Python over duck-typed TRL objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import statistics
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from echo_env.client import ClientConfig, LLMClient
+from echo_env.errors import ConfigError, EchoEnvError, ServerResponseError
+from echo_env.integrations.data import PromptStyle, echo_rows, grade_batch, outcome_fractions
+from echo_env.server_metrics import MetricsReader, delta
+from echo_env.task import EchoTask
+from echo_env.worker import RolloutWorker, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REWARD_METRICS = ("frac_correct", "frac_wrong_word", "frac_format_error")
+"""Shares of each outcome that :func:`echo_reward` logs, as ``echo/<name>``."""
+
+
+def echo_dataset(
+    num_prompts: int = 64,
+    seed: int = 0,
+    task: EchoTask | None = None,
+    prompt_style: PromptStyle = "transcript",
+) -> Any:
+    """The echo prompts as a ``datasets.Dataset`` with columns ``prompt`` and ``word``.
+
+    Every prompt shares the system prompt; ``GRPOTrainer`` repeats each row
+    ``num_generations`` times to make a group, so a row is one group's prompt.
+
+    Args:
+        num_prompts: Rows (distinct words while the word list lasts).
+        seed: Seeds the word choice.
+        task: The task; the default one if None.
+        prompt_style: ``transcript`` (plain text, for base models) or ``chat`` (messages,
+            which TRL renders with the tokenizer's chat template).
+
+    Returns:
+        The dataset.
+
+    Raises:
+        ConfigError: ``datasets`` is not installed, or a bad argument.
+    """
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigError(f"echo_dataset needs datasets: pip install 'echo-prefix-env[trl]' ({exc})") from exc
+    return datasets.Dataset.from_list(echo_rows(num_prompts, seed=seed, task=task, prompt_style=prompt_style))
+
+
+def echo_reward(
+    completions: Sequence[Any],
+    word: Sequence[str],
+    log_metric: Any = None,
+    rollout_ttft_s: Sequence[float | None] | None = None,
+    rollout_hit_rate: Sequence[float | None] | None = None,
+    **_: Any,
+) -> list[float]:
+    """TRL reward function: the env's grading (1.0 correct, 0.0 wrong word, -1.0 format error).
+
+    TRL calls it with the decoded completions and every dataset column (``word``); it
+    passes ``log_metric`` too, which this function uses to log the share of each
+    outcome (``echo/frac_correct``, ``echo/frac_wrong_word``, ``echo/frac_format_error``)
+    and, when :class:`EchoRollout` produced the batch, its server figures
+    (``rollout/ttft_p50_s``, ``rollout/hit_rate``): TRL hands reward functions the
+    rollout function's extra fields, and this is where they reach its logs.
+
+    Args:
+        completions: The completions (strings, or chat messages for chat prompts).
+        word: The word each completion should echo.
+        log_metric: TRL's ``log_metric(name, value)``; None outside a trainer.
+        rollout_ttft_s: Per completion, its request's time to first token.
+        rollout_hit_rate: The server's prefix-cache hit rate over the batch (repeated).
+
+    Returns:
+        One reward per completion.
+    """
+    grades = grade_batch(completions, word)
+    if log_metric is not None:
+        shares = outcome_fractions(grades)
+        for name in REWARD_METRICS:
+            log_metric(f"echo/{name}", shares[name])
+        ttfts = [t for t in rollout_ttft_s or () if t is not None]
+        if ttfts:
+            log_metric("rollout/ttft_p50_s", statistics.median(ttfts))
+        hit_rates = [h for h in rollout_hit_rate or () if h is not None]
+        if hit_rates:
+            log_metric("rollout/hit_rate", hit_rates[0])
+    return [g.reward for g in grades]
+
+
+def newline_token_ids(tokenizer: Any) -> list[int]:
+    """Every token id whose text contains a line break.
+
+    The answer is one line, and the server stops at ``"\\n"``; transformers' generation
+    stops only at end-of-sequence ids, so these ids play that part.
+
+    Args:
+        tokenizer: A ``transformers`` tokenizer.
+
+    Returns:
+        The ids, sorted.
+    """
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    ids = set()
+    for piece, token_id in vocab.items():
+        # Byte-fallback pieces (<0x0A>) and pieces holding a raw newline.
+        if "\n" in piece or "\r" in piece or piece in ("<0x0A>", "<0x0D>") or "Ċ" in piece:
+            ids.add(token_id)
+    return sorted(ids)
+
+
+def stop_at_newline(model: Any, tokenizer: Any) -> list[int]:
+    """Make a transformers model's generation (and TRL's completion mask) end at a line break.
+
+    TRL reads ``model.generation_config.eos_token_id`` when the trainer is built, both to
+    stop generation and to mask what follows the end, so call this before building it.
+
+    Returns:
+        The end-of-sequence ids now in effect.
+    """
+    current = model.generation_config.eos_token_id
+    eos = [current] if isinstance(current, int) else list(current or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    merged = sorted(set(eos) | set(newline_token_ids(tokenizer)))
+    model.generation_config.eos_token_id = merged
+    return merged
+
+
+@dataclass
+class RolloutStats:
+    """Figures of one call of :class:`EchoRollout` (one generation batch)."""
+
+    completions: int
+    """Completions returned."""
+    requests: int
+    """Requests sent (one per distinct prompt)."""
+    wall_s: float
+    """Time the batch took."""
+    ttft_p50_s: float | None
+    """Median time to first token over the requests."""
+    hit_rate: float | None
+    """Prefix-cache hits / queries the server counted during the batch (None: no counters)."""
+    prompt_tokens: int
+    """Prompt tokens the server reported."""
+
+
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code, even inside a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # A notebook already runs a loop in this thread: run ours in another thread.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@dataclass
+class EchoRollout:
+    """A TRL ``rollout_func`` that samples through the echo worker on a vLLM server.
+
+    TRL calls it with the batch's prompts (each repeated ``num_generations`` times) and
+    the trainer. Identical prompts go out as one ``/v1/completions`` request with ``n``
+    completions; sampling settings come from the trainer's ``GRPOConfig``
+    (``max_completion_length``, ``temperature``, ``top_p``), and answers stop at a line
+    break. Returns ``prompt_ids``, ``completion_ids`` and ``logprobs`` (the server's own
+    token ids and sampled-token logprobs, via vLLM's ``return_token_ids``), plus
+    ``rollout_ttft_s`` and ``rollout_hit_rate``, which TRL forwards to
+    :func:`echo_reward` for logging.
+
+    Chat prompts (lists of messages) are rendered with the trainer's tokenizer and sent
+    as token ids, so the template is applied where TRL wants it: at the backend boundary.
+    vLLM returns logprobs before temperature scaling unless started with
+    ``--logprobs-mode processed_logprobs`` (``trl vllm-serve`` does that); at
+    temperature 1 it makes no difference.
+    """
+
+    base_url: str
+    """The server's OpenAI API root, e.g. ``http://127.0.0.1:8000/v1``."""
+    model: str | None = None
+    """Served model name; None takes the server's first."""
+    metrics_url: str | None = None
+    """Prometheus page for the hit rate; None means ``<server>/metrics``, ``"none"`` skips it."""
+    api_key: str | None = field(default=None, repr=False)
+    """Bearer token for the server."""
+    timeout_s: float = 120.0
+    """Limit on one request."""
+    stop: tuple[str, ...] = ("\n",)
+    """Stop strings: the answer is one line."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """More request fields for the server."""
+    history: list[RolloutStats] = field(default_factory=list, init=False)
+    """The figures of every batch so far."""
+
+    def __post_init__(self) -> None:
+        ClientConfig(base_url=self.base_url, timeout_s=self.timeout_s)  # checks the values now, not mid-training
+        if self.metrics_url is None:
+            self.metrics_url = self.base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+        self._metrics_failed = False
+
+    def sampling(self, trainer: Any) -> SamplingConfig:
+        """The worker's sampling settings for this trainer's ``GRPOConfig``."""
+        args = trainer.args
+        return SamplingConfig(
+            api="completions",
+            batching="per_group",
+            max_tokens=int(args.max_completion_length),
+            temperature=float(args.temperature),
+            top_p=float(getattr(args, "top_p", 1.0) or 1.0),
+            stop=self.stop,
+            logprobs=0,  # the sampled token's logprob only
+            extra_body={"return_token_ids": True, **self.extra_body},
+        )
+
+    def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        """Sample one completion per prompt; the shape ``GRPOTrainer`` expects.
+
+        Raises:
+            ServerUnreachableError: The server could not be reached.
+            ServerResponseError: A request failed, or the server sent no token ids.
+        """
+        tokenizer = trainer.processing_class
+        wire = [self._wire_prompt(p, tokenizer) for p in prompts]
+        return _run_sync(self._rollout(wire, self.sampling(trainer), tokenizer))
+
+    @staticmethod
+    def _wire_prompt(prompt: Any, tokenizer: Any) -> str | list[int]:
+        if isinstance(prompt, str):
+            return prompt
+        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def _snapshot(self) -> Any:
+        if self.metrics_url in (None, "none") or self._metrics_failed:
+            return None
+        try:
+            return MetricsReader(str(self.metrics_url), model_name=self.model, api_key=self.api_key).snapshot()
+        except EchoEnvError as exc:
+            # Rewards do not need the counters: say so once and go on without a hit rate.
+            log.warning("no prefix-cache hit rate during training: %s", exc)
+            self._metrics_failed = True
+            return None
+
+    async def _rollout(self, wire: list[str | list[int]], sampling: SamplingConfig, tokenizer: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        before = self._snapshot()
+        config = ClientConfig(base_url=self.base_url, model=self.model, api_key=self.api_key, timeout_s=self.timeout_s)
+        async with LLMClient(config) as client:
+            worker = RolloutWorker(client, sampling)
+            completions, records = await worker.complete({str(i): p for i, p in enumerate(wire)})
+            worker.check_reachable(records)
+        after = self._snapshot()
+        failed = [c.error for c in completions.values() if c.error is not None]
+        if failed:
+            raise ServerResponseError(
+                f"{len(failed)} of {len(wire)} completions failed during the rollout ({failed[0]}): "
+                "check the server's log"
+            )
+        prompt_ids: list[list[int]] = []
+        completion_ids: list[list[int]] = []
+        logprobs: list[list[float | None]] | None = []
+        ttfts: list[float | None] = []
+        for i, prompt in enumerate(wire):
+            done = completions[str(i)]
+            out = done.output
+            if out is None or out.token_ids is None:
+                raise ServerResponseError(
+                    f"the server at {self.base_url} sent no token ids: EchoRollout needs vLLM's "
+                    "return_token_ids (vLLM 0.10.2 or later)"
+                )
+            if out.prompt_token_ids is not None:
+                prompt_ids.append(out.prompt_token_ids)
+            elif isinstance(prompt, list):
+                prompt_ids.append(prompt)
+            else:
+                prompt_ids.append([int(t) for t in tokenizer(prompt)["input_ids"]])
+            completion_ids.append(out.token_ids)
+            if logprobs is not None and out.logprobs is not None and len(out.logprobs) == len(out.token_ids):
+                logprobs.append(out.logprobs)
+            else:
+                logprobs = None  # without every sequence's logprobs TRL skips the correction
+            ttfts.append(out.ttft_s)
+        hit_rate = delta(before.counters, after.counters).hit_rate if before and after else None
+        ok_ttfts = [r.ttft_s for r in records if r.ok and r.ttft_s is not None]
+        wall = time.perf_counter() - start
+        self.history.append(
+            RolloutStats(
+                completions=len(wire),
+                requests=len(records),
+                wall_s=wall,
+                ttft_p50_s=statistics.median(ok_ttfts) if ok_ttfts else None,
+                hit_rate=hit_rate,
+                prompt_tokens=sum(r.prompt_tokens or 0 for r in records),
+            )
+        )
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "logprobs": logprobs,
+            "rollout_ttft_s": ttfts,
+            "rollout_hit_rate": hit_rate,
+        }
+
+
+def grpo_trainer_class() -> type[Any]:
+    """``trl.GRPOTrainer`` with two timings added to its logged metrics.
+
+    ``time/rollout_s`` is the time spent producing each batch's completions (by
+    transformers, vLLM or a ``rollout_func``) and ``time/step_s`` the time of each
+    training step; TRL logs them with its own metrics (console, wandb).
+
+    Raises:
+        ConfigError: TRL is not installed.
+    """
+    try:
+        from trl import GRPOTrainer
+    except ImportError as exc:
+        raise ConfigError(f"training needs TRL: pip install 'echo-prefix-env[trl]' ({exc})") from exc
+
+    class EchoGRPOTrainer(GRPOTrainer):  # type: ignore[misc, valid-type]
+        """GRPOTrainer logging ``time/rollout_s`` and ``time/step_s``."""
+
+        def _generate(self, prompts: list[Any]) -> Any:
+            start = time.perf_counter()
+            result = super()._generate(prompts)
+            mode = "train" if getattr(self.model, "training", True) else "eval"
+            self._metrics[mode]["time/rollout_s"].append(time.perf_counter() - start)
+            return result
+
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            loss = super().training_step(*args, **kwargs)
+            self._metrics["train"]["time/step_s"].append(time.perf_counter() - start)
+            return loss
+
+    return EchoGRPOTrainer
