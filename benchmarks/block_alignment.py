@@ -37,6 +37,7 @@ from common import (
     ratio,
     run_phase,
     table,
+    warm_up_engine,
     write_result,
 )
 from tqdm.auto import tqdm
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with embedded_engine(prefix_caching=True, dev_mode=True, log=bar.write) as engine:
             facts = engine_facts(engine.base_url)
+            asyncio.run(warm_up_engine(engine, log=bar.write))
             measured = asyncio.run(measure(engine, variants, agents, runs, tokenizer, bar))
     finally:
         bar.close()

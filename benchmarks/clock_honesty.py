@@ -10,8 +10,9 @@ sent alone first (unmeasured, the same for both clients), then the measured requ
 This package measures through its ``RolloutWorker``; vLLM's client is ``vllm bench
 serve`` (through ``vllm_bench.py``) on the same prompts as a ``custom`` dataset, with no
 warm-up requests and no readiness probe, so nothing it sends before the measured
-requests touches their prefix (the engine itself was warmed at start-up with an
-unrelated prompt). Both ask for 16 tokens with ``ignore_eos`` at temperature 0.
+requests touches their prefix (the engine itself was warmed at start-up with distinct
+full prompts and one burst of the same shape, each on a prefix of its own). Both ask
+for 16 tokens with ``ignore_eos`` at temperature 0.
 
 The server's figure is the delta of ``vllm:time_to_first_token_seconds`` over exactly
 the measured requests of that run: its mean is exact (sum / count), its p50 is
@@ -41,6 +42,7 @@ from common import (
     run_vllm_bench,
     snapshot,
     table,
+    warm_up_engine,
     write_result,
 )
 from tqdm.auto import tqdm
@@ -141,9 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with embedded_engine(prefix_caching=True, log=bar.write) as engine:
             facts = engine_facts(engine.base_url)
-            # Engine warm-up on an unrelated prompt: no measured prefix is touched.
-            for i in range(4):
-                asyncio.run(prime(engine, f"[engine warm-up {i}] The quick brown fox jumps over the lazy dog. " * 8))
+            # Engine warm-up: distinct full prompts, then one burst of the measured shape on a
+            # prefix of its own (a different run tag); no measured prefix is touched.
+            asyncio.run(warm_up_engine(engine, log=bar.write))
+            cold, warm = prompts_for(f"[engine warm-up {run_id}]", batch, group, seed=99)
+            asyncio.run(prime(engine, cold))
+            asyncio.run(ours(engine, warm, len(warm)))
             for repeat in range(repeats):
                 for mode in ("burst", "serial"):
                     order = CLIENTS if (repeat + (mode == "serial")) % 2 == 0 else CLIENTS[::-1]

@@ -297,7 +297,8 @@ async def run_phase(name: str, worker: Any, prompts: Mapping[str, Any], reader: 
     failed = [r for r in records if not r.ok]
     if failed:
         print(f"{name}: {len(failed)} of {len(records)} requests failed, e.g. {failed[0].error}", file=sys.stderr)
-    return Phase(name, list(records), wall, counters)
+    # The 1-minute load average at the end: on a shared machine it says how busy the neighbours were.
+    return Phase(name, list(records), wall, counters, extra={"load_avg_1m": os.getloadavg()[0]})
 
 
 # ----- vLLM's own benchmark client ---------------------------------------------------------
@@ -352,3 +353,36 @@ def run_vllm_bench(
         t = json.loads(timing.read_text())
     result["client_cpu_s"], result["client_wall_s"] = t["cpu_s"], t["wall_s"]
     return result
+
+
+async def warm_up_engine(engine: Any, prompts: int = 24, log: Callable[[str], None] = print) -> float:
+    """Send one burst of ``prompts`` distinct full-length echo prompts to a fresh engine, unmeasured.
+
+    A freshly started vLLM engine runs its first large prefill batches several times
+    slower than later ones (seen here: the first measured point of every engine start
+    was 2-3x slower than the same work later), so every engine-backed script sends this
+    burst first. Each prompt starts with its own warm-up tag, so no prefix a benchmark
+    measures is touched.
+
+    Returns:
+        The burst's wall time in seconds.
+    """
+    import uuid
+
+    from echo_env.client import ClientConfig, LLMClient
+    from echo_env.task import EchoTask
+
+    tag = uuid.uuid4().hex[:8]
+    texts = [EchoTask(run_tag=f"[engine warm-up {tag}-{i:03d}]").transcript("apple") for i in range(prompts)]
+    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name, timeout_s=900)
+    start = time.perf_counter()
+    async with LLMClient(config) as client:
+        import asyncio
+
+        records = await asyncio.gather(*(client.generate(t, max_tokens=8, temperature=0.0) for t in texts))
+    wall = time.perf_counter() - start
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise RuntimeError(f"engine warm-up: {len(failed)} of {prompts} requests failed: {failed[0].error}")
+    log(f"engine warm-up: {prompts} distinct prompts in {wall:.0f} s (unmeasured)")
+    return wall

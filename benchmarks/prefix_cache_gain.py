@@ -48,6 +48,7 @@ from common import (
     result_path,
     run_phase,
     table,
+    warm_up_engine,
     write_result,
 )
 from tqdm.auto import tqdm
@@ -397,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for server, block_repeats in blocks:
             with embedded_engine(prefix_caching=server == "cache_on", log=bar.write) as engine:
                 facts[server] = engine_facts(engine.base_url)
+                asyncio.run(warm_up_engine(engine, log=bar.write))
                 runs += asyncio.run(
                     run_block(engine, server, block_repeats, points, shapes, agents, run_id, tokenizer, bar)
                 )

@@ -13,6 +13,10 @@ Targets:
 - the embedded vLLM engine (prefix caching on; the env's prompt primed once first, so
   every point hits the same cached prefix).
 
+Both use the env's system prompt aligned to 128-token blocks (``align_system_prompt``,
+one worked example added): the shipped prompt without a run tag leaves 118 shared
+tokens past the last whole block, which every agent would recompute.
+
 The ratios that matter are between points of the same target in the same run: how
 cost per agent changes as agents grow (the shape), and where it stops growing linearly.
 
@@ -31,12 +35,23 @@ import math
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import embedded_engine, engine_facts, fmt, machine_facts, markdown_table, ratio, table, write_result
+from common import (
+    embedded_engine,
+    engine_facts,
+    fmt,
+    machine_facts,
+    markdown_table,
+    ratio,
+    table,
+    warm_up_engine,
+    write_result,
+)
 
 NAME = "scale"
 MAX_TOKENS = 4
@@ -50,14 +65,16 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 1024**2
 
 
-async def _point(url: str, model: str, agents: int) -> dict[str, Any]:
+async def _point(url: str, model: str, agents: int, system_prompt: str) -> dict[str, Any]:
     from echo_env import ParallelTimingWrapper, parallel_env
     from echo_env.client import ClientConfig, LLMClient
+    from echo_env.task import EchoTask
     from echo_env.worker import RolloutWorker, SamplingConfig
 
+    task = EchoTask(system_prompt=system_prompt)
     rss0 = _rss_mb()
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    env = ParallelTimingWrapper(parallel_env(batch_size=agents // 8, group_size=8))
+    env = ParallelTimingWrapper(parallel_env(batch_size=agents // 8, group_size=8, task=task))
     observations, infos = env.reset(seed=0)
     reset_s = time.perf_counter() - wall0
     config = ClientConfig(
@@ -86,9 +103,10 @@ async def _point(url: str, model: str, agents: int) -> dict[str, Any]:
     }
 
 
-def run_point(target: str, url: str, model: str, agents: int) -> dict[str, Any]:
+def run_point(target: str, url: str, model: str, agents: int, prompt_file: Path) -> dict[str, Any]:
     """One point in a fresh process (so peak memory is this point's own)."""
     cmd = [sys.executable, __file__, "--point", str(agents), "--url", url, "--model", model]
+    cmd += ["--system-prompt-file", str(prompt_file)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         return {"agents": agents, "target": target, "ok": 0, "errors": [out.stderr.strip()[-300:]], "crashed": True}
@@ -126,14 +144,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--system-prompt-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.point:
-        print(json.dumps(asyncio.run(_point(args.url, args.model, args.point))))
+        prompt = args.system_prompt_file.read_text()
+        print(json.dumps(asyncio.run(_point(args.url, args.model, args.point, prompt))))
         return 0
 
     from client_overhead import MODEL as STANDIN_MODEL
     from client_overhead import standin_server
     from tqdm.auto import tqdm
+
+    from echo_env.model import load_tokenizer
+    from echo_env.task import EchoTask
+    from echo_env.tokens import align_system_prompt
+
+    # The env's prompt aligned to vLLM's CPU blocks: the shipped prompt without a run
+    # tag leaves 118 shared tokens past the last whole block, and computing those for
+    # every agent would make the engine points a prefill benchmark, not a worker one.
+    aligned = align_system_prompt(EchoTask(), load_tokenizer(None), 128).system_prompt
+    scratch = tempfile.TemporaryDirectory()
+    prompt_file = Path(scratch.name) / "system_prompt.txt"
+    prompt_file.write_text(aligned)
 
     standin_points = args.standin_agents or ([8, 128, 1024] if args.quick else [8, 128, 1024, 8192])
     engine_points = args.engine_agents or ([8, 128] if args.quick else [8, 128, 1024, 8192])
@@ -143,18 +175,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with standin_server() as (root, _pid):
             for n in standin_points:
-                rows.append(run_point("stand-in", f"{root}/v1", STANDIN_MODEL, n))
+                rows.append(run_point("stand-in", f"{root}/v1", STANDIN_MODEL, n, prompt_file))
                 bar.update(n)
         if engine_points:
             with embedded_engine(prefix_caching=True, log=bar.write) as engine:
                 facts = engine_facts(engine.base_url)
+                asyncio.run(warm_up_engine(engine, log=bar.write))
                 # Prime the env's shared prefix once, so every point sees the same warm cache.
-                rows.append(run_point("engine-prime", engine.base_url, engine.served_model_name, 8))
+                rows.append(run_point("engine-prime", engine.base_url, engine.served_model_name, 8, prompt_file))
                 for n in engine_points:
-                    rows.append(run_point("engine", engine.base_url, engine.served_model_name, n))
+                    rows.append(run_point("engine", engine.base_url, engine.served_model_name, n, prompt_file))
                     bar.update(n)
     finally:
         bar.close()
+        scratch.cleanup()
 
     headers = ["target", "agents", "ok", "req/s", "step s", "CPU ms/agent", "peak MB", "KB/agent", "errors"]
     body = [

@@ -19,10 +19,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,8 +86,8 @@ class PrefixTestConfig:
     """Prometheus endpoint; default ``<server>/metrics``."""
     block_size: int | None = None
     """Cache block size in tokens when the server does not say."""
-    api_key: str | None = None
-    """Bearer token for your server (never written anywhere)."""
+    api_key: str | None = field(default=None, repr=False)
+    """Bearer token for your server (never written anywhere); unset reads ``OPENAI_API_KEY``."""
     timeout_s: float = 600.0
     """Per-request limit (a burst of uncached prompts on a CPU takes minutes)."""
     max_concurrency: int = 1024
@@ -702,6 +703,9 @@ def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> 
     """
     from echo_env.report import RunWriter
 
+    if config.api_key is None and os.environ.get("OPENAI_API_KEY"):
+        # The key the OpenAI client picks up by itself must reach /metrics and /tokenize too.
+        config = replace(config, api_key=os.environ["OPENAI_API_KEY"])
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     writer = RunWriter(out_dir)
     started = dt.datetime.now(dt.timezone.utc)

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -53,8 +53,8 @@ class ServerFacts:
     """``server`` (its /tokenize) or ``local`` (a transformers tokenizer), once used."""
     metrics_error: str | None = None
     """Why the metrics could not be read, if they could not."""
-    api_key: str | None = None
-    """Sent to the server; never written out."""
+    api_key: str | None = field(default=None, repr=False)
+    """Sent to the server; never written out (nor shown by ``repr``)."""
     tokenizer_source: str | None = None
     """Folder or hub id of a local tokenizer for the model (default: ``model``)."""
 

@@ -60,8 +60,10 @@ class TrainConfig:
     """KL penalty against the initial model (0: none, and no reference model is kept)."""
     train_layers: int = 4
     """Train only the last N transformer blocks (embeddings frozen); 0 trains every weight."""
-    generation: Literal["transformers", "server"] = "transformers"
-    """Who samples: the model in this process, or a vLLM server at ``base_url``."""
+    generation: Literal["transformers", "trl", "server"] = "transformers"
+    """Who samples: ``transformers``, the model in this process with the shared prefix
+    computed once per batch; ``trl``, TRL's own generation (the whole prompt for every
+    completion); ``server``, a vLLM server at ``base_url``."""
     base_url: str | None = None
     """The server's OpenAI API root, for ``generation=server``."""
     served_model_name: str | None = None
@@ -104,7 +106,7 @@ class TrainConfig:
             raise ConfigError(f"train_layers must be zero (all) or more, got {self.train_layers}")
         if self.generation == "server" and not self.base_url:
             raise ConfigError("generation=server needs base_url=http://HOST:PORT/v1 (a vLLM server)")
-        if self.generation == "transformers" and self.base_url:
+        if self.generation != "server" and self.base_url:
             raise ConfigError("base_url is only used with generation=server: add generation=server, or drop base_url")
 
 
@@ -251,6 +253,7 @@ def build_trainer(config: TrainConfig, out_dir: Path, records: list[dict[str, An
 
     from echo_env.integrations.trl_grpo import (
         EchoRollout,
+        SharedPrefixRollout,
         echo_dataset,
         echo_reward,
         grpo_trainer_class,
@@ -279,11 +282,11 @@ def build_trainer(config: TrainConfig, out_dir: Path, records: list[dict[str, An
         raise ModelError(f"cannot load the model {path!r}: {exc}") from exc
     trainable, total = freeze_all_but_last(model, config.train_layers)
     print(f"model {path}: training {trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters", flush=True)
-    if config.generation == "transformers":
+    if config.generation != "server":
         stop_at_newline(model, tokenizer)
     bf16 = config.bf16 and (cuda or _cpu_has_bf16())
     vllm_args: dict[str, Any] = {}
-    rollout = None
+    rollout: Any = SharedPrefixRollout() if config.generation == "transformers" else None
     if config.generation == "server":
         assert config.base_url is not None
         rollout = EchoRollout(config.base_url, model=config.served_model_name)

@@ -94,6 +94,8 @@ class FakeOpenAIServer:
         """Requests per ``METHOD /path``."""
         self.authorizations: set[str] = set()
         """Every ``Authorization`` header value received."""
+        self.unauthenticated: Counter[str] = Counter()
+        """Requests per ``METHOD /path`` that came without an ``Authorization`` header."""
         self.completions_received = 0
         """Completion requests received (each retry counts)."""
         self.streams_open = 0
@@ -217,6 +219,8 @@ class FakeOpenAIServer:
                 self.paths[f"{method} {path}"] += 1
                 if "authorization" in headers:
                     self.authorizations.add(headers["authorization"])
+                else:
+                    self.unauthenticated[f"{method} {path}"] += 1
                 keep = await self._route(method, path, body, writer)
                 if not keep or headers.get("connection", "").lower() == "close":
                     return

@@ -157,7 +157,10 @@ def _stats(root: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(900)
 def test_16384_agents_against_the_stand_in(stand_in: str) -> None:
-    concurrency = 256
+    # The client's own throughput falls as concurrency rises (httpx's pool bookkeeping):
+    # ~260 req/s at 64 in flight, ~110 at 256, on the 2-core CI machine. 64 keeps this
+    # test near a minute.
+    concurrency = 64
     before = _stats(stand_in)
     result = _load(f"{stand_in}/v1", "fake-model", batch_size=1024, group_size=16, max_concurrency=concurrency)
     after = _stats(stand_in)
@@ -201,8 +204,9 @@ print(json.dumps({{"ok": r.succeeded, "failed": r.failed, "peak": r.peak_in_flig
 @pytest.mark.engine
 @pytest.mark.timeout(1200)
 def test_4096_agents_against_the_embedded_engine(engine: Any) -> None:
-    concurrency = 256
-    result = _load(engine.base_url, engine.served_model_name, batch_size=256, group_size=16, max_concurrency=concurrency)
+    concurrency = 128
+    model = engine.served_model_name
+    result = _load(engine.base_url, model, batch_size=256, group_size=16, max_concurrency=concurrency)
     assert result.agents == result.records == 4096
     assert result.succeeded + result.failed == result.records and result.failed == 0
     assert result.attempts == 4096, "a retry under load means a request timed out or was refused"

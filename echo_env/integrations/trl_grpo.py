@@ -340,6 +340,127 @@ class EchoRollout:
         }
 
 
+def _cut_at_stop(tokens: Sequence[int], stop_ids: set[int], pad_id: int | None) -> list[int]:
+    """The generated tokens up to and including the first stop token (padding dropped)."""
+    out: list[int] = []
+    for token in tokens:
+        if token in stop_ids:
+            out.append(token)
+            return out
+        out.append(token)
+    # No stop token: generation hit max_new_tokens; finished rows of a batch are padded.
+    while out and pad_id is not None and out[-1] == pad_id:
+        out.pop()
+    return out
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each unshared.
+
+    The last prompt token must go through the model with the rest of its prompt (its
+    logits start the completion), just as a server's prefix cache always recomputes it.
+    """
+    if not sequences:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return max(n, 0)
+
+
+@dataclass
+class SharedPrefixRollout:
+    """A TRL ``rollout_func`` generating with the trainer's own model, with a prefix cache.
+
+    TRL's built-in generation runs the whole ~500-token prompt through the model for every
+    completion. Here the prefix all prompts of the batch share (the system prompt) goes
+    through once, its KV cache is copied to each group, each group's distinct prompt end
+    goes through once more, and the group's completions are sampled from that: the
+    trainer-side version of what a server's prefix cache does. Sampling follows the
+    trainer's generation settings (``temperature``, ``top_p``, ``top_k``,
+    ``max_completion_length``, and the stop ids set by :func:`stop_at_newline`).
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list, init=False)
+    """Per batch: ``wall_s``, ``prefix_tokens`` (shared), ``groups``."""
+
+    def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        """Sample one completion per prompt; the shape ``GRPOTrainer`` expects."""
+        import copy
+
+        import torch
+        from transformers import DynamicCache, GenerationConfig
+
+        start = time.perf_counter()
+        tokenizer = trainer.processing_class
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        prompt_ids = [self._ids(p, tokenizer) for p in prompts]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, ids in enumerate(prompt_ids):
+            groups.setdefault(tuple(ids), []).append(i)
+        shared = shared_prefix_length(list(groups))
+        generation_config = getattr(trainer, "generation_config", None)
+        if generation_config is None:  # TRL builds it only for its own transformers path
+            args = trainer.args
+            generation_config = GenerationConfig(
+                max_new_tokens=args.max_completion_length,
+                do_sample=True,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                eos_token_id=model.generation_config.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        eos = generation_config.eos_token_id
+        stop_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        device = next(model.parameters()).device
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(trainer.args.bf16))
+        completion_ids: list[list[int]] = [[] for _ in prompts]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast:
+                prefix_cache = DynamicCache(config=model.config)
+                if shared:
+                    first = next(iter(groups))
+                    model(
+                        input_ids=torch.tensor([first[:shared]], device=device),
+                        past_key_values=prefix_cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                for key, members in groups.items():
+                    cache = copy.deepcopy(prefix_cache)
+                    cache.batch_repeat_interleave(len(members))
+                    batch = torch.tensor([list(key)] * len(members), device=device)
+                    out = model.generate(
+                        input_ids=batch,
+                        attention_mask=torch.ones_like(batch),
+                        past_key_values=cache,
+                        generation_config=generation_config,
+                    )
+                    for row, index in enumerate(members):
+                        generated = out[row, len(key) :].tolist()
+                        completion_ids[index] = _cut_at_stop(generated, stop_ids, tokenizer.pad_token_id)
+        finally:
+            model.train(was_training)
+        self.history.append(
+            {"wall_s": time.perf_counter() - start, "prefix_tokens": float(shared), "groups": float(len(groups))}
+        )
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    @staticmethod
+    def _ids(prompt: Any, tokenizer: Any) -> list[int]:
+        if isinstance(prompt, str):
+            return [int(t) for t in tokenizer(prompt)["input_ids"]]
+        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+
 def grpo_trainer_class() -> type[Any]:
     """``trl.GRPOTrainer`` with two timings added to its logged metrics.
 
