@@ -34,6 +34,7 @@ from common import (
     fmt,
     machine_facts,
     markdown_table,
+    median,
     ratio,
     run_phase,
     table,
@@ -121,6 +122,65 @@ async def measure(
     return out
 
 
+def summarize_measured(
+    measured: Sequence[dict[str, Any]], names: Sequence[str], agents: int, runs: int
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], list[str], list[list[str]]]:
+    """Medians over runs per variant, per-run ratios, headline ratios and the table rows."""
+
+    def pooled(name: str, key: str) -> float | None:
+        return median([m[key] for m in measured if m["variant"] == name and m.get(key) is not None])
+
+    summary = {
+        name: {
+            "ttft_p50_s_median_of_runs": pooled(name, "ttft_p50_s"),
+            "ttft_p99_s_median_of_runs": pooled(name, "ttft_p99_s"),
+            "requests_per_s_median_of_runs": pooled(name, "requests_per_s"),
+            "hit_rate_median_of_runs": pooled(name, "hit_rate"),
+            "hit_rate_ceiling": pooled(name, "hit_rate_ceiling"),
+            "cold_ttft_s_median_of_runs": pooled(name, "cold_ttft_s"),
+            "prompt_tokens_per_request": pooled(name, "plan_prompt_tokens") / (agents - 1)
+            if pooled(name, "plan_prompt_tokens")
+            else None,
+        }
+        for name in names
+    }
+    per_run = []
+    for run in range(runs):
+        a = next(m for m in measured if m["run"] == run and m["variant"] == "shipped")
+        b = next(m for m in measured if m["run"] == run and m["variant"] == "aligned")
+        per_run.append(
+            {
+                "run": run,
+                "ttft_p50_speedup": ratio(a["ttft_p50_s"], b["ttft_p50_s"]),
+                "throughput_ratio": ratio(b["requests_per_s"], a["requests_per_s"]),
+            }
+        )
+    s, al = summary["shipped"], summary["aligned"]
+    m_headers = ["prompt", "tokens", "ceiling", "hit rate", "warm TTFT p50", "warm TTFT p99", "req/s"]
+    m_body = [
+        [
+            name,
+            fmt(f["prompt_tokens_per_request"], 0),
+            fmt(f["hit_rate_ceiling"], 3),
+            fmt(f["hit_rate_median_of_runs"], 3),
+            fmt(f["ttft_p50_s_median_of_runs"], 3, " s"),
+            fmt(f["ttft_p99_s_median_of_runs"], 3, " s"),
+            fmt(f["requests_per_s_median_of_runs"], 1),
+        ]
+        for name, f in summary.items()
+    ]
+    speedups = [p["ttft_p50_speedup"] for p in per_run if p["ttft_p50_speedup"]]
+    tputs = [p["throughput_ratio"] for p in per_run if p["throughput_ratio"]]
+    ratios = {
+        "ceiling_after_over_before": ratio(al["hit_rate_ceiling"], s["hit_rate_ceiling"]),
+        "hit_rate_after_over_before": ratio(al["hit_rate_median_of_runs"], s["hit_rate_median_of_runs"]),
+        "ttft_p50_speedup_median_of_runs": median(speedups),
+        "ttft_p50_speedup_per_run": speedups,
+        "throughput_ratio_median_of_runs": median(tputs),
+    }
+    return summary, per_run, ratios, m_headers, m_body
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the computed and measured before/after tables, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -163,65 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         bar.close()
 
-    def pooled(name: str, key: str) -> float | None:
-        values = sorted(m[key] for m in measured if m["variant"] == name and m.get(key) is not None)
-        return values[len(values) // 2] if values else None
-
-    summary = {
-        name: {
-            "ttft_p50_s_median_of_runs": pooled(name, "ttft_p50_s"),
-            "ttft_p99_s_median_of_runs": pooled(name, "ttft_p99_s"),
-            "requests_per_s_median_of_runs": pooled(name, "requests_per_s"),
-            "hit_rate_median_of_runs": pooled(name, "hit_rate"),
-            "hit_rate_ceiling": pooled(name, "hit_rate_ceiling"),
-            "cold_ttft_s_median_of_runs": pooled(name, "cold_ttft_s"),
-            "prompt_tokens_per_request": pooled(name, "plan_prompt_tokens") / (agents - 1)
-            if pooled(name, "plan_prompt_tokens")
-            else None,
-        }
-        for name in variants
-    }
-    per_run = []
-    for run in range(runs):
-        a = next(m for m in measured if m["run"] == run and m["variant"] == "shipped")
-        b = next(m for m in measured if m["run"] == run and m["variant"] == "aligned")
-        per_run.append(
-            {
-                "run": run,
-                "ttft_p50_speedup": ratio(a["ttft_p50_s"], b["ttft_p50_s"]),
-                "throughput_ratio": ratio(b["requests_per_s"], a["requests_per_s"]),
-            }
-        )
-    s, al = summary["shipped"], summary["aligned"]
-    m_headers = ["prompt", "tokens", "ceiling", "hit rate", "warm TTFT p50", "warm TTFT p99", "req/s"]
-    m_body = [
-        [
-            name,
-            fmt(f["prompt_tokens_per_request"], 0),
-            fmt(f["hit_rate_ceiling"], 3),
-            fmt(f["hit_rate_median_of_runs"], 3),
-            fmt(f["ttft_p50_s_median_of_runs"], 3, " s"),
-            fmt(f["ttft_p99_s_median_of_runs"], 3, " s"),
-            fmt(f["requests_per_s_median_of_runs"], 1),
-        ]
-        for name, f in summary.items()
-    ]
-    speedups = [p["ttft_p50_speedup"] for p in per_run if p["ttft_p50_speedup"]]
-    tputs = [p["throughput_ratio"] for p in per_run if p["throughput_ratio"]]
-    ratios = {
-        "ceiling_after_over_before": ratio(al["hit_rate_ceiling"], s["hit_rate_ceiling"]),
-        "hit_rate_after_over_before": ratio(al["hit_rate_median_of_runs"], s["hit_rate_median_of_runs"]),
-        "ttft_p50_speedup_median_of_runs": sorted(speedups)[len(speedups) // 2] if speedups else None,
-        "ttft_p50_speedup_per_run": speedups,
-        "throughput_ratio_median_of_runs": sorted(tputs)[len(tputs) // 2] if tputs else None,
-    }
+    summary, per_run, ratios, m_headers, m_body = summarize_measured(measured, list(variants), agents, runs)
     print(f"\nmeasured on the embedded engine (block 128), warm phase of {agents - 1} requests, {runs} runs each")
     print(table(m_headers, m_body))
     print(
         f"aligned vs shipped: ceiling {fmt(ratios['ceiling_after_over_before'], 2, 'x')}, "
         f"hit rate {fmt(ratios['hit_rate_after_over_before'], 2, 'x')}, warm TTFT p50 "
         f"{fmt(ratios['ttft_p50_speedup_median_of_runs'], 2, 'x')} faster (per run: "
-        f"{', '.join(fmt(x, 2) for x in speedups)}), "
+        f"{', '.join(fmt(x, 2) for x in ratios['ttft_p50_speedup_per_run'])}), "
         f"throughput {fmt(ratios['throughput_ratio_median_of_runs'], 2, 'x')}"
     )
     path = write_result(

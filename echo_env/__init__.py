@@ -8,6 +8,8 @@ prefix-cache test) live in their own modules and are imported only when used.
 
 from __future__ import annotations
 
+from typing import Any
+
 import gymnasium
 import pettingzoo
 
@@ -38,6 +40,14 @@ if ENV_ID not in pettingzoo.parallel_registry:
 if ENV_ID not in pettingzoo.aec_registry:
     pettingzoo.register("aec", ENV_ID, entry_point="echo_env.parallel:env")
 
+
+def load_environment(**kwargs: Any) -> Any:
+    """The verifiers environment (``vf-eval echo-env``); see :mod:`echo_env.integrations.verifiers_env`."""
+    from echo_env.integrations.verifiers_env import load_environment as load
+
+    return load(**kwargs)
+
+
 __all__ = [
     "ENV_ID",
     "ConfigError",
@@ -61,6 +71,7 @@ __all__ = [
     "default_words",
     "env",
     "grade",
+    "load_environment",
     "parallel_env",
     "raw_env",
     "user_turn",

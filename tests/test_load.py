@@ -202,8 +202,10 @@ print(json.dumps({{"ok": r.succeeded, "failed": r.failed, "peak": r.peak_in_flig
 
 
 @pytest.mark.engine
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_4096_agents_against_the_embedded_engine(engine: Any) -> None:
+    """The real server's queue, not the client, sets the pace: a few minutes on an idle
+    2-core machine, far longer when other engines share the cores."""
     concurrency = 128
     model = engine.served_model_name
     result = _load(engine.base_url, model, batch_size=256, group_size=16, max_concurrency=concurrency)

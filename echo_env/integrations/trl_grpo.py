@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -461,6 +462,33 @@ class SharedPrefixRollout:
         return [int(t) for t in ids]
 
 
+@contextlib.contextmanager
+def _score_completion_positions_only() -> Iterator[None]:
+    """Make TRL's fused LM head score only the completion positions, on every device.
+
+    TRL (1.x) projects only the positions with a label onto the vocabulary when Triton
+    runs the kernel, and every position elsewhere, to keep tile shapes fixed for compilers
+    such as Neuron's. On a CPU that means the ~500 prompt positions of each sequence go
+    through Gemma's 262k-token head too, forward and backward: most of a training step.
+    The flag that picks the compact path is read only there, so it is switched for the
+    duration of a step and put back.
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:  # another TRL version: leave it alone
+        yield
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def grpo_trainer_class() -> type[Any]:
     """``trl.GRPOTrainer`` with two timings added to its logged metrics.
 
@@ -488,7 +516,8 @@ def grpo_trainer_class() -> type[Any]:
 
         def training_step(self, *args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
-            loss = super().training_step(*args, **kwargs)
+            with _score_completion_positions_only():
+                loss = super().training_step(*args, **kwargs)
             self._metrics["train"]["time/step_s"].append(time.perf_counter() - start)
             return loss
 
