@@ -130,6 +130,10 @@ def summarize_measured(
     def pooled(name: str, key: str) -> float | None:
         return median([m[key] for m in measured if m["variant"] == name and m.get(key) is not None])
 
+    def per_request(name: str) -> float | None:
+        total = pooled(name, "plan_prompt_tokens")
+        return total / (agents - 1) if total is not None else None
+
     summary = {
         name: {
             "ttft_p50_s_median_of_runs": pooled(name, "ttft_p50_s"),
@@ -138,9 +142,7 @@ def summarize_measured(
             "hit_rate_median_of_runs": pooled(name, "hit_rate"),
             "hit_rate_ceiling": pooled(name, "hit_rate_ceiling"),
             "cold_ttft_s_median_of_runs": pooled(name, "cold_ttft_s"),
-            "prompt_tokens_per_request": pooled(name, "plan_prompt_tokens") / (agents - 1)
-            if pooled(name, "plan_prompt_tokens")
-            else None,
+            "prompt_tokens_per_request": per_request(name),
         }
         for name in names
     }

@@ -125,6 +125,84 @@ def one_run(
     }
 
 
+def summarize_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], list[list[str]]]:
+    """Per mode: medians over repeats of each client's TTFT p50 and of its offset from the server.
+
+    The offsets are paired per run (a client's figure minus the server's histogram over
+    the same requests), so a server slowed by the neighbours moves both and cancels;
+    the raw p50 ratio between the clients is given too, as the issue asks.
+    """
+
+    def ms(a: float | None, b: float | None) -> float | None:
+        return 1000 * (a - b) if a is not None and b is not None else None
+
+    rows = []
+    for mode in ("burst", "serial"):
+        by: dict[str, dict[str, float | None]] = {}
+        for client in CLIENTS:
+            mine = [r for r in runs if r["mode"] == mode and r["client"] == client]
+            by[client] = {
+                "ttft_p50_s": median([r["client_ttft_p50_s"] for r in mine]),
+                "ttft_mean_s": median([r["client_ttft_mean_s"] for r in mine]),
+                "server_ttft_mean_s": median([r["server_ttft_mean_s"] for r in mine if r["server_ttft_mean_s"]]),
+                "minus_server_mean_ms": median(
+                    [x for r in mine if (x := ms(r["client_ttft_mean_s"], r["server_ttft_mean_s"])) is not None]
+                ),
+                "minus_server_p50_ms": median(
+                    [x for r in mine if (x := ms(r["client_ttft_p50_s"], r["server_ttft_p50_s"])) is not None]
+                ),
+                "below_server_mean_runs": sum(
+                    1 for r in mine if r["server_ttft_mean_s"] and r["client_ttft_mean_s"] < r["server_ttft_mean_s"]
+                ),
+                "runs": len(mine),
+            }
+        o, v = by["echo_env"], by["vllm-bench"]
+        p50_ratio = ratio(o["ttft_p50_s"], v["ttft_p50_s"])
+        rows.append(
+            {
+                "mode": mode,
+                "requests": next(r["requests"] for r in runs if r["mode"] == mode),
+                "echo_env_ttft_p50_s": o["ttft_p50_s"],
+                "vllm_bench_ttft_p50_s": v["ttft_p50_s"],
+                "echo_env_over_vllm_bench_p50": p50_ratio,
+                "echo_env_minus_vllm_bench_p50_ms": ms(o["ttft_p50_s"], v["ttft_p50_s"]),
+                "echo_env_minus_server_mean_ms": o["minus_server_mean_ms"],
+                "vllm_bench_minus_server_mean_ms": v["minus_server_mean_ms"],
+                "echo_env_minus_server_p50_ms": o["minus_server_p50_ms"],
+                "vllm_bench_minus_server_p50_ms": v["minus_server_p50_ms"],
+                "within_10pct_of_vllm_bench": abs(p50_ratio - 1) <= 0.10 if p50_ratio is not None else None,
+                "never_below_server": o["below_server_mean_runs"] == 0,
+                "by_client": by,
+            }
+        )
+    headers = [
+        "mode",
+        "requests",
+        "echo_env p50",
+        "vllm bench p50",
+        "echo_env / vllm",
+        "echo_env - server (mean)",
+        "vllm - server (mean)",
+        "echo_env - server (p50, buckets)",
+        "vllm - server (p50, buckets)",
+    ]
+    body = [
+        [
+            r["mode"],
+            r["requests"],
+            fmt(r["echo_env_ttft_p50_s"], 3, " s"),
+            fmt(r["vllm_bench_ttft_p50_s"], 3, " s"),
+            fmt(r["echo_env_over_vllm_bench_p50"], 2, "x"),
+            fmt(r["echo_env_minus_server_mean_ms"], 0, " ms"),
+            fmt(r["vllm_bench_minus_server_mean_ms"], 0, " ms"),
+            fmt(r["echo_env_minus_server_p50_ms"], 0, " ms"),
+            fmt(r["vllm_bench_minus_server_p50_ms"], 0, " ms"),
+        ]
+        for r in rows
+    ]
+    return rows, headers, body
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both clients in both modes, print the differences in ms, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -166,69 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         bar.close()
 
-    rows = []
-    for mode in ("burst", "serial"):
-        f: dict[str, dict[str, float | None]] = {}
-        for client in CLIENTS:
-            mine = [r for r in runs if r["mode"] == mode and r["client"] == client]
-            f[client] = {k: median([r[k] for r in mine if r[k] is not None]) for k in mine[0] if k.endswith("_s")}
-        o, v = f["echo_env"], f["vllm-bench"]
-
-        def ms(a: float | None, b: float | None) -> float | None:
-            return 1000 * (a - b) if a is not None and b is not None else None
-
-        rows.append(
-            {
-                "mode": mode,
-                "requests": runs[[r["mode"] for r in runs].index(mode)]["requests"],
-                "echo_env_ttft_p50_s": o["client_ttft_p50_s"],
-                "vllm_bench_ttft_p50_s": v["client_ttft_p50_s"],
-                "echo_env_minus_vllm_bench_p50_ms": ms(o["client_ttft_p50_s"], v["client_ttft_p50_s"]),
-                "echo_env_over_vllm_bench_p50": ratio(o["client_ttft_p50_s"], v["client_ttft_p50_s"]),
-                "echo_env_minus_server_p50_ms": ms(o["client_ttft_p50_s"], o["server_ttft_p50_s"]),
-                "vllm_bench_minus_server_p50_ms": ms(v["client_ttft_p50_s"], v["server_ttft_p50_s"]),
-                "echo_env_minus_server_mean_ms": ms(o["client_ttft_mean_s"], o["server_ttft_mean_s"]),
-                "vllm_bench_minus_server_mean_ms": ms(v["client_ttft_mean_s"], v["server_ttft_mean_s"]),
-                "within_10pct_of_vllm_bench": (
-                    abs(o["client_ttft_p50_s"] / v["client_ttft_p50_s"] - 1) <= 0.10
-                    if o["client_ttft_p50_s"] and v["client_ttft_p50_s"]
-                    else None
-                ),
-                "never_below_server": all(
-                    r["client_ttft_mean_s"] >= r["server_ttft_mean_s"]
-                    for r in runs
-                    if r["mode"] == mode and r["client"] == "echo_env" and r["server_ttft_mean_s"] is not None
-                ),
-                "by_client": f,
-            }
-        )
-    headers = [
-        "mode",
-        "requests",
-        "echo_env p50",
-        "vllm bench p50",
-        "echo_env / vllm",
-        "echo_env - vllm",
-        "echo_env - server p50",
-        "vllm - server p50",
-        "echo_env - server mean",
-        "vllm - server mean",
-    ]
-    body = [
-        [
-            r["mode"],
-            r["requests"],
-            fmt(r["echo_env_ttft_p50_s"], 4, " s"),
-            fmt(r["vllm_bench_ttft_p50_s"], 4, " s"),
-            fmt(r["echo_env_over_vllm_bench_p50"], 3, "x"),
-            fmt(r["echo_env_minus_vllm_bench_p50_ms"], 1, " ms"),
-            fmt(r["echo_env_minus_server_p50_ms"], 1, " ms"),
-            fmt(r["vllm_bench_minus_server_p50_ms"], 1, " ms"),
-            fmt(r["echo_env_minus_server_mean_ms"], 1, " ms"),
-            fmt(r["vllm_bench_minus_server_mean_ms"], 1, " ms"),
-        ]
-        for r in rows
-    ]
+    rows, headers, body = summarize_runs(runs)
     print(f"\nTTFT: this package vs vllm bench serve vs the server's histogram (medians over {repeats} repeat(s))")
     print(table(headers, body))
     for r in rows:

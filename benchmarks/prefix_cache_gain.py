@@ -266,7 +266,7 @@ def pooled(phases: Sequence[Phase]) -> dict[str, Any]:
         best = sum(p.max_hit_tokens for p in plans)
         out["hit_rate_ceiling"] = best / total
         out["ideal_prefill_speedup"] = total / (total - best) if total > best else None
-    shares = [p.extra.get("prefix_share") for p in phases if p.extra.get("prefix_share") is not None]
+    shares = [float(p.extra["prefix_share"]) for p in phases if p.extra.get("prefix_share") is not None]
     out["prefix_share"] = float(np.mean(shares)) if shares else None
     sizes = [p.prompt_tokens / p.num_prompts for p in plans]
     out["prompt_tokens_mean"] = float(np.mean(sizes)) if sizes else None

@@ -54,7 +54,7 @@ def _time_benchmark(path: str) -> None:
 
 def main() -> None:
     """Patch the one version lookup and hand over to vLLM's CLI as ``vllm bench serve ...``."""
-    importlib.metadata.version = _version
+    importlib.metadata.version = _version  # type: ignore[assignment]
     timing = os.environ.get("ECHO_BENCH_TIMING_FILE")
     if timing:
         _time_benchmark(timing)

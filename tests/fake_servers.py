@@ -104,6 +104,8 @@ class FakeOpenAIServer:
         """The most completion requests answered at once."""
         self.connections_open = 0
         """TCP connections open right now."""
+        self.connections_total = 0
+        """TCP connections accepted since start (far above requests / keep-alive: no reuse)."""
         self.peak_connections = 0
         """The most TCP connections open at once."""
         # ----- toy prefix cache and its counters -----
@@ -192,6 +194,7 @@ class FakeOpenAIServer:
             "completions_received": self.completions_received,
             "peak_streams": self.peak_streams,
             "peak_connections": self.peak_connections,
+            "connections_total": self.connections_total,
             "authorizations": sorted(self.authorizations),
         }
 
@@ -199,6 +202,7 @@ class FakeOpenAIServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections_open += 1
+        self.connections_total += 1
         self.peak_connections = max(self.peak_connections, self.connections_open)
         try:
             while True:

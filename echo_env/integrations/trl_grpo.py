@@ -137,12 +137,12 @@ def newline_token_ids(tokenizer: Any) -> list[int]:
         The ids, sorted.
     """
     vocab: dict[str, int] = tokenizer.get_vocab()
-    ids = set()
-    for piece, token_id in vocab.items():
-        # Byte-fallback pieces (<0x0A>) and pieces holding a raw newline.
-        if "\n" in piece or "\r" in piece or piece in ("<0x0A>", "<0x0D>") or "Ċ" in piece:
-            ids.add(token_id)
-    return sorted(ids)
+    # Vocabularies spell a line break as itself (SentencePiece), as "Ċ"/"č" (byte-level
+    # BPE) or as a byte token; decoding each candidate settles which are line breaks.
+    marks = ("\n", "\r", "Ċ", "č", "<0x0A>", "<0x0D>")
+    candidates = sorted(i for piece, i in vocab.items() if any(m in piece for m in marks))
+    texts = tokenizer.batch_decode([[i] for i in candidates])
+    return [i for i, text in zip(candidates, texts) if "\n" in text or "\r" in text]
 
 
 def stop_at_newline(model: Any, tokenizer: Any) -> list[int]:

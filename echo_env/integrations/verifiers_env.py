@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from echo_env.errors import ConfigError
-from echo_env.integrations.data import completion_text, echo_rows
+from echo_env.integrations.data import PromptStyle, completion_text, echo_rows
 from echo_env.task import EchoTask, grade
 
 ENV_ID = "echo-env"
@@ -44,13 +44,10 @@ def format_error(completion: Any, answer: str, **_: Any) -> float:
 def _dataset(num_examples: int, seed: int, task: EchoTask, message_type: str) -> Any:
     from datasets import Dataset
 
-    style = "transcript" if message_type == "completion" else "chat"
+    style: PromptStyle = "transcript" if message_type == "completion" else "chat"
     rows = echo_rows(num_examples, seed=seed, task=task, prompt_style=style)
     return Dataset.from_list(
-        [
-            {"prompt": r["prompt"], "answer": r["word"], "info": {"word": r["word"]}, "task": ENV_ID}
-            for r in rows
-        ]
+        [{"prompt": r["prompt"], "answer": r["word"], "info": {"word": r["word"]}, "task": ENV_ID} for r in rows]
     )
 
 
