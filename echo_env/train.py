@@ -25,6 +25,7 @@ import re
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,6 +152,9 @@ def freeze_all_but_last(model: Any, train_layers: int) -> tuple[int, int]:
             # Blocks before `first` and the (tied) embeddings stay fixed; final norms train.
             frozen = (match is not None and int(match.group(1)) < first) or "embed" in name or "lm_head" in name
             param.requires_grad_(not frozen)
+    else:
+        for _, param in params:
+            param.requires_grad_(True)
     total = sum(p.numel() for _, p in params)
     trainable = sum(p.numel() for _, p in params if p.requires_grad)
     return trainable, total
@@ -367,9 +371,11 @@ def _setup_logging(debug: bool) -> None:
     )
     if not debug:
         # transformers and TRL announce experimental features and defaults at WARNING.
-        for noisy in ("transformers", "trl", "accelerate", "datasets"):
+        for noisy in ("transformers", "trl", "accelerate", "datasets", "vllm"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        # TRL warns that it was tested with older vLLM releases; training here does not use vLLM's API.
+        warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,8 @@ from echo_env.task import EchoTask
 from echo_env.worker import RolloutWorker, SamplingConfig, summarize_rollout
 from echo_env.wrappers import ParallelTimingWrapper
 
+pytestmark = pytest.mark.faults
+
 # ----- helpers ------------------------------------------------------------------------------
 
 

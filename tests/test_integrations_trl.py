@@ -160,6 +160,23 @@ def test_grpo_step_with_the_shared_prefix_rollout(tokenizer: Any, tmp_path: Path
     assert batch["groups"] == 2 and batch["prefix_tokens"] > 400
 
 
+def test_grpo_step_with_trls_own_generation(tokenizer: Any, tmp_path: Path) -> None:
+    """Without a rollout_func TRL generates itself; stop_at_newline ends the answers at the line."""
+    model = tiny_gemma(len(tokenizer))
+    eos = stop_at_newline(model, tokenizer)
+    trainer = grpo_trainer_class()(
+        model=model,
+        reward_funcs=echo_reward,
+        args=grpo_args(tmp_path),
+        train_dataset=echo_dataset(4),
+        processing_class=tokenizer,
+    )
+    assert set(eos) <= set(trainer.eos_token_ids)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert "echo/frac_correct" in logs and "time/rollout_s" in logs
+
+
 def test_shared_prefix_rollout_matches_plain_generation(tokenizer: Any) -> None:
     """Greedy completions from the shared prefix cache equal those of plain generate()."""
     import torch
