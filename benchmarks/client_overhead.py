@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_DIR, fmt, machine_facts, markdown_table, median, ratio, run_vllm_bench, table, write_result
+from common import (
+    BENCH_DIR,
+    fmt,
+    machine_facts,
+    markdown_table,
+    median,
+    peak_rss_mb,
+    ratio,
+    run_vllm_bench,
+    table,
+    write_result,
+)
 
 NAME = "client_overhead"
 CLIENTS = ("worker", "worker+aiohttp", "worker+raw-sse", "naive", "vllm-bench")
@@ -236,7 +246,7 @@ def run_trial(client: str, url: str, prompts_path: Path, concurrency: int, reque
         ok, wall, cpu = asyncio.run(_trial_naive(url, prompts, concurrency))
     else:
         ok, wall, cpu = asyncio.run(_trial_worker(client, url, prompts, concurrency))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"ok": ok, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak}))
 
 

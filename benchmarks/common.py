@@ -129,6 +129,19 @@ def command_line() -> str:
 # ----- numbers and tables ------------------------------------------------------------------
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (``VmHWM``), in MB.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that over from the parent across
+    fork and exec, so a child started by a script that loaded a tokenizer would report
+    the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     """``a / b``, or None when either is missing or ``b`` is zero."""
     return a / b if a is not None and b else None

@@ -48,6 +48,7 @@ from common import (
     fmt,
     machine_facts,
     markdown_table,
+    peak_rss_mb,
     ratio,
     table,
     warm_up_engine,
@@ -87,7 +88,7 @@ async def _point(url: str, model: str, agents: int, system_prompt: str) -> dict[
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     ok = sum(1 for r in step.records if r.ok)
     errors = sorted({(r.error or "")[:120] for r in step.records if not r.ok})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {
         "agents": agents,
         "ok": ok,
