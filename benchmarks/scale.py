@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="stand-in 8-1024, engine 8-128")
     parser.add_argument("--engine-agents", type=int, nargs="+", help="engine points (default 8 128 1024)")
     parser.add_argument("--standin-agents", type=int, nargs="+", help="stand-in points (default 8 128 1024 8192)")
+    parser.add_argument("--result-name", default=NAME, help="write results/<name>.json (default: scale)")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -225,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"peak memory as agents^{s['peak_memory_slope']:.2f}, CPU per agent x{s['cpu_per_agent_ratio']:.2f}"
             )
     path = write_result(
-        NAME,
+        args.result_name,
         args.quick,
         {
             "what": "one vectorized worker step at 8..8192 agents: throughput, CPU and peak memory per agent",

@@ -372,10 +372,7 @@ class RolloutWorker:
                 sub.set_request_timing(completions[keys[i]].timing)
         actions = tuple(completions[k].text for k in keys)
         next_obs, rewards, terms, _truncs, step_infos = venv.step(actions)
-        infos_by_env = {
-            k: {name: values[i] for name, values in step_infos.items() if not name.startswith("_")}
-            for i, k in enumerate(keys)
-        }
+        infos_by_env = {k: _env_slice(step_infos, i) for i, k in enumerate(keys)}
         failures = {k: c.error for k, c in completions.items() if c.error is not None}
         return StepResult(
             dict(zip(keys, actions)),
@@ -413,6 +410,15 @@ class RolloutWorker:
         failures = {k: c.error for k, c in completions.items() if c.error is not None}
         wall = time.perf_counter() - start
         return StepResult(actions, next_obs, rewards, terms, step_infos, list(records), failures, wall)
+
+
+def _env_slice(infos: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """Sub-env ``i``'s info from a vector env's infos (nested dicts of arrays, ``_key`` masks)."""
+    return {
+        name: _env_slice(values, i) if isinstance(values, Mapping) else values[i]
+        for name, values in infos.items()
+        if not name.startswith("_")
+    }
 
 
 def summarize_rollout(steps: Sequence[StepResult], wall_s: float) -> RolloutSummary:
