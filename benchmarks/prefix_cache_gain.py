@@ -188,7 +188,7 @@ async def run_block(
     server: str,
     repeats: Sequence[int],
     points: Sequence[Point],
-    shapes: dict[Point, Shape | None],
+    shapes: dict[float | None, Shape | None],
     agents: int,
     run_id: str,
     tokenizer: Any,
@@ -210,7 +210,7 @@ async def run_block(
             ordered = list(enumerate(points))
             for k, point in ordered if repeat % 2 == 0 else ordered[::-1]:
                 tag = f"[echo-prefix run {run_id}-{server[-3:]}{repeat}{k}]"
-                cold, warm = build_prompts(point, shapes[point], tag, agents, seed=repeat)
+                cold, warm = build_prompts(point, shapes[point.share], tag, agents, seed=repeat)
                 ids = encode_prompts(tokenizer, list(cold.values()) + list(warm.values()))
                 cold_phase = await run_phase("cold", worker, cold, reader)
                 warm_phase = await run_phase("warm", worker, warm, reader)
@@ -380,9 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from echo_env.model import load_tokenizer
 
     tokenizer = load_tokenizer(None)
-    shapes: dict[Point, Shape | None] = {}
-    for p in points:
-        shapes[p] = None if p.share is None else choose_shape(p.share, tokenizer)
+    # Keyed by share: the cache-off baselines use a share's shape with group_size 1.
+    shapes: dict[float | None, Shape | None] = {}
+    for share in dict.fromkeys(p.share for p in points):
+        shapes[share] = None if share is None else choose_shape(share, tokenizer)
     run_id = uuid.uuid4().hex[:8]
     # ABBA over servers, with neighbouring blocks of the same server merged into one engine start.
     order = [("cache_on", "cache_off") if r % 2 == 0 else ("cache_off", "cache_on") for r in range(repeats)]
@@ -452,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "repeats": repeats,
                 "max_tokens": 32,
                 "temperature": 0.0,
-                "shapes": {p.label: s.__dict__ if s else "shipped prompt" for p, s in shapes.items()},
+                "shapes": {str(k): s.__dict__ if s else "shipped prompt" for k, s in shapes.items()},
             },
             "machine": machine_facts(model="echo-gemma3-270m (Gemma 3 270M base, bf16)", servers=facts),
             "rows": rows,
