@@ -8,13 +8,14 @@ CPU per request is reported too, to show it is not the bottleneck.
 Clients, each in a fresh process, at the same concurrency (requests in flight), on the
 same prompts (the echo env's real ~2 KB transcripts), 16 streamed tokens per request:
 
-- ``worker``: this package's ``RolloutWorker`` over ``LLMClient`` as shipped (the
-  ``openai`` SDK, its default httpx transport, a pool sized to the concurrency);
-- ``worker+aiohttp``: the same worker with the SDK's aiohttp transport
-  (``openai.DefaultAioHttpClient``), the transport question of the issue;
-- ``worker+raw-sse``: a PROTOTYPE living only in this file: ``LLMClient`` with the SDK
-  swapped for aiohttp and a hand-written SSE parser (what vLLM's benchmark client does),
-  to show how much of the cost is the SDK and how much the worker's own bookkeeping;
+- ``worker``: this package's ``RolloutWorker`` over ``LLMClient`` as shipped
+  (``transport="sse"``: aiohttp, a pool sized to the concurrency, server-sent events
+  parsed by ``echo_env.client.SSEDecoder``);
+- ``worker+openai``: the same worker with ``transport="openai"``: generation through the
+  ``openai`` SDK's streaming client and its default httpx transport (the shipped path
+  before this benchmark chose the other);
+- ``worker+openai-aiohttp``: ``transport="openai"`` with the SDK's own aiohttp transport
+  (``openai.DefaultAioHttpClient``): is the SDK's cost its transport or its streaming?
 - ``naive``: ``AsyncOpenAI()`` with its defaults, one ``completions.create(stream=True)``
   per prompt under a semaphore, ``asyncio.gather``;
 - ``vllm-bench``: vLLM's own ``vllm bench serve`` client (aiohttp, run through
@@ -57,7 +58,7 @@ from common import (
 )
 
 NAME = "client_overhead"
-CLIENTS = ("worker", "worker+aiohttp", "worker+raw-sse", "naive", "vllm-bench")
+CLIENTS = ("worker", "worker+openai", "worker+openai-aiohttp", "naive", "vllm-bench")
 """Every client compared."""
 MODEL = "standin-echo"
 TOKENS = 16
@@ -105,98 +106,18 @@ def _prompts(path: Path, n: int) -> dict[str, str]:
     return {f"agent{i}": rows[i % len(rows)] for i in range(n)}
 
 
-def _raw_sse_client_class() -> type:
-    """PROTOTYPE: ``LLMClient`` with the openai SDK replaced by aiohttp and a hand SSE parser.
-
-    Not part of the package: it overrides a private method, and exists to measure how
-    much of the worker's cost the SDK is. Same records, same retries and semaphore.
-    """
-    import aiohttp
-
-    from echo_env.client import LLMClient, Output, _Failed
-
-    class RawSSEClient(LLMClient):
-        _session: aiohttp.ClientSession | None = None
-
-        async def _post(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-            if self._session is None:
-                connector = aiohttp.TCPConnector(limit=self.config.max_concurrency, keepalive_timeout=60)
-                self._session = aiohttp.ClientSession(connector=connector)
-            headers = {"Authorization": f"Bearer {self.config.resolved_api_key()}"}
-            return await self._session.post(url, json=body, headers=headers)
-
-        async def close(self) -> None:
-            if self._session is not None:
-                await self._session.close()
-            await super().close()
-
-        async def _stream(self, record: Any, api: Any, kwargs: dict[str, Any]) -> None:
-            record.sent_at = time.time()
-            start = time.perf_counter()
-            outputs: dict[int, Output] = {}
-            last: dict[int, float] = {}
-            body = {k: v for k, v in kwargs.items() if k != "extra_body"}
-            body.update(kwargs.get("extra_body") or {})
-            path = "/completions" if api == "completions" else "/chat/completions"
-            try:
-                resp = await self._post(self.config.base_url.rstrip("/") + path, body)
-            except aiohttp.ClientError as exc:
-                raise _Failed(f"connection failed: {exc}", retryable=True) from None
-            async with resp:
-                if resp.status != 200:
-                    raise _Failed(f"HTTP {resp.status}", retryable=resp.status >= 500, status=resp.status)
-                buf = b""
-                async for data in resp.content.iter_any():
-                    buf += data
-                    while b"\n\n" in buf:
-                        event, buf = buf.split(b"\n\n", 1)
-                        if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                            continue
-                        chunk = json.loads(event[6:])
-                        now = time.perf_counter() - start
-                        for choice in chunk.get("choices") or ():
-                            i = choice["index"]
-                            text = choice.get("text") if api == "completions" else choice["delta"].get("content")
-                            out = outputs.get(i)
-                            if out is None:
-                                out = outputs[i] = Output(index=i)
-                            if text:
-                                if out.ttft_s is None:
-                                    out.ttft_s = now
-                                    if record.ttft_s is None:
-                                        record.ttft_s = now
-                                else:
-                                    out.itl_s.append(now - last[i])
-                                last[i] = now
-                                out.text += text
-                                out.chunks += 1
-                            if choice.get("finish_reason") is not None:
-                                out.finish_reason = choice["finish_reason"]
-                                out.e2e_s = now
-                        usage = chunk.get("usage")
-                        if usage:
-                            record.prompt_tokens = usage.get("prompt_tokens")
-                            record.completion_tokens = usage.get("completion_tokens")
-                            details = usage.get("prompt_tokens_details") or {}
-                            record.cached_tokens = details.get("cached_tokens")
-            record.e2e_s = time.perf_counter() - start
-            record.outputs = [outputs[i] for i in sorted(outputs)]
-            for out in record.outputs:
-                if out.e2e_s is None:
-                    out.e2e_s = record.e2e_s
-
-    return RawSSEClient
-
-
 async def _trial_worker(variant: str, url: str, prompts: dict[str, str], concurrency: int) -> tuple[int, float, float]:
     import openai
 
     from echo_env.client import ClientConfig, LLMClient
     from echo_env.worker import RolloutWorker, SamplingConfig
 
-    config = ClientConfig(base_url=f"{url}/v1", model=MODEL, max_concurrency=concurrency, timeout_s=600)
-    client: LLMClient = _raw_sse_client_class()(config) if variant == "worker+raw-sse" else LLMClient(config)
-    if variant == "worker+aiohttp":
+    transport = "sse" if variant == "worker" else "openai"
+    config = ClientConfig(
+        base_url=f"{url}/v1", model=MODEL, max_concurrency=concurrency, timeout_s=600, transport=transport
+    )
+    client = LLMClient(config)
+    if variant == "worker+openai-aiohttp":
         # The SDK's own aiohttp transport, with the same pool size as the shipped client.
         import httpx2
 

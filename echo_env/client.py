@@ -4,12 +4,20 @@ Requests are streamed with ``stream_options.include_usage`` so that time to firs
 is measured the way ``vllm bench serve`` does (arrival of the first streamed chunk with
 text, minus send time). Every request, finished or failed, becomes a
 :class:`RequestRecord`; nothing is dropped.
+
+Generation requests go over aiohttp with the server-sent events parsed here
+(``transport="sse"``, the default): the ``openai`` SDK's streaming path costs 5-12 ms of
+CPU per streamed request, which in a burst of hundreds of requests on one event loop
+delays every request's clock; this path costs under 1 ms (``benchmarks/client_overhead.py``
+measures both). ``transport="openai"`` keeps the SDK for generation too. The SDK always
+serves ``/v1/models``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import random
@@ -18,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import aiohttp
 import openai
 
 from echo_env.errors import ConfigError, ServerResponseError, ServerUnreachableError
@@ -30,6 +39,7 @@ except ImportError:  # pragma: no cover - older openai
 log = logging.getLogger(__name__)
 
 Api = Literal["completions", "chat"]
+Transport = Literal["sse", "openai"]
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 """A text prompt, a list of token ids, or chat messages."""
 
@@ -101,6 +111,9 @@ class ClientConfig:
     """First retry delay; doubles each retry, with jitter."""
     max_concurrency: int = 256
     """Requests in flight at once; the rest wait (their wait is ``queue_s``)."""
+    transport: Transport = "sse"
+    """How generation requests are sent: ``sse`` (aiohttp, events parsed here; fast) or
+    ``openai`` (the ``openai`` SDK's streaming client; 5-12x the CPU per request)."""
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -111,6 +124,8 @@ class ClientConfig:
             raise ConfigError(f"max_retries must be zero or more, got {self.max_retries}")
         if self.max_concurrency < 1:
             raise ConfigError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.transport not in ("sse", "openai"):
+            raise ConfigError(f"transport must be sse or openai, got {self.transport!r}")
 
     def resolved_api_key(self) -> str:
         """The key to send: the configured one, ``OPENAI_API_KEY``, or a placeholder."""
@@ -199,14 +214,6 @@ class _Failed(Exception):
         self.status = status
 
 
-def _usage_fields(usage: Any) -> tuple[int | None, int | None, int | None]:
-    if usage is None:
-        return None, None, None
-    details = getattr(usage, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", None) if details is not None else None
-    return getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None), cached
-
-
 class LLMClient:
     """Async client for ``/v1/completions`` and ``/v1/chat/completions``.
 
@@ -217,7 +224,9 @@ class LLMClient:
         self.config = config
         self.max_concurrency = usable_concurrency(config.max_concurrency)
         """The concurrency in effect: ``config.max_concurrency`` unless open files are too few."""
-        limits = _httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        # The SDK's pool serves /v1/models, and generation too with transport="openai".
+        pool = self.max_concurrency if config.transport == "openai" else 4
+        limits = _httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
         self._openai = openai.AsyncOpenAI(
             base_url=config.base_url,
             api_key=config.resolved_api_key(),
@@ -225,6 +234,12 @@ class LLMClient:
             max_retries=0,  # retries are ours, so each attempt is counted in the record
             http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=config.timeout_s),
         )
+        self._session: aiohttp.ClientSession | None = None  # made on first use, inside the event loop
+        self._url = config.base_url.rstrip("/")
+        self._headers = {
+            "Authorization": f"Bearer {config.resolved_api_key()}",
+            "Accept": "text/event-stream",
+        }
         self._sem = asyncio.Semaphore(self.max_concurrency)
         self._model: str | None = config.model
         self._model_checked = False
@@ -240,7 +255,10 @@ class LLMClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
         await self._openai.close()
 
     async def served_models(self) -> list[str]:
@@ -396,40 +414,61 @@ class LLMClient:
 
     async def _stream(self, record: RequestRecord, api: Api, kwargs: dict[str, Any]) -> None:
         record.sent_at = time.time()
-        start = time.perf_counter()
-        last: dict[int, float] = {}
-        outputs: dict[int, Output] = {}
-        record.ttft_s = record.e2e_s = None
+        stream = _Stream(record, api, time.perf_counter())
+        if self.config.transport == "openai":
+            await self._stream_openai(stream, api, kwargs)
+        else:
+            await self._stream_sse(stream, api, kwargs)
+        stream.finish()
+
+    def _aiohttp(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # One connection per slot, kept alive between requests; timeouts are ours
+            # (asyncio.wait_for around each attempt), so aiohttp's are off.
+            connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=True
+            )
+        return self._session
+
+    async def _stream_sse(self, stream: _Stream, api: Api, kwargs: dict[str, Any]) -> None:
+        body = {k: v for k, v in kwargs.items() if k != "extra_body"}
+        body.update(kwargs.get("extra_body") or {})
+        url = self._url + ("/completions" if api == "completions" else "/chat/completions")
+        try:
+            async with self._aiohttp().post(url, json=body, headers=self._headers) as resp:
+                if resp.status != 200:
+                    text = await resp.text(errors="replace")
+                    status = resp.status
+                    message = _error_message(text) or resp.reason or ""
+                    raise _Failed(
+                        f"HTTP {status}: {_short(message)}", retryable=status in _RETRYABLE_STATUS, status=status
+                    )
+                decoder = SSEDecoder()
+                done = False
+                # Read to the end even after [DONE], so the connection goes back to the pool.
+                async for data in resp.content.iter_any():
+                    for event in decoder.feed(data):
+                        done = done or event == "[DONE]"
+                        if not done:
+                            stream.on_chunk(_parse_event(event))
+                for event in decoder.close():
+                    done = done or event == "[DONE]"
+                    if not done:
+                        stream.on_chunk(_parse_event(event))
+        except UnicodeDecodeError as exc:
+            raise _Failed(f"malformed response: not UTF-8 ({exc})", retryable=False) from None
+        except aiohttp.ClientError as exc:
+            raise _Failed(f"connection failed: {_short(str(exc) or type(exc).__name__)}", retryable=True) from None
+
+    async def _stream_openai(self, stream: _Stream, api: Api, kwargs: dict[str, Any]) -> None:
         try:
             if api == "completions":
-                stream = await self._openai.completions.create(**kwargs)
+                chunks = await self._openai.completions.create(**kwargs)
             else:
-                stream = await self._openai.chat.completions.create(**kwargs)
-            async for chunk in stream:
-                now = time.perf_counter() - start
-                for choice in chunk.choices or ():
-                    text = choice.text if api == "completions" else (choice.delta.content or "")
-                    out = outputs.get(choice.index)
-                    if out is None:
-                        out = outputs[choice.index] = Output(index=choice.index)
-                        record.outputs = [outputs[i] for i in sorted(outputs)]
-                    if text:
-                        if out.ttft_s is None:
-                            out.ttft_s = now
-                            if record.ttft_s is None:
-                                record.ttft_s = now
-                        else:
-                            out.itl_s.append(now - last[choice.index])
-                        last[choice.index] = now
-                        out.text += text
-                        out.chunks += 1
-                    if api == "completions":
-                        _collect_tokens(out, choice)
-                    if choice.finish_reason is not None:
-                        out.finish_reason = choice.finish_reason
-                        out.e2e_s = now
-                if chunk.usage is not None:
-                    record.prompt_tokens, record.completion_tokens, record.cached_tokens = _usage_fields(chunk.usage)
+                chunks = await self._openai.chat.completions.create(**kwargs)
+            async for chunk in chunks:
+                stream.on_chunk(chunk.model_dump())
         except openai.APIStatusError as exc:
             status = exc.status_code
             retryable = status in _RETRYABLE_STATUS
@@ -438,8 +477,135 @@ class LLMClient:
             raise _Failed(f"connection failed: {_short(str(exc.__cause__ or exc))}", retryable=True) from None
         except (openai.APIError, ValueError, KeyError, AttributeError) as exc:
             raise _Failed(f"malformed response: {_short(str(exc))}", retryable=False) from None
-        record.e2e_s = time.perf_counter() - start
-        record.outputs = [outputs[i] for i in sorted(outputs)]
+
+
+class SSEDecoder:
+    """Incremental parser of a ``text/event-stream`` body into the ``data`` of each event.
+
+    Follows the event-stream rules that matter for OpenAI-style streams: lines end in
+    ``\\n``, ``\\r\\n`` or ``\\r``; an empty line ends an event; ``data:`` lines (one optional
+    space after the colon) are joined with ``\\n``; comment lines (``:``) and other fields
+    are skipped. Bytes may arrive split anywhere, even inside a line or a UTF-8 character.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Add received bytes; return the data of every event they complete.
+
+        Raises:
+            ValueError: An event's data is not UTF-8.
+        """
+        buf = self._buf + chunk
+        if b"\r" in buf:
+            if buf.endswith(b"\r"):  # maybe the first half of \r\n: decide when more arrives
+                self._buf = buf
+                return []
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = buf.split(b"\n")
+        self._buf = lines.pop()
+        events: list[str] = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data).decode())
+                    self._data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+        return events
+
+    def close(self) -> list[str]:
+        """The event left open when the stream ended without its empty line, if any."""
+        events = self.feed(b"\n\n") if self._buf or self._data else []
+        self._buf, self._data = b"", []
+        return events
+
+
+def _parse_event(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise _Failed(f"malformed response: {_short(str(exc))}: {_short(data, 80)}", retryable=False) from None
+    if not isinstance(chunk, dict):
+        raise _Failed(f"malformed response: an event is not a JSON object: {_short(data, 80)}", retryable=False)
+    if "error" in chunk and not chunk.get("choices"):
+        # vLLM reports a failure that happens after the 200 header as an event.
+        raise _Failed(f"server error mid-stream: {_short(_error_message(data) or data)}", retryable=False)
+    return chunk
+
+
+def _error_message(text: str) -> str | None:
+    """The ``message`` of an OpenAI-style (or vLLM-style) error body, else None."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return _short(text) if text.strip() else None
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error", body)
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    return str(error) if isinstance(error, str) else None
+
+
+class _Stream:
+    """Folds one request's streamed chunks (as dicts) into its record."""
+
+    __slots__ = ("api", "last", "outputs", "record", "start")
+
+    def __init__(self, record: RequestRecord, api: Api, start: float) -> None:
+        self.record = record
+        self.api = api
+        self.start = start
+        self.outputs: dict[int, Output] = {}
+        self.last: dict[int, float] = {}
+        record.ttft_s = record.e2e_s = None
+
+    def on_chunk(self, chunk: dict[str, Any]) -> None:
+        now = time.perf_counter() - self.start
+        record = self.record
+        try:
+            for choice in chunk.get("choices") or ():
+                index = choice["index"]
+                if self.api == "completions":
+                    text = choice.get("text") or ""
+                else:
+                    text = (choice.get("delta") or {}).get("content") or ""
+                out = self.outputs.get(index)
+                if out is None:
+                    out = self.outputs[index] = Output(index=index)
+                    record.outputs = [self.outputs[i] for i in sorted(self.outputs)]
+                if text:
+                    if out.ttft_s is None:
+                        out.ttft_s = now
+                        if record.ttft_s is None:
+                            record.ttft_s = now
+                    else:
+                        out.itl_s.append(now - self.last[index])
+                    self.last[index] = now
+                    out.text += text
+                    out.chunks += 1
+                if self.api == "completions":
+                    _collect_tokens(out, choice)
+                if choice.get("finish_reason") is not None:
+                    out.finish_reason = choice["finish_reason"]
+                    out.e2e_s = now
+            usage = chunk.get("usage")
+            if usage:
+                details = usage.get("prompt_tokens_details") or {}
+                record.prompt_tokens = usage.get("prompt_tokens")
+                record.completion_tokens = usage.get("completion_tokens")
+                record.cached_tokens = details.get("cached_tokens")
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise _Failed(f"malformed response: bad chunk ({type(exc).__name__}: {exc})", retryable=False) from None
+
+    def finish(self) -> None:
+        record = self.record
+        record.e2e_s = time.perf_counter() - self.start
+        record.outputs = [self.outputs[i] for i in sorted(self.outputs)]
         expected = record.num_prompts * record.n
         if len(record.outputs) != expected:
             raise _Failed(f"expected {expected} choices, the stream carried {len(record.outputs)}", retryable=False)
@@ -448,24 +614,25 @@ class LLMClient:
                 out.e2e_s = record.e2e_s
 
 
-def _collect_tokens(out: Output, choice: Any) -> None:
+def _collect_tokens(out: Output, choice: dict[str, Any]) -> None:
     """Append a streamed chunk's token ids and logprobs to its sequence.
 
     Trainers need exactly the sampled tokens and their logprobs, not re-tokenized text;
-    vLLM sends them per chunk (``token_ids``/``prompt_token_ids`` are vLLM extensions
-    that the openai client keeps as extra attributes).
+    vLLM sends them per chunk (``token_ids``/``prompt_token_ids`` with its
+    ``return_token_ids`` extension).
     """
-    prompt_ids = getattr(choice, "prompt_token_ids", None)
+    prompt_ids = choice.get("prompt_token_ids")
     if prompt_ids:
         out.prompt_token_ids = list(prompt_ids)
-    ids = getattr(choice, "token_ids", None)
+    ids = choice.get("token_ids")
     if ids is not None:
         out.token_ids = out.token_ids or []
         out.token_ids.extend(ids)
-    logprobs = getattr(getattr(choice, "logprobs", None), "token_logprobs", None)
-    if logprobs is not None:
+    logprobs = choice.get("logprobs")
+    token_logprobs = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+    if token_logprobs is not None:
         out.logprobs = out.logprobs or []
-        out.logprobs.extend(logprobs)
+        out.logprobs.extend(token_logprobs)
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -28,7 +28,7 @@ MODEL_ENV = "ECHO_ENV_TEST_MODEL"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "engine: needs the real embedded vLLM engine")
     config.addinivalue_line(
-        "markers", "faults: kills, stalls or restarts servers of its own (`make test-all` runs them)"
+        "markers", "faults: kills, stalls, restarts or loads servers of its own (slow; `make test` runs them)"
     )
 
 
@@ -41,8 +41,9 @@ def _missing(module: str) -> bool:
         return True
 
 
-# Adapter tests need their RL library, installed by `make install-rl` (not by `make test`:
-# see the Makefile); without it they are not collected at all.
+# Adapter tests need their RL library (`make install-rl`; `make test` installs them). Run
+# by hand without them, they are not collected; `make test` sets ECHO_ENV_REQUIRE_RL=1 so
+# that CI fails instead of passing without them.
 collect_ignore = [
     path
     for path, module in (
@@ -53,6 +54,11 @@ collect_ignore = [
     )
     if _missing(module)
 ]
+if collect_ignore and os.environ.get("ECHO_ENV_REQUIRE_RL") == "1":
+    raise pytest.UsageError(
+        f"ECHO_ENV_REQUIRE_RL=1 but {', '.join(collect_ignore)} cannot run: their RL library is not installed; "
+        "run `make install-rl`"
+    )
 
 
 # ----- the engine ----------------------------------------------------------------------

@@ -163,6 +163,7 @@ def _generate(fake: FakeOpenAIServer, **config: Any) -> RequestRecord:
     return asyncio.run(go())
 
 
+@pytest.mark.parametrize("transport", ["sse", "openai"])
 @pytest.mark.parametrize(
     ("fault", "status", "error", "retried"),
     [
@@ -177,10 +178,10 @@ def _generate(fake: FakeOpenAIServer, **config: Any) -> RequestRecord:
     ],
 )
 def test_a_bad_answer_is_a_failed_record_with_the_reason(
-    fake: FakeOpenAIServer, fault: str, status: int, error: str, retried: bool
+    fake: FakeOpenAIServer, fault: str, status: int, error: str, retried: bool, transport: str
 ) -> None:
     fake.fault, fake.fault_status = fault, status
-    record = _generate(fake, max_retries=2)
+    record = _generate(fake, max_retries=2, transport=transport)
     assert not record.ok
     assert record.error is not None and record.error.startswith(error), record.error
     assert record.attempts == (3 if retried else 1)
@@ -190,10 +191,13 @@ def test_a_bad_answer_is_a_failed_record_with_the_reason(
         assert record.status == status
 
 
+@pytest.mark.parametrize("transport", ["sse", "openai"])
 @pytest.mark.parametrize(("fault", "status"), [("status", 429), ("status", 503), ("cut", 200)])
-def test_a_passing_fault_is_retried_into_a_clean_record(fake: FakeOpenAIServer, fault: str, status: int) -> None:
+def test_a_passing_fault_is_retried_into_a_clean_record(
+    fake: FakeOpenAIServer, fault: str, status: int, transport: str
+) -> None:
     fake.fault, fake.fault_status, fake.fault_count = fault, status, 2
-    record = _generate(fake, max_retries=2)
+    record = _generate(fake, max_retries=2, transport=transport)
     assert record.ok and record.error is None, record.error
     assert record.attempts == 3 and fake.completions_received == 3
     assert [o.text for o in record.outputs] == [" Echo: apple"]

@@ -79,8 +79,13 @@ def test_command_line_compare_without_cache_restarts_the_embedded_engine(tmp_pat
 @pytest.mark.engine
 def test_rollout_prints_reward_and_latency_table(engine: Any, tmp_path: Path) -> None:
     proc = _cli(
-        "rollout", f"base_url={engine.base_url}", "batch_size=2", "group_size=2", "max_tokens=8",
-        "batching=per_group", f"out_dir={tmp_path}",
+        "rollout",
+        f"base_url={engine.base_url}",
+        "batch_size=2",
+        "group_size=2",
+        "max_tokens=8",
+        "batching=per_group",
+        f"out_dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for key in ("mean_reward", "frac_correct", "frac_format_error", "ttft_s", "requests_per_s"):
