@@ -387,7 +387,7 @@ class LLMClient:
             record.outputs = []
             record.prompt_tokens = record.completion_tokens = record.cached_tokens = None
             try:
-                await asyncio.wait_for(self._stream(record, api, kwargs), timeout=cfg.timeout_s)
+                await _within(self._stream(record, api, kwargs), cfg.timeout_s)
                 record.ok, record.error, record.status = True, None, None
                 return
             except _Failed as exc:
@@ -477,6 +477,19 @@ class LLMClient:
             raise _Failed(f"connection failed: {_short(str(exc.__cause__ or exc))}", retryable=True) from None
         except (openai.APIError, ValueError, KeyError, AttributeError) as exc:
             raise _Failed(f"malformed response: {_short(str(exc))}", retryable=False) from None
+
+
+async def _within(coro: Any, timeout_s: float) -> None:
+    """Await ``coro``, raising ``TimeoutError`` after ``timeout_s`` seconds.
+
+    ``asyncio.timeout`` (Python 3.11+) runs the request in the caller's task;
+    ``asyncio.wait_for`` before 3.12 wraps it in a task of its own, one more per request.
+    """
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout_s):
+            await coro
+    else:  # pragma: no cover - Python 3.10
+        await asyncio.wait_for(coro, timeout_s)
 
 
 class SSEDecoder:
