@@ -57,10 +57,11 @@ lint: $(STAMP_CORE)
 	$(VENV)/bin/mypy echo_env
 
 # The gate CI runs: everything, the real engine, the RL libraries' own code, the fault,
-# load and security tests and `echo-prefix train steps=2` included (15 min on an idle
-# 2-core machine from a clean clone, install included when pip's cache is warm).
+# load and security tests and `echo-prefix train steps=2` included, then every benchmark
+# in --quick mode (results in .cache/bench-results, so the committed ones stay as they are).
 test: $(STAMP_ENGINE) $(STAMP_RL) lint
 	ECHO_ENV_REQUIRE_RL=1 $(PY) -m pytest -q $(ARGS)
+	ECHO_ENV_BENCH_RESULTS=$(ECHO_ENV_CACHE)/bench-results $(PY) benchmarks/run_all.py --quick
 
 # Kept for old habits: the same as test.
 test-all: test

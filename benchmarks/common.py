@@ -24,8 +24,10 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 """This folder."""
-RESULTS_DIR = BENCH_DIR / "results"
-"""Where every script writes ``<name>.json`` (``<name>-quick.json`` in quick mode)."""
+RESULTS_DIR = Path(os.environ.get("ECHO_ENV_BENCH_RESULTS") or BENCH_DIR / "results")
+"""Where every script writes ``<name>.json`` (``<name>-quick.json`` in quick mode):
+``benchmarks/results``, or ``$ECHO_ENV_BENCH_RESULTS`` (``make test`` sends its quick runs
+there, so testing never changes the committed results)."""
 REPO_DIR = BENCH_DIR.parent
 """The project root."""
 

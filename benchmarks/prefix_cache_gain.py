@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine_facts(model="echo-gemma3-270m (Gemma 3 270M base, bf16)", servers=facts),
             "rows": rows,
             "markdown": markdown_table(headers, body),
-            "plot": str(png.relative_to(png.parents[2])),
+            "plot": png.name,
         },
     )
     print(f"\nwrote {path} and {png}")

@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nbenchmarks:")
     for name, code, seconds in status:
         mark = "ok  " if code == 0 else "FAIL"
-        print(f"  {mark} {name:18} {seconds:6.0f} s  -> {result_path(name, args.quick).relative_to(BENCH_DIR)}")
+        print(f"  {mark} {name:18} {seconds:6.0f} s  -> {result_path(name, args.quick)}")
     return 0 if all(code == 0 for _, code, _ in status) else 1
 
 
