@@ -121,6 +121,7 @@ async def _trial_worker(variant: str, url: str, prompts: dict[str, str], concurr
         # The SDK's own aiohttp transport, with the same pool size as the shipped client.
         import httpx2
 
+        assert client._openai is not None  # made for transport="openai"
         await client._openai.close()
         limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         client._openai = openai.AsyncOpenAI(

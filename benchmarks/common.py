@@ -97,6 +97,7 @@ def machine_facts(**extra: Any) -> dict[str, Any]:
 
 def result_path(name: str, quick: bool) -> Path:
     """``results/<name>.json``, or ``results/<name>-quick.json`` so a CI run never overwrites a full one."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     return RESULTS_DIR / (f"{name}-quick.json" if quick else f"{name}.json")
 
 

@@ -442,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"prefix caching on vs off: warm phase, {agents - 1} requests in flight, {repeats} repeat(s) per server")
     print(table(headers, body))
     png = result_path(NAME, args.quick).with_suffix(".png")
-    plot(rows, png)
+    # The figures first: a plot that fails must not take the measurements with it.
     path = write_result(
         NAME,
         args.quick,
@@ -461,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "plot": png.name,
         },
     )
+    plot(rows, png)
     print(f"\nwrote {path} and {png}")
     return 0
 

@@ -6,11 +6,12 @@ text, minus send time). Every request, finished or failed, becomes a
 :class:`RequestRecord`; nothing is dropped.
 
 Generation requests go over aiohttp with the server-sent events parsed here
-(``transport="sse"``, the default): the ``openai`` SDK's streaming path costs 5-12 ms of
-CPU per streamed request, which in a burst of hundreds of requests on one event loop
-delays every request's clock; this path costs under 1 ms (``benchmarks/client_overhead.py``
-measures both). ``transport="openai"`` keeps the SDK for generation too. The SDK always
-serves ``/v1/models``.
+(``transport="sse"``, the default): the ``openai`` SDK's streaming path costs 3-9 ms of
+CPU per streamed request (more with more in flight), which in a burst of hundreds of
+requests on one event loop delays every request's clock; this path costs under 1 ms
+(``benchmarks/client_overhead.py`` measures both). ``/v1/models`` goes over the same
+pool (the SDK's first call alone costs ~60 ms of CPU). ``transport="openai"`` sends
+generation through the SDK instead.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class ClientConfig:
     """Requests in flight at once; the rest wait (their wait is ``queue_s``)."""
     transport: Transport = "sse"
     """How generation requests are sent: ``sse`` (aiohttp, events parsed here; fast) or
-    ``openai`` (the ``openai`` SDK's streaming client; 5-12x the CPU per request)."""
+    ``openai`` (the ``openai`` SDK's streaming client; 6-14x the CPU per request, measured)."""
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -224,22 +225,20 @@ class LLMClient:
         self.config = config
         self.max_concurrency = usable_concurrency(config.max_concurrency)
         """The concurrency in effect: ``config.max_concurrency`` unless open files are too few."""
-        # The SDK's pool serves /v1/models, and generation too with transport="openai".
-        pool = self.max_concurrency if config.transport == "openai" else 4
-        limits = _httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-        self._openai = openai.AsyncOpenAI(
-            base_url=config.base_url,
-            api_key=config.resolved_api_key(),
-            timeout=config.timeout_s,
-            max_retries=0,  # retries are ours, so each attempt is counted in the record
-            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=config.timeout_s),
-        )
+        self._openai: openai.AsyncOpenAI | None = None
+        if config.transport == "openai":
+            limits = _httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            self._openai = openai.AsyncOpenAI(
+                base_url=config.base_url,
+                api_key=config.resolved_api_key(),
+                timeout=config.timeout_s,
+                max_retries=0,  # retries are ours, so each attempt is counted in the record
+                http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=config.timeout_s),
+            )
         self._session: aiohttp.ClientSession | None = None  # made on first use, inside the event loop
         self._url = config.base_url.rstrip("/")
-        self._headers = {
-            "Authorization": f"Bearer {config.resolved_api_key()}",
-            "Accept": "text/event-stream",
-        }
+        self._auth = {"Authorization": f"Bearer {config.resolved_api_key()}"}
+        self._headers = {**self._auth, "Accept": "text/event-stream"}
         self._sem = asyncio.Semaphore(self.max_concurrency)
         self._model: str | None = config.model
         self._model_checked = False
@@ -259,7 +258,8 @@ class LLMClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        await self._openai.close()
+        if self._openai is not None:
+            await self._openai.close()
 
     async def served_models(self) -> list[str]:
         """The model names the server lists on ``/v1/models``.
@@ -269,23 +269,33 @@ class LLMClient:
             ServerResponseError: Something answers, but not as an OpenAI-compatible server.
         """
         url = self.config.base_url
+        # Over the client's own aiohttp pool: the openai SDK's first call costs ~60 ms of CPU
+        # (measured), a tenth of a 1024-request step against a fast server.
         try:
-            page = await self._openai.models.list()
-        except openai.APIConnectionError as exc:
+            timeout = aiohttp.ClientTimeout(total=min(self.config.timeout_s, 60.0))
+            async with self._aiohttp().get(self._url + "/models", headers=self._auth, timeout=timeout) as resp:
+                status, body = resp.status, await resp.text(errors="replace")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
             raise ServerUnreachableError(
-                f"no server answers at base_url={url} ({exc.__cause__ or exc}): start one, or leave base_url "
-                "unset to use the embedded engine"
+                f"no server answers at base_url={url} ({reason}): start one, or leave base_url unset to use the "
+                "embedded engine"
             ) from exc
-        except openai.APIStatusError as exc:
+        if status in (401, 403):
             raise ServerResponseError(
-                f"{url}/models answered HTTP {exc.status_code}: is base_url the OpenAI API root (ending in /v1)?"
-            ) from exc
-        except (openai.APIError, ValueError, AttributeError, TypeError) as exc:
-            # The openai client fails with AttributeError when a page is not JSON (an HTML page).
+                f"{url}/models answered HTTP {status}: the server wants an API key; set api_key= or OPENAI_API_KEY"
+            )
+        if status != 200:
             raise ServerResponseError(
-                f"{url}/models did not answer like an OpenAI-compatible server ({exc}): check base_url"
+                f"{url}/models answered HTTP {status}: is base_url the OpenAI API root (ending in /v1)?"
+            )
+        try:
+            page = json.loads(body)
+            names = [str(m["id"]) for m in page["data"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ServerResponseError(
+                f"{url}/models did not answer like an OpenAI-compatible server ({_short(body, 80)!r}): check base_url"
             ) from exc
-        names = [m.id for m in getattr(page, "data", []) or []]
         if not names:
             raise ServerResponseError(f"{url}/models lists no model: is this an OpenAI-compatible inference server?")
         return names
@@ -425,7 +435,11 @@ class LLMClient:
         if self._session is None:
             # One connection per slot, kept alive between requests; timeouts are ours
             # (asyncio.wait_for around each attempt), so aiohttp's are off.
-            connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=60)
+            # ssl=False for http:// (no TLS context to build, 25 ms); https:// verifies as usual.
+            tls = self._url.startswith("https://")
+            connector = aiohttp.TCPConnector(
+                limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=60, ssl=tls
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=True
             )
@@ -462,6 +476,7 @@ class LLMClient:
             raise _Failed(f"connection failed: {_short(str(exc) or type(exc).__name__)}", retryable=True) from None
 
     async def _stream_openai(self, stream: _Stream, api: Api, kwargs: dict[str, Any]) -> None:
+        assert self._openai is not None, "made in __init__ for transport='openai'"
         try:
             if api == "completions":
                 chunks = await self._openai.completions.create(**kwargs)

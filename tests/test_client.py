@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.server
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -51,13 +52,13 @@ def test_dead_port_ends_in_project_error_quickly() -> None:
 
 
 @contextlib.contextmanager
-def _serve(method: str, content_type: str, body: bytes) -> Iterator[str]:
+def _serve(method: str, content_type: str, body: bytes, status: int = 200) -> Iterator[str]:
     """A local HTTP server answering every ``method`` request with ``body``; yields its /v1 URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def answer(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -81,6 +82,27 @@ def test_html_page_is_not_an_openai_server() -> None:
             return await client.model()
 
     with _serve("GET", "text/html", b"<html><body>hello</body></html>") as url, pytest.raises(ServerResponseError):
+        _run(go(url))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "needle"),
+    [
+        (401, b'{"error": "Unauthorized"}', "set api_key= or OPENAI_API_KEY"),
+        (404, b"not found", "is base_url the OpenAI API root (ending in /v1)?"),
+        (200, b'{"object": "list", "data": []}', "lists no model"),
+        (200, b'{"object": "list"}', "did not answer like an OpenAI-compatible server"),
+    ],
+)
+def test_models_answers_that_are_not_a_model_list_name_the_fix(status: int, body: bytes, needle: str) -> None:
+    async def go(url: str) -> Any:
+        async with LLMClient(ClientConfig(base_url=url, max_retries=0)) as client:
+            return await client.model()
+
+    with (
+        _serve("GET", "application/json", body, status) as url,
+        pytest.raises(ServerResponseError, match=re.escape(needle)),
+    ):
         _run(go(url))
 
 
