@@ -293,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = any(a.replace(" ", "").lower() in ("debug=true", "debug=1", "--debug") for a in rest)
     rest = [a for a in rest if a != "--debug"] + (["debug=true"] if "--debug" in rest else [])
     previous = _sigterm_as_interrupt()
+    _quiet_interrupted_tasks()
     try:
         return COMMANDS[name][0](rest)
     except EchoEnvError as exc:
@@ -308,6 +309,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _DropInterrupts(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" report of a KeyboardInterrupt.
+
+    A SIGTERM turned KeyboardInterrupt can land inside one of the request tasks; the
+    interrupt still ends the command the Ctrl-C way, but the task keeps the exception and
+    asyncio prints it with a traceback when the task is collected, after the one-line
+    "interrupted" message.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, KeyboardInterrupt)
+
+
+def _quiet_interrupted_tasks() -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropInterrupts) for f in logger.filters):
+        logger.addFilter(_DropInterrupts())
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

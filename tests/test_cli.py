@@ -93,3 +93,19 @@ def test_rollout_prints_reward_and_latency_table(engine: Any, tmp_path: Path) ->
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["agents"] == 4 and summary["failed"] == 0
     assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 2
+
+
+def test_an_interrupted_tasks_report_is_dropped_and_other_asyncio_errors_kept() -> None:
+    """A SIGTERM turned KeyboardInterrupt inside a request task must not print a traceback."""
+    import logging
+
+    from echo_env.cli import _DropInterrupts
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", None, (type(exc), exc, None)
+        )
+
+    keep = _DropInterrupts()
+    assert not keep.filter(record(KeyboardInterrupt()))
+    assert keep.filter(record(RuntimeError("a real bug")))
