@@ -2,7 +2,7 @@
 
 A prefix cache serves whole blocks only (128 tokens on vLLM's CPU backend, 16 on GPUs),
 so the shared tokens past the last block boundary are computed again for every prompt.
-``echo_env.tokens.align_system_prompt`` pads or trims the system prompt's worked
+``echo_env.measure.tokens.align_system_prompt`` pads or trims the system prompt's worked
 examples so the shared prefix ends just past a boundary.
 
 1. *Computed* (no server): the ceiling for the default model's tokenizer, before and
@@ -43,11 +43,11 @@ from common import (
 )
 from tqdm.auto import tqdm
 
-from echo_env.client import ClientConfig, LLMClient
-from echo_env.server_metrics import MetricsReader
-from echo_env.task import EchoTask, find_worked_examples
-from echo_env.tokens import align_system_prompt, encode_prompts, plan_tokens, prefix_geometry
-from echo_env.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.serving.metrics import MetricsReader
+from echo_env.envs.task import EchoTask, find_worked_examples
+from echo_env.measure.tokens import align_system_prompt, encode_prompts, plan_tokens, prefix_geometry
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 
 NAME = "block_alignment"
 TAG = "[echo-prefix run 5f3a9c2e-on00]"
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     agents = args.agents or (16 if args.quick else 48)
     runs = args.runs or (2 if args.quick else 4)
 
-    from echo_env.model import load_tokenizer
+    from echo_env.serving.model import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     computed = computed_table(tokenizer)

@@ -47,12 +47,12 @@ from common import (
 )
 from tqdm.auto import tqdm
 
-from echo_env.client import ClientConfig, LLMClient
-from echo_env.parallel import EchoPrefixParallelEnv
-from echo_env.server_metrics import MetricsReader, delta
-from echo_env.stats import summarize
-from echo_env.task import EchoTask
-from echo_env.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.envs.parallel import EchoPrefixParallelEnv
+from echo_env.serving.metrics import MetricsReader, delta
+from echo_env.measure.stats import summarize
+from echo_env.envs.task import EchoTask
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 
 NAME = "clock_honesty"
 TOKENS = 16
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch, group = (4, 8) if args.quick else (16, 8)
     repeats = args.repeats or (1 if args.quick else 3)
 
-    from echo_env.model import resolve_model
+    from echo_env.serving.model import resolve_model
 
     tokenizer = resolve_model(None)
     run_id = uuid.uuid4().hex[:8]

@@ -200,7 +200,7 @@ def embedded_engine(
     Only one engine of a script runs at a time: on a shared 24 GB machine two of them
     (6.5 GB each) next to other people's engines risk the OOM killer.
     """
-    from echo_env.engine import EmbeddedEngine, EngineConfig
+    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
 
     start = time.perf_counter()
     label = "on" if prefix_caching else "off"
@@ -215,7 +215,7 @@ def engine_facts(base_url: str) -> dict[str, Any]:
     """The server's version and cache configuration, as the prefix test reads them."""
     import httpx
 
-    from echo_env.server_metrics import MetricsReader
+    from echo_env.serving.metrics import MetricsReader
 
     root = base_url.removesuffix("/v1")
     facts: dict[str, Any] = {"base_url": base_url}
@@ -242,15 +242,15 @@ class Phase:
     wall_s: float
     """From the first send to the last answer."""
     counters: Any | None
-    """:class:`echo_env.server_metrics.CounterDelta` over the phase (None: no metrics)."""
+    """:class:`echo_env.serving.metrics.CounterDelta` over the phase (None: no metrics)."""
     plan: Any | None = None
-    """:class:`echo_env.tokens.TokenPlan` of the phase's prompts, if computed."""
+    """:class:`echo_env.measure.tokens.TokenPlan` of the phase's prompts, if computed."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else the script attaches."""
 
     def figures(self) -> dict[str, Any]:
         """TTFT/e2e percentiles, throughput and hit rates of the phase, JSON-ready."""
-        from echo_env.stats import summarize
+        from echo_env.measure.stats import summarize
 
         ok = [r for r in self.records if r.ok]
         ttft = summarize([r.ttft_s for r in ok if r.ttft_s is not None])
@@ -302,7 +302,7 @@ def snapshot(reader: Any | None) -> Any | None:
 
 async def run_phase(name: str, worker: Any, prompts: Mapping[str, Any], reader: Any | None) -> Phase:
     """Send ``prompts`` through the package's worker (all in flight) and take counter deltas around it."""
-    from echo_env.server_metrics import delta
+    from echo_env.serving.metrics import delta
 
     before = snapshot(reader)
     start = time.perf_counter()
@@ -385,8 +385,8 @@ async def warm_up_engine(engine: Any, prompts: int = 24, log: Callable[[str], No
     """
     import uuid
 
-    from echo_env.client import ClientConfig, LLMClient
-    from echo_env.task import EchoTask
+    from echo_env.serving.client import ClientConfig, LLMClient
+    from echo_env.envs.task import EchoTask
 
     tag = uuid.uuid4().hex[:8]
     texts = [EchoTask(run_tag=f"[engine warm-up {tag}-{i:03d}]").transcript("apple") for i in range(prompts)]

@@ -53,11 +53,11 @@ from common import (
 )
 from tqdm.auto import tqdm
 
-from echo_env.client import ClientConfig, LLMClient
-from echo_env.server_metrics import MetricsReader
-from echo_env.task import EchoTask, default_system_prompt, find_worked_examples, with_examples
-from echo_env.tokens import encode_prompts, plan_tokens, shared_prefix_length
-from echo_env.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.serving.metrics import MetricsReader
+from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples
+from echo_env.measure.tokens import encode_prompts, plan_tokens, shared_prefix_length
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 
 NAME = "prefix_cache_gain"
 
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(agents % p.group_size for p in points):
         parser.error(f"--agents must be a multiple of every group size ({sorted({p.group_size for p in points})})")
 
-    from echo_env.model import load_tokenizer
+    from echo_env.serving.model import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     # Keyed by share: the cache-off baselines use a share's shape with group_size 1.

@@ -69,9 +69,9 @@ def _rss_mb() -> float:
 
 async def _point(url: str, model: str, agents: int, system_prompt: str) -> dict[str, Any]:
     from echo_env import ParallelTimingWrapper, parallel_env
-    from echo_env.client import ClientConfig, LLMClient
-    from echo_env.task import EchoTask
-    from echo_env.worker import RolloutWorker, SamplingConfig
+    from echo_env.serving.client import ClientConfig, LLMClient
+    from echo_env.envs.task import EchoTask
+    from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 
     task = EchoTask(system_prompt=system_prompt)
     rss0 = _rss_mb()
@@ -158,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from client_overhead import standin_server
     from tqdm.auto import tqdm
 
-    from echo_env.model import load_tokenizer
-    from echo_env.task import EchoTask
-    from echo_env.tokens import align_system_prompt
+    from echo_env.serving.model import load_tokenizer
+    from echo_env.envs.task import EchoTask
+    from echo_env.measure.tokens import align_system_prompt
 
     # The env's prompt aligned to vLLM's CPU blocks: the shipped prompt without a run
     # tag leaves 118 shared tokens past the last whole block, and computing those for

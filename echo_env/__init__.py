@@ -13,7 +13,7 @@ from typing import Any
 import gymnasium
 import pettingzoo
 
-from echo_env.envs import EchoPrefixEnv
+from echo_env.envs.gym_env import EchoPrefixEnv
 from echo_env.errors import (
     ConfigError,
     EchoEnvError,
@@ -24,9 +24,9 @@ from echo_env.errors import (
     ServerResponseError,
     ServerUnreachableError,
 )
-from echo_env.parallel import EchoPrefixParallelEnv, agent_group, agent_id, env, parallel_env, raw_env
-from echo_env.task import EchoTask, Grade, default_system_prompt, default_words, grade, user_turn
-from echo_env.wrappers import ParallelTimingWrapper, TimingWrapper
+from echo_env.envs.parallel import EchoPrefixParallelEnv, agent_group, agent_id, env, parallel_env, raw_env
+from echo_env.envs.task import EchoTask, Grade, default_system_prompt, default_words, grade, user_turn
+from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 
 __version__ = "0.1.0"
 
@@ -34,11 +34,11 @@ ENV_ID = "EchoPrefix-v0"
 """The id under which the env is registered with Gymnasium and PettingZoo."""
 
 if ENV_ID not in gymnasium.registry:
-    gymnasium.register(id=ENV_ID, entry_point="echo_env.envs:EchoPrefixEnv")
+    gymnasium.register(id=ENV_ID, entry_point="echo_env.envs.gym_env:EchoPrefixEnv")
 if ENV_ID not in pettingzoo.parallel_registry:
-    pettingzoo.register("parallel", ENV_ID, entry_point="echo_env.parallel:parallel_env")
+    pettingzoo.register("parallel", ENV_ID, entry_point="echo_env.envs.parallel:parallel_env")
 if ENV_ID not in pettingzoo.aec_registry:
-    pettingzoo.register("aec", ENV_ID, entry_point="echo_env.parallel:env")
+    pettingzoo.register("aec", ENV_ID, entry_point="echo_env.envs.parallel:env")
 
 
 def load_environment(**kwargs: Any) -> Any:

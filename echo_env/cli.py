@@ -84,8 +84,8 @@ class RolloutCommand:
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
-        from echo_env.client import ClientConfig
-        from echo_env.worker import SamplingConfig
+        from echo_env.serving.client import ClientConfig
+        from echo_env.rollout.worker import SamplingConfig
 
         ClientConfig(
             base_url=self.base_url or "http://127.0.0.1/v1",
@@ -138,8 +138,8 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 def cmd_test(args: Sequence[str]) -> int:
     """``echo-prefix test``: the prefix-cache test; exit 0 PASS, 1 FAIL, 2 UNKNOWN."""
-    from echo_env.prefix_test import EXIT_CODES, PrefixTestConfig, run_prefix_test
-    from echo_env.report import format_console
+    from echo_env.cachetest.runner import EXIT_CODES, PrefixTestConfig, run_prefix_test
+    from echo_env.report.files import format_console
 
     config = parse_overrides(PrefixTestConfig, args)
     _setup_logging(config.debug)
@@ -167,7 +167,7 @@ def cmd_rollout(args: Sequence[str]) -> int:
 def _with_engine(config: RolloutCommand) -> dict[str, Any]:
     from dataclasses import replace
 
-    from echo_env.engine import EmbeddedEngine, EngineConfig
+    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
 
     print("starting the embedded vLLM engine (about a minute on a CPU)...", file=sys.stderr)
     with EmbeddedEngine(EngineConfig(model=config.model_name)) as engine:
@@ -177,10 +177,10 @@ def _with_engine(config: RolloutCommand) -> dict[str, Any]:
 async def _rollout(config: RolloutCommand) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from echo_env.client import ClientConfig, LLMClient
-    from echo_env.parallel import EchoPrefixParallelEnv
-    from echo_env.worker import RolloutWorker, SamplingConfig, summarize_rollout
-    from echo_env.wrappers import ParallelTimingWrapper
+    from echo_env.serving.client import ClientConfig, LLMClient
+    from echo_env.envs.parallel import EchoPrefixParallelEnv
+    from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
+    from echo_env.envs.wrappers import ParallelTimingWrapper
 
     assert config.base_url is not None
     sampling = SamplingConfig(
@@ -202,7 +202,7 @@ async def _rollout(config: RolloutCommand) -> dict[str, Any]:
         model = await client.model()
         tokenizer = None
         if config.prompt_format == "tokens":
-            from echo_env.model import load_tokenizer
+            from echo_env.serving.model import load_tokenizer
 
             tokenizer = load_tokenizer(config.model_name)
         worker = RolloutWorker(client, sampling, tokenizer=tokenizer)
@@ -236,7 +236,7 @@ async def _rollout(config: RolloutCommand) -> dict[str, Any]:
 
 def cmd_serve(args: Sequence[str]) -> int:
     """``echo-prefix serve``: the embedded engine in the foreground."""
-    from echo_env.engine import EngineConfig, serve_forever
+    from echo_env.serving.engine import EngineConfig, serve_forever
 
     config = parse_overrides(ServeCommand, args)
     _setup_logging(config.debug)
@@ -265,7 +265,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], type[Any] | None]] = {
 
 def _config_class(name: str) -> type[Any] | None:
     if name == "test":
-        from echo_env.prefix_test import PrefixTestConfig
+        from echo_env.cachetest.runner import PrefixTestConfig
 
         return PrefixTestConfig
     if name == "train":

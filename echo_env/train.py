@@ -263,7 +263,7 @@ def build_trainer(config: TrainConfig, out_dir: Path, records: list[dict[str, An
         grpo_trainer_class,
         stop_at_newline,
     )
-    from echo_env.model import resolve_model
+    from echo_env.serving.model import resolve_model
 
     cuda = torch.cuda.is_available()
     if config.generation == "server" and config.sync_weights and not cuda:

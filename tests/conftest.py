@@ -108,7 +108,7 @@ def engine() -> Iterator[Any]:
     if url:
         yield _running_server(url)
         return
-    from echo_env.engine import EmbeddedEngine, EngineConfig
+    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
 
     with EmbeddedEngine(EngineConfig(prefix_caching=True, dev_mode=True)) as server:
         yield server

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from echo_env.errors import ConfigError
-from echo_env.task import EchoTask, default_system_prompt, find_worked_examples, with_examples, worked_example
-from echo_env.tokens import align_system_prompt, encode_prompts, plan_tokens, prefix_geometry
+from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples, worked_example
+from echo_env.measure.tokens import align_system_prompt, encode_prompts, plan_tokens, prefix_geometry
 
 BOS = 2
 
@@ -211,14 +211,14 @@ def test_trim_only_with_too_few_examples_to_remove_says_so() -> None:
 
 @pytest.fixture(scope="module")
 def gemma() -> Any:
-    from echo_env.model import load_tokenizer, prepare_default_model
+    from echo_env.serving.model import load_tokenizer, prepare_default_model
 
     return load_tokenizer(str(prepare_default_model()))
 
 
 @pytest.mark.engine
 def test_the_default_workload_fills_whole_cpu_blocks(gemma: Any) -> None:
-    from echo_env.prefix_test import PrefixTestConfig, build_workload
+    from echo_env.cachetest.runner import PrefixTestConfig, build_workload
 
     # The prefix test's workload, with run tags of its own form: ceiling >= 0.95 at block 128.
     for _ in range(5):
@@ -242,7 +242,7 @@ def test_alignment_reaches_095_for_the_real_tokenizer(gemma: Any, block: int, re
 
 
 def _facts(block: int | None) -> Any:
-    from echo_env.server_info import ServerFacts
+    from echo_env.serving.info import ServerFacts
 
     facts = ServerFacts(base_url="http://127.0.0.1:9/v1", metrics_url=None, model="m", block_size=block)
     facts.tokenizer = lambda: TOK  # type: ignore[method-assign]
@@ -250,13 +250,13 @@ def _facts(block: int | None) -> Any:
 
 
 def test_align_prefix_off_keeps_the_shipped_prompt() -> None:
-    from echo_env.prefix_test import PrefixTestConfig, aligned_system_prompt
+    from echo_env.cachetest.runner import PrefixTestConfig, aligned_system_prompt
 
     assert aligned_system_prompt(PrefixTestConfig(), _facts(256)) is None
 
 
 def test_align_prefix_aligns_every_phase_of_the_workload() -> None:
-    from echo_env.prefix_test import ALIGN_SLACK_TOKENS, PrefixTestConfig, aligned_system_prompt, build_workload
+    from echo_env.cachetest.runner import ALIGN_SLACK_TOKENS, PrefixTestConfig, aligned_system_prompt, build_workload
 
     config = PrefixTestConfig(align_prefix="auto", batch_size=2, group_size=2)
     prompt = aligned_system_prompt(config, _facts(256))
@@ -271,7 +271,7 @@ def test_align_prefix_aligns_every_phase_of_the_workload() -> None:
 
 
 def test_align_prefix_needs_a_block_size() -> None:
-    from echo_env.prefix_test import PrefixTestConfig, aligned_system_prompt
+    from echo_env.cachetest.runner import PrefixTestConfig, aligned_system_prompt
 
     with pytest.raises(ConfigError, match="block_size="):
         aligned_system_prompt(PrefixTestConfig(align_prefix="pad"), _facts(None))
@@ -279,6 +279,6 @@ def test_align_prefix_needs_a_block_size() -> None:
 
 def test_align_prefix_is_a_command_line_key() -> None:
     from echo_env.config import parse_overrides
-    from echo_env.prefix_test import PrefixTestConfig
+    from echo_env.cachetest.runner import PrefixTestConfig
 
     assert parse_overrides(PrefixTestConfig, ["align_prefix=trim"]).align_prefix == "trim"

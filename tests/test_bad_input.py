@@ -28,13 +28,13 @@ import gymnasium
 import pytest
 from fake_servers import MODEL, FakeOpenAIServer, echo_reply
 
-from echo_env.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.engine import find_free_port
+from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.serving.engine import find_free_port
 from echo_env.errors import ConfigError, ServerUnreachableError
-from echo_env.parallel import EchoPrefixParallelEnv
-from echo_env.prefix_test import EXIT_CODES, PrefixTestConfig, run_prefix_test
-from echo_env.worker import RolloutWorker, SamplingConfig, summarize_rollout
-from echo_env.wrappers import ParallelTimingWrapper, TimingWrapper
+from echo_env.envs.parallel import EchoPrefixParallelEnv
+from echo_env.cachetest.runner import EXIT_CODES, PrefixTestConfig, run_prefix_test
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
+from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 
 pytestmark = pytest.mark.timeout(120)
 

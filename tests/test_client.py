@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echo_env.client import ClientConfig, LLMClient, SSEDecoder
+from echo_env.serving.client import ClientConfig, LLMClient, SSEDecoder
 from echo_env.errors import ConfigError, ServerResponseError, ServerUnreachableError
-from echo_env.worker import RolloutWorker, SamplingConfig
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 
 
 def _run(coro: Any) -> Any:
@@ -36,7 +36,7 @@ def test_config_rejects_bad_values() -> None:
 
 
 def test_dead_port_ends_in_project_error_quickly() -> None:
-    from echo_env.engine import find_free_port
+    from echo_env.serving.engine import find_free_port
 
     url = f"http://127.0.0.1:{find_free_port()}/v1"
 

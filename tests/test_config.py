@@ -135,7 +135,7 @@ def test_describe_lists_every_key_with_its_default() -> None:
 
 
 def test_describe_shows_the_docstring_under_each_field() -> None:
-    from echo_env.prefix_test import PrefixTestConfig
+    from echo_env.cachetest.runner import PrefixTestConfig
 
     lines = describe(PrefixTestConfig).splitlines()
     i = lines.index("  group_size=8")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from echo_env.engine import (
+from echo_env.serving.engine import (
     HOST,
     EmbeddedEngine,
     EngineConfig,
@@ -24,8 +24,8 @@ from echo_env.engine import (
     group_members,
 )
 from echo_env.errors import ConfigError, EngineError
-from echo_env.model import DEFAULT_SERVED_MODEL_NAME
-from echo_env.task import EchoTask, grade
+from echo_env.serving.model import DEFAULT_SERVED_MODEL_NAME
+from echo_env.envs.task import EchoTask, grade
 
 
 def _get(url: str) -> tuple[int, str]:

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import echo_env
-from echo_env.envs import MAX_ACTION_CHARS, EchoPrefixEnv
+from echo_env.envs.gym_env import MAX_ACTION_CHARS, EchoPrefixEnv
 from echo_env.errors import ConfigError, EnvUsageError
-from echo_env.task import CORRECT_FEEDBACK, EchoTask
+from echo_env.envs.task import CORRECT_FEEDBACK, EchoTask
 
 
 def test_make_works_in_a_fresh_process_without_a_prior_import() -> None:

@@ -30,14 +30,14 @@ from typing import Any
 import pytest
 from fake_servers import FakeOpenAIServer
 
-from echo_env.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.engine import EmbeddedEngine, EngineConfig, group_members
+from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.serving.engine import EmbeddedEngine, EngineConfig, group_members
 from echo_env.errors import ServerUnreachableError
-from echo_env.parallel import EchoPrefixParallelEnv
-from echo_env.prefix_test import PrefixTestConfig, run_prefix_test
-from echo_env.task import EchoTask
-from echo_env.worker import RolloutWorker, SamplingConfig, summarize_rollout
-from echo_env.wrappers import ParallelTimingWrapper
+from echo_env.envs.parallel import EchoPrefixParallelEnv
+from echo_env.cachetest.runner import PrefixTestConfig, run_prefix_test
+from echo_env.envs.task import EchoTask
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
+from echo_env.envs.wrappers import ParallelTimingWrapper
 
 pytestmark = pytest.mark.faults
 

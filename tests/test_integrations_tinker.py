@@ -16,7 +16,7 @@ from tinker_cookbook.completers import StopCondition, TokenCompleter, TokensWith
 from tinker_cookbook.rl.data_processing import compute_advantages
 from tinker_cookbook.rl.rollouts import do_group_rollout
 
-from echo_env.client import ClientConfig, LLMClient
+from echo_env.serving.client import ClientConfig, LLMClient
 from echo_env.errors import ConfigError
 from echo_env.integrations.tinker_env import (
     TRANSCRIPT_RENDERER,
@@ -27,7 +27,7 @@ from echo_env.integrations.tinker_env import (
     OpenAITokenCompleter,
     recipe_config,
 )
-from echo_env.model import load_tokenizer
+from echo_env.serving.model import load_tokenizer
 
 
 def run(coro: Any) -> Any:

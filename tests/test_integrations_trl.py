@@ -24,8 +24,8 @@ from echo_env.integrations.trl_grpo import (
     shared_prefix_length,
     stop_at_newline,
 )
-from echo_env.model import load_tokenizer
-from echo_env.task import EchoTask
+from echo_env.serving.model import load_tokenizer
+from echo_env.envs.task import EchoTask
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import verifiers as vf
 import echo_env
 from echo_env.errors import ConfigError
 from echo_env.integrations.verifiers_env import ENV_ID, load_environment
-from echo_env.task import EchoTask
+from echo_env.envs.task import EchoTask
 
 
 def test_verifiers_finds_the_environment_by_its_id() -> None:

@@ -30,11 +30,11 @@ from typing import Any
 
 import pytest
 
-from echo_env.client import ClientConfig, LLMClient
-from echo_env.parallel import EchoPrefixParallelEnv
-from echo_env.task import EchoTask
-from echo_env.worker import RolloutWorker, SamplingConfig, summarize_rollout
-from echo_env.wrappers import ParallelTimingWrapper
+from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.envs.parallel import EchoPrefixParallelEnv
+from echo_env.envs.task import EchoTask
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
+from echo_env.envs.wrappers import ParallelTimingWrapper
 
 # Minutes of load against the engine and the stand-in: run by `make test-all`.
 pytestmark = pytest.mark.faults

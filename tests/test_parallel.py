@@ -8,8 +8,8 @@ from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 import echo_env
 from echo_env.errors import ConfigError, EnvUsageError
-from echo_env.parallel import EchoPrefixParallelEnv, agent_group, agent_id, env, parallel_env, raw_env
-from echo_env.task import EchoTask
+from echo_env.envs.parallel import EchoPrefixParallelEnv, agent_group, agent_id, env, parallel_env, raw_env
+from echo_env.envs.task import EchoTask
 
 
 def small(**kwargs: object) -> EchoPrefixParallelEnv:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from echo_env.prefix_test import PrefixTestConfig, run_prefix_test
+from echo_env.cachetest.runner import PrefixTestConfig, run_prefix_test
 
 pytestmark = pytest.mark.engine
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="module")
 def engine_off() -> Iterator[Any]:
     """A second embedded engine, with prefix caching off."""
-    from echo_env.engine import EmbeddedEngine, EngineConfig
+    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
 
     with EmbeddedEngine(EngineConfig(prefix_caching=False)) as server:
         yield server

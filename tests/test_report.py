@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from echo_env.report import (
+from echo_env.report.files import (
     HIT_RATE_PLOT_FILE,
     PHASE_COLUMNS,
     PHASES_FILE,
@@ -552,7 +552,7 @@ def test_without_matplotlib_json_and_csv_are_written_and_the_reason_given(
 
 
 def test_a_failing_plot_does_not_lose_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import echo_env.report as report
+    import echo_env.report.files as report
 
     def boom(*args: Any, **kwargs: Any) -> bool:
         raise ValueError("bad data")

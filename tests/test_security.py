@@ -15,10 +15,10 @@ import pytest
 from fake_servers import FakeOpenAIServer
 
 from echo_env.cli import RolloutCommand
-from echo_env.client import ClientConfig
-from echo_env.engine import EmbeddedEngine, group_members
-from echo_env.prefix_test import PrefixTestConfig
-from echo_env.server_info import ServerFacts
+from echo_env.serving.client import ClientConfig
+from echo_env.serving.engine import EmbeddedEngine, group_members
+from echo_env.cachetest.runner import PrefixTestConfig
+from echo_env.serving.info import ServerFacts
 
 SECRET = "sk-echo-test-5ecr3t-9f8e7d6c5b4a"
 """A key no output may contain."""

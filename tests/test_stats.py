@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from echo_env.stats import (
+from echo_env.measure.stats import (
     DiffCI,
     LatencySummary,
     RatioCI,

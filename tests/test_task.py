@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from echo_env.errors import ConfigError
-from echo_env.task import (
+from echo_env.envs.task import (
     CORRECT_FEEDBACK,
     EchoTask,
     Turn,

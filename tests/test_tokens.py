@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from echo_env.errors import ConfigError
-from echo_env.task import EchoTask
-from echo_env.tokens import (
+from echo_env.envs.task import EchoTask
+from echo_env.measure.tokens import (
     FirstDifference,
     common_prefix_length,
     encode_prompts,

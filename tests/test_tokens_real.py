@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from echo_env.task import EchoTask
-from echo_env.tokens import encode_prompts, first_difference, max_cached_tokens, plan_tokens, shared_prefix_length
+from echo_env.envs.task import EchoTask
+from echo_env.measure.tokens import encode_prompts, first_difference, max_cached_tokens, plan_tokens, shared_prefix_length
 
 pytestmark = pytest.mark.engine
 
@@ -21,7 +21,7 @@ CPU_BLOCK = 128
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from echo_env.model import load_tokenizer, prepare_default_model
+    from echo_env.serving.model import load_tokenizer, prepare_default_model
 
     return load_tokenizer(str(prepare_default_model()))
 

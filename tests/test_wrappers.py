@@ -7,10 +7,10 @@ import pytest
 from pettingzoo.test import parallel_api_test
 
 import echo_env  # noqa: F401 - registers EchoPrefix-v0
-from echo_env.envs import EchoPrefixEnv
+from echo_env.envs.gym_env import EchoPrefixEnv
 from echo_env.errors import EnvUsageError
-from echo_env.parallel import agent_id, parallel_env
-from echo_env.wrappers import REQUEST_TIMING_KEYS, TIMING_KEYS, ParallelTimingWrapper, TimingWrapper
+from echo_env.envs.parallel import agent_id, parallel_env
+from echo_env.envs.wrappers import REQUEST_TIMING_KEYS, TIMING_KEYS, ParallelTimingWrapper, TimingWrapper
 
 
 def wrapped(max_turns: int = 1) -> TimingWrapper:

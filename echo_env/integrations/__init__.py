@@ -5,7 +5,7 @@ stays small (the libraries come with the extras ``trl``, ``tinker`` and ``verifi
 
 - :mod:`echo_env.integrations.trl_grpo`: TRL's ``GRPOTrainer``: the echo dataset, a
   reward function on the task's grading, and a ``rollout_func`` that samples each group
-  through :class:`echo_env.worker.RolloutWorker` against a vLLM server.
+  through :class:`echo_env.rollout.worker.RolloutWorker` against a vLLM server.
 - :mod:`echo_env.integrations.tinker_env`: tinker-cookbook's ``Env`` /
   ``EnvGroupBuilder`` / ``RLDataset`` / ``RLDatasetBuilder``, plus a token completer
   that samples from any OpenAI-compatible server.

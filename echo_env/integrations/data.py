@@ -1,8 +1,8 @@
 """The echo task as dataset rows and graded batches: what every RL-library adapter shares.
 
-Pure functions over :mod:`echo_env.task`: a row holds the prompt an agent sees and the
+Pure functions over :mod:`echo_env.envs.task`: a row holds the prompt an agent sees and the
 word it must echo, and a batch of completions is graded with the env's own rules, so
-every library scores an answer exactly as :class:`~echo_env.envs.EchoPrefixEnv` does.
+every library scores an answer exactly as :class:`~echo_env.envs.gym_env.EchoPrefixEnv` does.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from echo_env.errors import ConfigError
-from echo_env.task import EchoTask, Grade, grade
+from echo_env.envs.task import EchoTask, Grade, grade
 
 PromptStyle = Literal["transcript", "chat"]
 """``transcript``: the plain text ending in ``Assistant:`` (what a base model completes);
@@ -83,7 +83,7 @@ def completion_text(completion: Any) -> str:
 
 
 def grade_batch(completions: Sequence[Any], words: Sequence[str]) -> list[Grade]:
-    """Grade each completion against its word with the env's rules (:func:`echo_env.task.grade`).
+    """Grade each completion against its word with the env's rules (:func:`echo_env.envs.task.grade`).
 
     Raises:
         ConfigError: The two sequences differ in length.

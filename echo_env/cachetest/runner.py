@@ -27,16 +27,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from echo_env.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.errors import ConfigError, EchoEnvError, MetricsError, ServerUnreachableError
-from echo_env.parallel import EchoPrefixParallelEnv
-from echo_env.server_info import ServerFacts, read_server_facts, tokenize_prompts
-from echo_env.server_metrics import CounterDelta, MetricsReader, Snapshot, delta
-from echo_env.stats import bootstrap_ratio_ci, summarize
-from echo_env.task import EchoTask
-from echo_env.tokens import TokenPlan, align_system_prompt, first_difference, plan_tokens
-from echo_env.worker import RolloutWorker, SamplingConfig
-from echo_env.wrappers import ParallelTimingWrapper
+from echo_env.envs.parallel import EchoPrefixParallelEnv
+from echo_env.serving.info import ServerFacts, read_server_facts, tokenize_prompts
+from echo_env.serving.metrics import CounterDelta, MetricsReader, Snapshot, delta
+from echo_env.measure.stats import bootstrap_ratio_ci, summarize
+from echo_env.envs.task import EchoTask
+from echo_env.measure.tokens import TokenPlan, align_system_prompt, first_difference, plan_tokens
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig
+from echo_env.envs.wrappers import ParallelTimingWrapper
 
 log = logging.getLogger(__name__)
 
@@ -683,7 +683,7 @@ def _server(config: PrefixTestConfig, caching: bool) -> Iterator[tuple[str, str 
         assert url is not None
         yield url, config.model_name, False, None
         return
-    from echo_env.engine import EmbeddedEngine, EngineConfig
+    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
 
     with EmbeddedEngine(EngineConfig(model=config.model_name, prefix_caching=caching)) as engine:
         yield engine.base_url, engine.served_model_name, True, engine
@@ -701,7 +701,7 @@ def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> 
     Whatever happens, ``summary.json`` and the records measured so far are on disk in
     ``out_dir``; an error mid-run gives verdict UNKNOWN with ``partial: true``.
     """
-    from echo_env.report import RunWriter
+    from echo_env.report.files import RunWriter
 
     if config.api_key is None and os.environ.get("OPENAI_API_KEY"):
         # The key the OpenAI client picks up by itself must reach /metrics and /tokenize too.

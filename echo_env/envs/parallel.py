@@ -16,7 +16,7 @@ from pettingzoo import ParallelEnv
 from pettingzoo.utils import parallel_to_aec, wrappers
 from pettingzoo.utils.env import AECEnv
 
-from echo_env.envs import (
+from echo_env.envs.gym_env import (
     CHARSET,
     MAX_ACTION_CHARS,
     check_task,
@@ -27,7 +27,7 @@ from echo_env.envs import (
     step_info,
 )
 from echo_env.errors import ConfigError, EnvUsageError
-from echo_env.task import EchoTask, Turn, grade
+from echo_env.envs.task import EchoTask, Turn, grade
 
 AgentID = str
 _AGENT_RE = re.compile(r"^group(\d+)_agent(\d+)$")

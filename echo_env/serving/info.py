@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 
 from echo_env.errors import MetricsError
-from echo_env.server_metrics import MetricsReader
-from echo_env.tokens import Tokenizer, encode_prompts
+from echo_env.serving.metrics import MetricsReader
+from echo_env.measure.tokens import Tokenizer, encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ServerFacts:
 
 @functools.cache
 def _local_tokenizer(model: str) -> Tokenizer:
-    from echo_env.model import load_tokenizer
+    from echo_env.serving.model import load_tokenizer
 
     return load_tokenizer(model)  # type: ignore[no-any-return]
 

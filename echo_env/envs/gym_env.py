@@ -9,7 +9,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from echo_env.errors import ConfigError, EnvUsageError
-from echo_env.task import ECHO_PREFIX, EchoTask, Grade, Turn, grade
+from echo_env.envs.task import ECHO_PREFIX, EchoTask, Grade, Turn, grade
 
 CHARSET = frozenset(string.printable)
 """Characters of the Text spaces: printable ASCII with whitespace."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from echo_env.errors import ConfigError
-from echo_env.task import EchoTask, find_worked_examples, with_examples
+from echo_env.envs.task import EchoTask, find_worked_examples, with_examples
 
 TokenIds = Sequence[int]
 

@@ -1,0 +1,1 @@
+"""The prefix-cache test: workload, phases, evidence, the pure verdict, and the runner."""

@@ -1,0 +1,1 @@
+"""What a run leaves for people: the console text, the files on disk, the plots."""
