@@ -43,11 +43,12 @@ from common import (
 )
 from tqdm.auto import tqdm
 
+from echo_env.cachetest.align import align_system_prompt, prefix_geometry
+from echo_env.envs.task import EchoTask, find_worked_examples
+from echo_env.measure.tokens import encode_prompts, plan_tokens
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 from echo_env.serving.client import ClientConfig, LLMClient
 from echo_env.serving.metrics import MetricsReader
-from echo_env.envs.task import EchoTask, find_worked_examples
-from echo_env.measure.tokens import align_system_prompt, encode_prompts, plan_tokens, prefix_geometry
-from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 
 NAME = "block_alignment"
 TAG = "[echo-prefix run 5f3a9c2e-on00]"

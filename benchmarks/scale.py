@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from echo_env.serving.model import load_tokenizer
     from echo_env.envs.task import EchoTask
-    from echo_env.measure.tokens import align_system_prompt
+    from echo_env.cachetest.align import align_system_prompt
 
     # The env's prompt aligned to vLLM's CPU blocks: the shipped prompt without a run
     # tag leaves 118 shared tokens past the last whole block, and computing those for

@@ -7,18 +7,14 @@ Errors a user can meet print one line naming the fix and exit with status 2;
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from types import FrameType
-from typing import Any, Literal
+from typing import Any
 
 from echo_env.config import describe, parse_overrides
 from echo_env.errors import ConfigError, EchoEnvError
@@ -36,69 +32,6 @@ commands:
 With no base_url, test and rollout start the embedded vLLM engine themselves.
 `echo-prefix COMMAND --help` lists the keys of a command.
 """
-
-
-@dataclass(frozen=True)
-class RolloutCommand:
-    """Settings of ``echo-prefix rollout``."""
-
-    base_url: str | None = None
-    """Your server's OpenAI API root; unset starts the embedded engine."""
-    model_name: str | None = None
-    """Served model name (your server) or model to serve (embedded)."""
-    api: Literal["completions", "chat"] = "completions"
-    """Endpoint: plain transcript or chat messages."""
-    batching: Literal["per_agent", "per_group", "batched"] = "per_agent"
-    """How agents' calls are grouped into requests."""
-    batch_size: int = 16
-    """Distinct prompts per episode."""
-    group_size: int = 8
-    """Agents per prompt."""
-    max_turns: int = 1
-    """Attempts per agent."""
-    max_tokens: int = 32
-    """Generation limit."""
-    temperature: float = 0.0
-    """Sampling temperature."""
-    seed: int = 0
-    """Seeds words and sampling."""
-    steps: int = 1
-    """Episodes to run."""
-    prompt_format: Literal["text", "tokens"] = "text"
-    """``tokens`` sends token ids."""
-    api_key: str | None = field(default=None, repr=False)
-    """Bearer token (never printed)."""
-    timeout_s: float = 120.0
-    """Per-request limit."""
-    max_concurrency: int = 256
-    """Requests in flight at once."""
-    out_dir: str | None = None
-    """Write per-request records and the summary here."""
-    debug: bool = False
-    """Tracebacks and per-step timing logs."""
-
-    def __post_init__(self) -> None:
-        # Check every value before an engine starts or a server is asked: a typo must not
-        # cost a minute of engine start-up, nor hide behind "no server answers".
-        for key in ("batch_size", "group_size", "max_turns", "steps"):
-            value = getattr(self, key)
-            if value < 1:
-                raise ConfigError(f"{key} must be at least 1, got {value}")
-        from echo_env.serving.client import ClientConfig
-        from echo_env.rollout.worker import SamplingConfig
-
-        ClientConfig(
-            base_url=self.base_url or "http://127.0.0.1/v1",
-            timeout_s=self.timeout_s,
-            max_concurrency=self.max_concurrency,
-        )
-        SamplingConfig(
-            api=self.api,
-            batching=self.batching,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            prompt_format=self.prompt_format,
-        )
 
 
 @dataclass(frozen=True)
@@ -138,23 +71,24 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 def cmd_test(args: Sequence[str]) -> int:
     """``echo-prefix test``: the prefix-cache test; exit 0 PASS, 1 FAIL, 2 UNKNOWN."""
-    from echo_env.cachetest.runner import EXIT_CODES, PrefixTestConfig, run_prefix_test
-    from echo_env.report.files import format_console
+    from echo_env.cachetest.config import PrefixTestConfig
+    from echo_env.cachetest.runner import run_prefix_test
+    from echo_env.report.console import format_console
 
     config = parse_overrides(PrefixTestConfig, args)
     _setup_logging(config.debug)
-    started = time.perf_counter()
-    summary = run_prefix_test(config, show_progress=True)
-    print(format_console(summary))
-    print(f"took {time.perf_counter() - started:.0f} s")
-    return EXIT_CODES[summary["verdict"]]
+    result = run_prefix_test(config, show_progress=True)
+    print(format_console(result))
+    return result.exit_code
 
 
 def cmd_rollout(args: Sequence[str]) -> int:
     """``echo-prefix rollout``: run episodes and print a summary table."""
-    config = parse_overrides(RolloutCommand, args)
+    from echo_env.rollout.command import RolloutConfig, run_rollout
+
+    config = parse_overrides(RolloutConfig, args)
     _setup_logging(config.debug)
-    summary = asyncio.run(_rollout(config)) if config.base_url else _with_engine(config)
+    summary = run_rollout(config)
     for key, value in summary.items():
         if isinstance(value, dict):
             value = "  ".join(f"{k}={_fmt(v, 1000, 1)}ms" for k, v in value.items())
@@ -162,76 +96,6 @@ def cmd_rollout(args: Sequence[str]) -> int:
             value = f"{value:.3f}"
         print(f"{key:>24}  {value}")
     return 0
-
-
-def _with_engine(config: RolloutCommand) -> dict[str, Any]:
-    from dataclasses import replace
-
-    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
-
-    print("starting the embedded vLLM engine (about a minute on a CPU)...", file=sys.stderr)
-    with EmbeddedEngine(EngineConfig(model=config.model_name)) as engine:
-        return asyncio.run(_rollout(replace(config, base_url=engine.base_url, model_name=engine.served_model_name)))
-
-
-async def _rollout(config: RolloutCommand) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    from echo_env.serving.client import ClientConfig, LLMClient
-    from echo_env.envs.parallel import EchoPrefixParallelEnv
-    from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
-    from echo_env.envs.wrappers import ParallelTimingWrapper
-
-    assert config.base_url is not None
-    sampling = SamplingConfig(
-        api=config.api,
-        batching=config.batching,
-        max_tokens=config.max_tokens,
-        temperature=config.temperature,
-        seed=config.seed,
-        prompt_format=config.prompt_format,
-    )
-    client_cfg = ClientConfig(
-        base_url=config.base_url,
-        model=config.model_name,
-        api_key=config.api_key,
-        timeout_s=config.timeout_s,
-        max_concurrency=config.max_concurrency,
-    )
-    async with LLMClient(client_cfg) as client:
-        model = await client.model()
-        tokenizer = None
-        if config.prompt_format == "tokens":
-            from echo_env.serving.model import load_tokenizer
-
-            tokenizer = load_tokenizer(config.model_name)
-        worker = RolloutWorker(client, sampling, tokenizer=tokenizer)
-        env = ParallelTimingWrapper(
-            EchoPrefixParallelEnv(
-                batch_size=config.batch_size, group_size=config.group_size, max_turns=config.max_turns
-            )
-        )
-        agents = config.batch_size * config.group_size
-        bar = tqdm(total=agents * config.steps, desc="rollout", unit="agent")
-        worker.on_record = lambda record: bar.update(record.num_prompts * record.n)
-        steps = []
-        start = time.perf_counter()
-        try:
-            for episode in range(config.steps):
-                steps.extend(await worker.run_episode(env, seed=config.seed + episode))
-        finally:
-            bar.close()
-            if config.out_dir:
-                out = Path(config.out_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                with (out / "requests.jsonl").open("w") as fh:
-                    for record in worker.records:
-                        fh.write(json.dumps(record.to_json()) + "\n")
-        summary = summarize_rollout(steps, time.perf_counter() - start).to_json()
-        summary = {"model": model, "batching": config.batching, **summary}
-        if config.out_dir:
-            (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
 
 
 def cmd_serve(args: Sequence[str]) -> int:
@@ -257,7 +121,7 @@ def cmd_train(args: Sequence[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], type[Any] | None]] = {
     "test": (cmd_test, None),
-    "rollout": (cmd_rollout, RolloutCommand),
+    "rollout": (cmd_rollout, None),
     "serve": (cmd_serve, ServeCommand),
     "train": (cmd_train, None),
 }
@@ -265,9 +129,13 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], type[Any] | None]] = {
 
 def _config_class(name: str) -> type[Any] | None:
     if name == "test":
-        from echo_env.cachetest.runner import PrefixTestConfig
+        from echo_env.cachetest.config import PrefixTestConfig
 
         return PrefixTestConfig
+    if name == "rollout":
+        from echo_env.rollout.command import RolloutConfig
+
+        return RolloutConfig
     if name == "train":
         from echo_env.train import TrainConfig
 
@@ -306,6 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
+    except Exception as exc:  # a crash is no verdict: exit as UNKNOWN does, never as FAIL
+        if debug:
+            raise
+        print(
+            f"echo-prefix {name}: internal error: {type(exc).__name__}: {exc} (debug=true shows the traceback)",
+            file=sys.stderr,
+        )
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -73,16 +73,51 @@ def _convert(key: str, raw: str, annotation: Any) -> Any:
     raise ConfigError(f"{key}: values of type {annotation} cannot be set from the command line")
 
 
+def _nested(cls: type[Any]) -> dict[str, type[Any]]:
+    """Fields of ``cls`` that are themselves config dataclasses (their keys are ``cls``'s keys too)."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)
+        if f.init and isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])
+    }
+
+
+def known_keys(cls: type[Any]) -> dict[str, tuple[str | None, Any]]:
+    """Every ``key=value`` key of a config: ``{key: (sub-config field or None, type)}``.
+
+    A field whose type is itself a config dataclass (the server target every command
+    shares) contributes its own keys, so ``base_url=`` works as well as ``server.base_url=``.
+    """
+    hints = typing.get_type_hints(cls)
+    nested = _nested(cls)
+    keys: dict[str, tuple[str | None, Any]] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in nested:
+            sub_hints = typing.get_type_hints(nested[f.name])
+            for sub in dataclasses.fields(nested[f.name]):
+                if sub.init:
+                    keys.setdefault(sub.name, (f.name, sub_hints[sub.name]))
+                    keys[f"{f.name}.{sub.name}"] = (f.name, sub_hints[sub.name])
+        else:
+            keys[f.name] = (None, hints[f.name])
+    return keys
+
+
 def parse_overrides(cls: type[T], args: Sequence[str], base: T | None = None) -> T:
     """Build a ``cls`` config from ``key=value`` strings.
 
     Args:
-        cls: A dataclass whose fields are the accepted keys.
+        cls: A dataclass whose fields are the accepted keys; fields that are config
+            dataclasses themselves take their keys bare or dotted (``base_url=`` or
+            ``server.base_url=``).
         args: Strings such as ``"batch_size=32"``; lists are comma-separated.
         base: Start from this instance instead of the defaults.
 
     Returns:
-        The config, validated by its own ``__post_init__``.
+        The config, validated by its own ``__post_init__`` (and its parts' own).
 
     Raises:
         ConfigError: For a malformed argument, an unknown key (with the closest known
@@ -90,22 +125,31 @@ def parse_overrides(cls: type[T], args: Sequence[str], base: T | None = None) ->
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls} is not a dataclass")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
+    keys = known_keys(cls)
+    top: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {}
     for arg in args:
         key, sep, raw = arg.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep:
             raise ConfigError(f"arguments are key=value pairs, got {arg!r}: e.g. batch_size=16")
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
+        if key not in keys:
+            plain = [k for k in keys if "." not in k]
+            close = difflib.get_close_matches(key, plain, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"unknown key {key!r}{hint}: known keys are {', '.join(sorted(fields))}")
-        values[key] = _convert(key, raw, hints[key])
+            raise ConfigError(f"unknown key {key!r}{hint}: known keys are {', '.join(sorted(plain))}")
+        owner, annotation = keys[key]
+        value = _convert(key, raw, annotation)
+        if owner is None:
+            top[key] = value
+        else:
+            parts.setdefault(owner, {})[key.rsplit(".", 1)[-1]] = value
+    for owner, values in parts.items():
+        current = getattr(base, owner) if base is not None else _nested(cls)[owner]()
+        top[owner] = dataclasses.replace(current, **values)
     if base is not None:
-        return dataclasses.replace(base, **values)  # type: ignore[type-var]
-    return cls(**values)
+        return dataclasses.replace(base, **top)  # type: ignore[type-var]
+    return cls(**top)
 
 
 def field_docs(cls: type[Any]) -> dict[str, str]:
@@ -129,11 +173,18 @@ def field_docs(cls: type[Any]) -> dict[str, str]:
 
 
 def describe(cls: type[Any]) -> str:
-    """Two lines per key of a config dataclass: ``name=default``, then what it does (for ``--help``)."""
+    """Two lines per key of a config dataclass: ``name=default``, then what it does (for ``--help``).
+
+    Keys of a nested config (the server target) are listed bare, as they are given.
+    """
+    lines: list[str] = []
+    nested = _nested(cls)
     docs = field_docs(cls)
-    lines = []
     for f in dataclasses.fields(cls):
         if not f.init:
+            continue
+        if f.name in nested:
+            lines.append(describe(nested[f.name]))
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -146,3 +197,31 @@ def describe(cls: type[Any]) -> str:
         if docs.get(f.name):
             lines.append(f"      {docs[f.name]}")
     return "\n".join(lines)
+
+
+def build(cls: type[T], **values: Any) -> T:
+    """A ``cls`` config from flat keyword values, as the command line gives them.
+
+    ``build(PrefixTestConfig, base_url=..., batch_size=4)`` puts ``base_url`` into the
+    nested server target and ``batch_size`` at the top, like ``base_url=... batch_size=4``.
+
+    Raises:
+        ConfigError: An unknown key (with the closest known one).
+    """
+    keys = known_keys(cls)
+    top: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, [k for k in keys if "." not in k], n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key {key!r}{hint}")
+        owner, _ = keys[key]
+        if owner is None:
+            top[key] = value
+        else:
+            parts.setdefault(owner, {})[key.rsplit(".", 1)[-1]] = value
+    nested = _nested(cls)
+    for owner, sub in parts.items():
+        top[owner] = nested[owner](**sub)
+    return cls(**top)

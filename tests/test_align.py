@@ -16,9 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echo_env.errors import ConfigError
+from echo_env.cachetest.align import align_system_prompt, prefix_geometry
 from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples, worked_example
-from echo_env.measure.tokens import align_system_prompt, encode_prompts, plan_tokens, prefix_geometry
+from echo_env.errors import ConfigError
+from echo_env.measure.tokens import encode_prompts, plan_tokens
 
 BOS = 2
 
@@ -218,11 +219,12 @@ def gemma() -> Any:
 
 @pytest.mark.engine
 def test_the_default_workload_fills_whole_cpu_blocks(gemma: Any) -> None:
-    from echo_env.cachetest.runner import PrefixTestConfig, build_workload
+    from echo_env.cachetest.config import PrefixTestConfig
+    from echo_env.cachetest.workload import build_workload
 
     # The prefix test's workload, with run tags of its own form: ceiling >= 0.95 at block 128.
     for _ in range(5):
-        work = build_workload(PrefixTestConfig(), f"{uuid.uuid4().hex[:8]}-on00", seed=0)
+        work = build_workload(PrefixTestConfig(), f"{uuid.uuid4().hex[:8]}-cache_on")
         cold, warm = list(work.cold.values()), list(work.warm.values())
         ids = encode_prompts(gemma, cold + warm)
         plan = plan_tokens(ids[1:], 128, warm=ids[:1])
@@ -243,26 +245,32 @@ def test_alignment_reaches_095_for_the_real_tokenizer(gemma: Any, block: int, re
 
 def _facts(block: int | None) -> Any:
     from echo_env.serving.info import ServerFacts
+    from echo_env.serving.kinds import CacheGranularity
 
-    facts = ServerFacts(base_url="http://127.0.0.1:9/v1", metrics_url=None, model="m", block_size=block)
+    facts = ServerFacts(base_url="http://127.0.0.1:9/v1", metrics_url=None, model="m")
+    facts.granularity = CacheGranularity(block, "test") if block else None
     facts.tokenizer = lambda: TOK  # type: ignore[method-assign]
     return facts
 
 
 def test_align_prefix_off_keeps_the_shipped_prompt() -> None:
-    from echo_env.cachetest.runner import PrefixTestConfig, aligned_system_prompt
+    from echo_env.cachetest.config import PrefixTestConfig
+    from echo_env.cachetest.runner import aligned_system_prompt
 
     assert aligned_system_prompt(PrefixTestConfig(), _facts(256)) is None
 
 
 def test_align_prefix_aligns_every_phase_of_the_workload() -> None:
-    from echo_env.cachetest.runner import ALIGN_SLACK_TOKENS, PrefixTestConfig, aligned_system_prompt, build_workload
+    from echo_env.cachetest.config import PrefixTestConfig
+    from echo_env.cachetest.runner import ALIGN_SLACK_TOKENS, aligned_system_prompt
+    from echo_env.cachetest.workload import build_workload
 
     config = PrefixTestConfig(align_prefix="auto", batch_size=2, group_size=2)
     prompt = aligned_system_prompt(config, _facts(256))
     assert prompt is not None and prompt != default_system_prompt()
-    work = build_workload(config, "0123abcd-on00", seed=0, system_prompt=prompt)
-    for text in [*work.cold.values(), *work.warm.values(), *work.control.values()]:
+    work = build_workload(config, "0123abcd-cache_on", system_prompt=prompt)
+    warm_burst, control_burst = work.ttft_pair(0)
+    for text in [*work.cold.values(), *work.warm.values(), *warm_burst.values(), *control_burst.values()]:
         assert prompt in text
     # The tag is part of the prefix: the whole cold prompt's shared text sits just past a boundary.
     ids = encode_prompts(TOK, [*work.cold.values(), *work.warm.values()])
@@ -271,14 +279,15 @@ def test_align_prefix_aligns_every_phase_of_the_workload() -> None:
 
 
 def test_align_prefix_needs_a_block_size() -> None:
-    from echo_env.cachetest.runner import PrefixTestConfig, aligned_system_prompt
+    from echo_env.cachetest.config import PrefixTestConfig
+    from echo_env.cachetest.runner import aligned_system_prompt
 
     with pytest.raises(ConfigError, match="block_size="):
         aligned_system_prompt(PrefixTestConfig(align_prefix="pad"), _facts(None))
 
 
 def test_align_prefix_is_a_command_line_key() -> None:
+    from echo_env.cachetest.config import PrefixTestConfig
     from echo_env.config import parse_overrides
-    from echo_env.cachetest.runner import PrefixTestConfig
 
     assert parse_overrides(PrefixTestConfig, ["align_prefix=trim"]).align_prefix == "trim"

@@ -26,13 +26,16 @@ from typing import Any
 
 import gymnasium
 import pytest
-from fake_servers import MODEL, FakeOpenAIServer, echo_reply
+from fake_servers import BLOCK_SIZE, MODEL, FakeOpenAIServer, echo_reply
 
 from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.serving.engine import find_free_port
 from echo_env.errors import ConfigError, ServerUnreachableError
 from echo_env.envs.parallel import EchoPrefixParallelEnv
-from echo_env.cachetest.runner import EXIT_CODES, PrefixTestConfig, run_prefix_test
+from echo_env.cachetest.config import PrefixTestConfig
+from echo_env.cachetest.results import EXIT_CODES
+from echo_env.cachetest.runner import run_prefix_test
+from echo_env.config import build
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
 from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 
@@ -76,7 +79,7 @@ _DEAD = "base_url=http://127.0.0.1:9/v1"
     ("args", "needle"),
     [
         (["test", _DEAD, "group_size=-3"], "group_size must be at least 1"),
-        (["test", _DEAD, "repeats=0"], "repeats must be at least 1"),
+        (["test", _DEAD, "max_repeats=0"], "max_repeats must be at least 1"),
         (["test", _DEAD, "batch_size=1", "group_size=1"], "at least 2 agents"),
         (["test", _DEAD, "max_tokens=0"], "max_tokens=0 is out of range"),
         (["test", _DEAD, "timeout_s=0"], "timeout_s must be positive"),
@@ -114,13 +117,13 @@ def test_bad_config_value_is_one_line_naming_the_fix(
 
 def test_config_classes_refuse_bad_values_before_anything_starts() -> None:
     """Without base_url, a bad value must fail in the config, not after a minute of engine start-up."""
-    from echo_env.cli import RolloutCommand
+    from echo_env.rollout.command import RolloutConfig
 
     for kwargs in ({"timeout_s": 0}, {"temperature": 11.0}, {"max_tokens": 0}, {"group_size": 0}):
         with pytest.raises(ConfigError):
-            PrefixTestConfig(**kwargs)  # type: ignore[arg-type]
+            build(PrefixTestConfig, **kwargs)
         with pytest.raises(ConfigError):
-            RolloutCommand(**kwargs)  # type: ignore[arg-type]
+            build(RolloutConfig, **kwargs)
 
 
 @pytest.mark.parametrize("command", ["test", "rollout"])
@@ -252,10 +255,14 @@ def test_worker_keeps_failed_agents_out_of_the_rewards(fake: FakeOpenAIServer, b
 
 
 def _prefix_test(fake: FakeOpenAIServer, out: Path, **overrides: Any) -> dict[str, Any]:
-    config = PrefixTestConfig(
-        base_url=fake.base_url, batch_size=2, group_size=2, repeats=1, out_dir=str(out), timeout_s=5, **overrides
-    )
-    return run_prefix_test(config, show_progress=False)
+    """The summary.json of a run against the local stand-in (with the server's facts at the top)."""
+    config = build(
+        PrefixTestConfig, base_url=fake.base_url, batch_size=2, group_size=2, ttft_burst=2, out_dir=str(out),
+        timeout_s=5, **overrides,
+    )  # fmt: skip
+    summary = run_prefix_test(config, show_progress=False).to_json()
+    summary["server"] = summary["runs"][0]["server"] if summary["runs"] else {}
+    return summary
 
 
 @pytest.mark.parametrize(
@@ -271,7 +278,11 @@ def test_unreadable_metrics_give_unknown_naming_the_problem(
     fake: FakeOpenAIServer, tmp_path: Path, mode: str, named: str
 ) -> None:
     fake.metrics_mode, fake.report_cached_tokens = mode, False
+    # Without its metrics the server does not say its block size either: that is named first.
     summary = _prefix_test(fake, tmp_path)
+    assert summary["verdict"] == "UNKNOWN" and summary["reason_id"] == "ceiling_known"
+    assert "block_size=" in summary["reason"]
+    summary = _prefix_test(fake, tmp_path, block_size=BLOCK_SIZE)
     assert summary["verdict"] == "UNKNOWN" and EXIT_CODES[summary["verdict"]] == 2
     assert named in summary["reason"] and "cannot see cache hits" in summary["reason"]
     assert named in summary["server"]["metrics_error"]
@@ -281,7 +292,7 @@ def test_unreadable_metrics_give_unknown_naming_the_problem(
 
 def test_without_metrics_cached_tokens_still_give_the_hit_rate(fake: FakeOpenAIServer, tmp_path: Path) -> None:
     fake.metrics_mode = "missing"
-    summary = _prefix_test(fake, tmp_path)
+    summary = _prefix_test(fake, tmp_path, block_size=BLOCK_SIZE)
     assert summary["hit_rate_source"] == "cached_tokens" and summary["hit_rate"] > 0.9
 
 
@@ -291,18 +302,18 @@ def test_every_request_failing_gives_unknown_naming_the_error(
 ) -> None:
     fake.fault = fault
     summary = _prefix_test(fake, tmp_path)
-    assert summary["verdict"] == "UNKNOWN"
-    assert "no warm request finished" in summary["reason"] and error in summary["reason"]
+    assert summary["verdict"] == "UNKNOWN" and summary["reason_id"] == "phases_complete"
+    assert "requests failed" in summary["reason"] and error in summary["reason"]
     rows = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 4 and all(not r["ok"] and r["error"].startswith(error) for r in rows)
+    assert rows and all(not r["ok"] and r["error"].startswith(error) for r in rows)
 
 
 def test_a_cut_stream_stops_the_run_with_its_records_on_disk(fake: FakeOpenAIServer, tmp_path: Path) -> None:
     fake.fault = "cut"
-    with pytest.raises(ServerUnreachableError):
-        _prefix_test(fake, tmp_path)
+    returned = _prefix_test(fake, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["verdict"] == "UNKNOWN" and summary["partial"] is True
+    assert summary["verdict"] == returned["verdict"] == "UNKNOWN" and summary["partial"] is True
+    assert summary["exit_code"] == 2 and "could not reach the server" in summary["reason"]
     rows = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
     assert rows and all(r["error"].startswith("connection failed") for r in rows)
     assert rows[0]["attempts"] == 3  # the default two retries, each counted once

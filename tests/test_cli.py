@@ -45,7 +45,7 @@ def test_unreachable_server_is_reported_not_crashed(tmp_path: Path) -> None:
     from echo_env.serving.engine import find_free_port
 
     url = f"http://127.0.0.1:{find_free_port()}/v1"
-    proc = _cli("test", f"base_url={url}", f"out_dir={tmp_path}", "repeats=1")
+    proc = _cli("test", f"base_url={url}", f"out_dir={tmp_path}", "max_repeats=2", "min_repeats=2")
     assert proc.returncode == 2
     assert "no server answers" in proc.stderr and "Traceback" not in proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -55,7 +55,7 @@ def test_unreachable_server_is_reported_not_crashed(tmp_path: Path) -> None:
 def test_help_lists_every_key() -> None:
     proc = _cli("test", "--help")
     assert proc.returncode == 0
-    for key in ("base_url", "batch_size", "group_size", "compare_without_cache", "baseline_url", "repeats"):
+    for key in ("base_url", "batch_size", "group_size", "compare_without_cache", "baseline_url", "max_repeats"):
         assert key in proc.stdout
 
 
@@ -63,7 +63,7 @@ def test_help_lists_every_key() -> None:
 def test_command_line_compare_without_cache_restarts_the_embedded_engine(tmp_path: Path) -> None:
     """The README's main job, shrunk: exit 0 on PASS, and the cache-off run fails its hit-rate check."""
     out = tmp_path / "run"
-    args = ["compare_without_cache=true", "batch_size=4", "group_size=4", "repeats=1", f"out_dir={out}"]
+    args = ["compare_without_cache=true", "batch_size=4", "group_size=4", "max_repeats=2", "min_repeats=2", f"out_dir={out}"]
     proc = subprocess.run(
         [sys.executable, "-m", "echo_env", "test", *args], capture_output=True, text=True, timeout=1200
     )

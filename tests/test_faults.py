@@ -127,7 +127,7 @@ def test_counters_reset_mid_phase_make_that_phase_unknown(tmp_path: Path, monkey
             return await original(self, prompts)
 
         monkeypatch.setattr(RolloutWorker, "complete", complete)
-        config = PrefixTestConfig(base_url=fake.base_url, batch_size=2, group_size=4, repeats=1, out_dir=str(tmp_path))
+        config = PrefixTestConfig(base_url=fake.base_url, batch_size=2, group_size=4, max_repeats=2, min_repeats=2, out_dir=str(tmp_path))
         summary = run_prefix_test(config, show_progress=False)
     warm = summary["by_phase"]["cache_on"]["warm"]
     assert warm["counter_reset"] is True and warm["hit_rate"] is None
@@ -144,7 +144,7 @@ def test_sigterm_to_the_test_command_leaves_partial_results(tmp_path: Path) -> N
     with FakeOpenAIServer() as fake:
         fake.chunk_delay_s = 0.5  # keeps the warm phase in flight
         out = tmp_path / "run"
-        proc = _cli(f"base_url={fake.base_url}", "batch_size=2", "group_size=4", "repeats=3", f"out_dir={out}")
+        proc = _cli(f"base_url={fake.base_url}", "batch_size=2", "group_size=4", "max_repeats=3", f"out_dir={out}")
         try:
             _wait_for(lambda: len(_lines(out / "requests.jsonl")) >= 1, 60, "the cold phase", proc)
             proc.send_signal(signal.SIGTERM)
@@ -167,7 +167,7 @@ def test_sigterm_to_the_test_command_leaves_partial_results(tmp_path: Path) -> N
 @pytest.mark.timeout(600)
 def test_ctrl_c_stops_the_embedded_engine_and_keeps_partial_results(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = _cli("batch_size=2", "group_size=2", "repeats=20", "max_tokens=8", f"out_dir={out}")
+    proc = _cli("batch_size=2", "group_size=2", "max_repeats=20", "max_tokens=8", f"out_dir={out}")
     engine_pids: list[int] = []
     try:
         # Engine start-up (about a minute on a CPU), then the cold phase's record.
@@ -318,7 +318,7 @@ def test_restart_mid_run_gives_no_negative_delta_and_an_unknown_hit_rate(
 
     monkeypatch.setattr(RolloutWorker, "complete", complete)
     config = PrefixTestConfig(
-        base_url=own_engine.base_url, batch_size=2, group_size=2, repeats=1, max_tokens=8, out_dir=str(tmp_path)
+        base_url=own_engine.base_url, batch_size=2, group_size=2, max_repeats=2, min_repeats=2, max_tokens=8, out_dir=str(tmp_path)
     )
     summary = run_prefix_test(config, show_progress=False)
     on = summary["by_phase"]["cache_on"]
@@ -343,7 +343,7 @@ def test_server_killed_mid_run_ends_the_command_with_partial_results(
     assert pgid is not None
     out = tmp_path / "run"
     timeout_s = 20
-    args = ["batch_size=4", "group_size=4", "repeats=3", "max_tokens=8", f"timeout_s={timeout_s}", f"out_dir={out}"]
+    args = ["batch_size=4", "group_size=4", "max_repeats=3", "max_tokens=8", f"timeout_s={timeout_s}", f"out_dir={out}"]
     proc = _cli(f"base_url={own_engine.base_url}", *args)
     try:
         # Repeat 0's cold, warm and warm_single phases are on disk: the control phase is in flight.

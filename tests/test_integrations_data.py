@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from echo_env.envs.task import EchoTask
 from echo_env.errors import ConfigError
 from echo_env.integrations.data import completion_text, echo_rows, grade_batch, group_advantages, outcome_fractions
-from echo_env.envs.task import EchoTask
 
 
 def test_rows_share_the_prefix_and_differ_by_word() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from echo_env.envs.task import EchoTask
 from echo_env.errors import ConfigError
 from echo_env.integrations.trl_grpo import (
     EchoRollout,
@@ -25,7 +26,6 @@ from echo_env.integrations.trl_grpo import (
     stop_at_newline,
 )
 from echo_env.serving.model import load_tokenizer
-from echo_env.envs.task import EchoTask
 
 
 @pytest.fixture(scope="module")

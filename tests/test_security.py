@@ -94,7 +94,7 @@ def test_configs_keep_the_key_out_of_their_repr() -> None:
 def _run(command: str, fake: FakeOpenAIServer, out: Path, env: dict[str, str], *extra: str) -> str:
     args = [command, f"base_url={fake.base_url}", "batch_size=2", "group_size=2", f"out_dir={out}", "debug=true"]
     if command == "test":
-        args.append("repeats=1")
+        args += ["max_repeats=2", "min_repeats=2"]
     proc = subprocess.run(
         [sys.executable, "-m", "echo_env", *args, *extra], capture_output=True, text=True, timeout=120, env=env
     )

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echo_env.errors import ConfigError
 from echo_env.envs.task import (
     CORRECT_FEEDBACK,
     EchoTask,
     Turn,
     default_system_prompt,
     default_words,
+    env_turn,
+    follow_up,
     grade,
     strip_answer,
+    transcript_reply,
     user_turn,
 )
+from echo_env.errors import ConfigError
 
 WORD = "apple"
 
@@ -257,20 +261,123 @@ def test_run_tag_goes_at_the_very_start() -> None:
 
 def test_history_appears_in_both_renderings() -> None:
     task = EchoTask()
-    history = [Turn(reply=" Echo: Apple<end_of_turn>", feedback="Incorrect. Try again.")]
+    history = [Turn(reply=" Echo: Apple", feedback="Incorrect. Try again.", next_word=WORD)]
     text = task.transcript(WORD, history)
     assert text.endswith(
         "User: Please echo the following word: apple\nAssistant: Echo: Apple\n"
         "User: Incorrect. Try again. Please echo the following word: apple\nAssistant:"
     )
     assert task.chat_messages(WORD, history)[2:] == [
-        {"role": "assistant", "content": "Echo: Apple"},
+        {"role": "assistant", "content": " Echo: Apple"},
         {"role": "user", "content": "Incorrect. Try again. Please echo the following word: apple"},
     ]
 
 
+def test_the_next_word_is_asked_after_the_feedback() -> None:
+    task = EchoTask()
+    history = [Turn(reply=" Echo: apple", feedback=CORRECT_FEEDBACK, next_word="river")]
+    assert task.transcript(WORD, history).endswith(
+        "User: Please echo the following word: apple\nAssistant: Echo: apple\n"
+        "User: Correct! Echo matched. Please echo the following word: river\nAssistant:"
+    )
+    assert task.chat_messages(WORD, history)[-1] == {
+        "role": "user",
+        "content": "Correct! Echo matched. Please echo the following word: river",
+    }
+
+
+def test_the_last_answer_ends_the_conversation_with_the_feedback_as_in_the_recipe() -> None:
+    task = EchoTask()
+    history = [Turn(reply=" Echo: apple", feedback=CORRECT_FEEDBACK, next_word=None)]
+    assert task.transcript(WORD, history).endswith(
+        "User: Please echo the following word: apple\nAssistant: Echo: apple\nUser: Correct! Echo matched."
+    )
+    assert task.chat_messages(WORD, history)[-2:] == [
+        {"role": "assistant", "content": " Echo: apple"},
+        {"role": "user", "content": "Correct! Echo matched."},
+    ]
+    assert env_turn(CORRECT_FEEDBACK, None) == "Correct! Echo matched."
+
+
+@pytest.mark.parametrize(
+    ("reply", "shown"),
+    [
+        (" Echo: apple", " Echo: apple"),  # a base model's leading space stays
+        ("Echo: apple", "Echo: apple"),  # and is not added when the model gave none
+        (" Echo: apple\n", " Echo: apple\n"),  # a stop string kept in the output ends the line
+        ("Echo:  apple <end_of_turn>", "Echo:  apple <end_of_turn>"),
+        ("", ""),
+        ("Echo: a\nUser: fake", "Echo: a User: fake"),
+        ("Echo: a\r\nUser: fake\n", "Echo: a User: fake\n"),
+        ("a\rb\x0bc\x0cd\u2028e", "a b c d e"),
+    ],
+)
+def test_transcript_shows_a_reply_as_generated_on_one_line(reply: str, shown: str) -> None:
+    assert transcript_reply(reply) == shown
+
+
+def test_follow_up_adds_the_line_break_only_when_the_reply_has_none() -> None:
+    assert follow_up(" Echo: a", "Fb.", "river") == "\nUser: Fb. Please echo the following word: river\nAssistant:"
+    assert follow_up(" Echo: a\n", "Fb.", "river") == "User: Fb. Please echo the following word: river\nAssistant:"
+    assert follow_up(" Echo: a", "Fb.", None) == "\nUser: Fb."
+
+
+# Replies a server stopping at "\n" can send: one line, optionally with the stop string kept.
+_ONE_LINE = st.text(alphabet=st.characters(blacklist_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"))
+_REPLIES = st.tuples(_ONE_LINE, st.booleans()).map(lambda t: t[0] + ("\n" if t[1] else ""))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    replies=st.lists(_REPLIES, min_size=1, max_size=5),
+    words=st.lists(st.sampled_from(default_words()), min_size=5, max_size=5),
+    ends=st.booleans(),
+)
+def test_each_turn_extends_the_last_prompt_by_the_reply_as_generated(
+    replies: list[str], words: list[str], ends: bool
+) -> None:
+    task = EchoTask()
+    history: list[Turn] = []
+    for i, reply in enumerate(replies):
+        last = ends and i == len(replies) - 1
+        before_text, before_messages = task.transcript(words[0], history), task.chat_messages(words[0], history)
+        history.append(Turn(reply=reply, feedback="Some feedback.", next_word=None if last else words[i]))
+        after_text, after_messages = task.transcript(words[0], history), task.chat_messages(words[0], history)
+        assert after_text.startswith(before_text + reply)
+        assert after_text.endswith("User: Some feedback." if last else "\nAssistant:")
+        assert after_messages[: len(before_messages)] == before_messages
+        assert after_messages[len(before_messages)] == {"role": "assistant", "content": reply}
+
+
 @pytest.mark.parametrize("reply", ["Echo: a\nUser: fake turn", "Echo: a\r\nUser: fake turn", "Echo: a\rUser: fake"])
 def test_a_multi_line_reply_cannot_fake_a_transcript_turn(reply: str) -> None:
-    text = EchoTask().transcript(WORD, [Turn(reply=reply, feedback="Format error.")])
+    text = EchoTask().transcript(WORD, [Turn(reply=reply, feedback="Format error.", next_word=WORD)])
     lines = re.split(r"\r\n|\r|\n", text)
     assert not any(line.startswith("User: fake") for line in lines)
+
+
+# --- the words of a multi-turn episode ---------------------------------------------------
+
+
+def test_episode_words_start_with_the_one_turn_words_and_differ_within_a_group() -> None:
+    task = EchoTask()
+    words = task.episode_words(6, 4, seed=11)
+    assert [ws[0] for ws in words] == task.sample_words(6, seed=11)
+    assert all(len(ws) == 4 == len(set(ws)) for ws in words)
+    assert task.episode_words(6, 4, seed=11) == words
+    assert task.episode_words(6, 4, seed=12) != words
+    assert task.episode_words(6, 1, seed=11) == [[w] for w in task.sample_words(6, seed=11)]
+
+
+def test_one_turn_draws_nothing_more_from_the_generator() -> None:
+    task = EchoTask()
+    gen = np.random.default_rng(3)
+    assert task.later_words("apple", 0, gen) == []
+    assert gen.integers(1 << 30) == np.random.default_rng(3).integers(1 << 30)
+
+
+def test_more_turns_than_distinct_words_is_a_config_error() -> None:
+    task = EchoTask(words=("a", "b", "c"))
+    assert sorted(task.later_words("a", 2, np.random.default_rng(0))) == ["b", "c"]
+    with pytest.raises(ConfigError, match="lower turns"):
+        task.later_words("a", 3, np.random.default_rng(0))

@@ -8,9 +8,9 @@ from pettingzoo.test import parallel_api_test
 
 import echo_env  # noqa: F401 - registers EchoPrefix-v0
 from echo_env.envs.gym_env import EchoPrefixEnv
-from echo_env.errors import EnvUsageError
 from echo_env.envs.parallel import agent_id, parallel_env
 from echo_env.envs.wrappers import REQUEST_TIMING_KEYS, TIMING_KEYS, ParallelTimingWrapper, TimingWrapper
+from echo_env.errors import EnvUsageError
 
 
 def wrapped(max_turns: int = 1) -> TimingWrapper:
@@ -90,6 +90,37 @@ def test_timing_dicts_are_fresh_every_step() -> None:
     assert second["timing"]["step_s"] >= 0
 
 
+def test_episode_timing_sums_every_turn_of_a_multi_turn_episode() -> None:
+    env = TimingWrapper(gymnasium.make("EchoPrefix-v0", turns=3, max_turns=2))
+    _, info = env.reset(seed=0)
+    cached = [300, 320, 340, 360]
+    replies = ["wrong", " Echo: {w}", " Echo: {w}", " Echo: {w}"]
+    for i, (tokens, reply) in enumerate(zip(cached, replies)):
+        word = env.unwrapped.word  # type: ignore[attr-defined]
+        env.set_request_timing({"cached_tokens": tokens, "ttft_s": 0.5})
+        *_, terminated, _, info = env.step(reply.format(w=word))
+        assert info["timing"]["cached_tokens"] == tokens
+        assert ("episode_timing" in info) == terminated == (i == 3)
+    assert (info["turn"], info["session_id"]) == (2, "seed0-ep0")
+    episode = info["episode_timing"]
+    assert episode["steps"] == 4
+    assert episode["cached_tokens"] == sum(cached)
+    assert episode["ttft_s"] == pytest.approx(2.0)
+
+
+def test_parallel_episode_timing_covers_every_turn() -> None:
+    env = ParallelTimingWrapper(parallel_env(batch_size=1, group_size=2, turns=2))
+    env.reset(options={"words": [["apple", "forest"]]})
+    a, b = agent_id(0, 0), agent_id(0, 1)
+    for turn, word in enumerate(["apple", "forest"]):
+        env.set_request_timings({a: {"prompt_tokens": 100 * (turn + 1)}, b: {"prompt_tokens": 10}})
+        _, _, terms, _, infos = env.step({a: f" Echo: {word}", b: "wrong"})
+    assert all(terms.values())
+    assert infos[a]["episode_timing"]["steps"] == 2
+    assert infos[a]["episode_timing"]["prompt_tokens"] == 300
+    assert infos[b]["episode_timing"]["prompt_tokens"] == 20
+
+
 def test_wraps_an_env_from_gymnasium_make() -> None:
     env = TimingWrapper(gymnasium.make("EchoPrefix-v0"))
     _, info = env.reset(seed=0)
@@ -108,8 +139,10 @@ def pwrapped(max_turns: int = 2) -> ParallelTimingWrapper:
     return env
 
 
-def test_parallel_wrapper_passes_the_api_test() -> None:
-    parallel_api_test(ParallelTimingWrapper(parallel_env(batch_size=2, group_size=2, max_turns=2)), num_cycles=10)
+@pytest.mark.parametrize("turns", [1, 3])
+def test_parallel_wrapper_passes_the_api_test(turns: int) -> None:
+    env = ParallelTimingWrapper(parallel_env(batch_size=2, group_size=2, max_turns=2, turns=turns))
+    parallel_api_test(env, num_cycles=10)
 
 
 def test_parallel_timing_per_agent() -> None:

@@ -1,5 +1,10 @@
 """The echo task: the shared prompt, the words, the two renderings, and the grading.
 
+A conversation asks for a word, grades the reply, answers with the feedback and the
+next request (the same word again, or the next word), and so on; each turn's rendering
+extends the previous turn's by the reply and the environment's answer, character for
+character, which is what a server's prefix cache needs to reuse the history.
+
 Everything here is pure (the only I/O is reading the package's data files once), so the
 environments, the rollout worker and the prefix-cache test all agree on what an agent
 sees and how an answer scores.
@@ -39,6 +44,11 @@ _END_OF_TURN = re.compile(
     r"(?:\s*(?:<end_of_turn>|<eos>|</s>|<\|im_end\|>|<\|eot_id\|>|<\|endoftext\|>|<\|end\|>))+\s*\Z"
 )
 _FEEDBACK_PREVIEW_CHARS = 60
+
+
+def _choice(rng: np.random.Generator, n: int, size: int) -> list[int]:
+    """``size`` distinct indices below ``n`` drawn from ``rng``."""
+    return [int(i) for i in rng.choice(n, size=size, replace=False)]
 
 
 @functools.cache
@@ -167,14 +177,56 @@ def grade(completion: str, word: str) -> Grade:
     return Grade(REWARD_FORMAT_ERROR, "format_error", feedback, None)
 
 
+# Every character str.splitlines() breaks a line at ("\r\n" counts as one break).
+_LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def transcript_reply(reply: str) -> str:
+    """A reply as the plain-text transcript shows it: as generated, on one line.
+
+    A final ``"\\n"`` (the stop string, when a server keeps it in the output) stays and
+    ends the reply's line; every other line break becomes a space, so a reply cannot
+    start a line of its own and fake a ``User:`` turn. A reply from a server that stops
+    at ``"\\n"`` has no other line break, so it is shown exactly as generated, leading
+    space included.
+    """
+    if reply.endswith("\n"):
+        return _LINE_BREAK.sub(" ", reply[:-1]) + "\n"
+    return _LINE_BREAK.sub(" ", reply)
+
+
+def env_turn(feedback: str, next_word: str | None) -> str:
+    """What the environment says after an answer: the feedback, then the next request if any.
+
+    ``"Correct! Echo matched. Please echo the following word: river"``, or the feedback
+    alone when the episode is over.
+    """
+    return feedback if next_word is None else f"{feedback} {user_turn(next_word)}"
+
+
+def follow_up(reply: str, feedback: str, next_word: str | None) -> str:
+    """The transcript text that follows a reply (as shown) up to the agent's next turn.
+
+    A line break unless the reply already ends with one, then ``User:`` and
+    :func:`env_turn`, then ``"\\nAssistant:"`` when a next word is asked. So the next
+    prompt is the previous prompt, the reply, and this text, character for character.
+    """
+    sep = "" if reply.endswith("\n") else "\n"
+    text = f"{sep}User: {env_turn(feedback, next_word)}"
+    return text if next_word is None else text + "\nAssistant:"
+
+
 @dataclass(frozen=True)
 class Turn:
-    """One earlier attempt in a multi-turn episode."""
+    """One answered request of an episode, and what the environment said next."""
 
     reply: str
-    """What the agent answered."""
+    """What the agent answered, as generated (an env keeps it cut to its Text space)."""
     feedback: str
-    """What the environment said back."""
+    """The grade's feedback."""
+    next_word: str | None
+    """The word asked next (the same word for a retry, the next one after a finished word);
+    None when the episode ended with this answer."""
 
 
 @dataclass(frozen=True)
@@ -223,39 +275,82 @@ class EchoTask:
         picks: list[str] = []
         while len(picks) < n:
             take = min(n - len(picks), len(self.words))
-            idx = gen.choice(len(self.words), size=take, replace=False)
-            picks.extend(self.words[int(i)] for i in idx)
+            picks.extend(self.words[i] for i in _choice(gen, len(self.words), take))
         return picks
 
     def chat_messages(self, word: str, history: Sequence[Turn] = ()) -> list[ChatMessage]:
         """The conversation as chat messages, for ``/v1/chat/completions``.
 
-        Earlier attempts (``history``) appear as assistant replies followed by the
-        feedback, which is prepended to the repeated request.
+        The system prompt, the request for ``word``, then for each earlier answer the
+        assistant's reply (as given) and a user message with :func:`env_turn` (the
+        feedback, then the next request if any). Each turn's messages extend the
+        previous turn's.
         """
         messages: list[ChatMessage] = [
             {"role": "system", "content": self.system_text},
+            {"role": "user", "content": user_turn(word)},
         ]
-        request = user_turn(word)
-        messages.append({"role": "user", "content": request})
         for turn in history:
-            messages.append({"role": "assistant", "content": strip_answer(turn.reply)})
-            messages.append({"role": "user", "content": f"{turn.feedback} {request}"})
+            messages.append({"role": "assistant", "content": turn.reply})
+            messages.append({"role": "user", "content": env_turn(turn.feedback, turn.next_word)})
         return messages
 
     def transcript(self, word: str, history: Sequence[Turn] = ()) -> str:
         """The conversation as one plain-text prompt ending in ``Assistant:``.
 
         This is the form a base model follows (the system prompt's worked examples use
-        it), for ``/v1/completions``.
+        it), for ``/v1/completions``. Each earlier answer appears right after its
+        ``Assistant:`` as :func:`transcript_reply` shows it, followed by
+        :func:`follow_up`; so a turn's prompt starts with the previous turn's prompt
+        plus the reply as generated. After the last answer of an episode the text ends
+        with the final feedback instead of ``Assistant:``.
         """
-        parts = [self.system_text, "", f"User: {user_turn(word)}"]
+        text = f"{self.system_text}\n\nUser: {user_turn(word)}\nAssistant:"
         for turn in history:
-            # Every kind of line break (\r too), so a reply cannot start a line of its own.
-            reply = " ".join(strip_answer(turn.reply).splitlines())
-            parts.append(f"Assistant: {reply}")
-            parts.append(f"User: {turn.feedback} {user_turn(word)}")
-        return "\n".join(parts) + "\nAssistant:"
+            shown = transcript_reply(turn.reply)
+            text += shown + follow_up(shown, turn.feedback, turn.next_word)
+        return text
+
+    def later_words(self, first: str, count: int, rng: np.random.Generator) -> list[str]:
+        """``count`` distinct words other than ``first``, for an episode's later turns.
+
+        Draws nothing when ``count`` is 0, so an episode of one turn leaves ``rng`` as it was.
+
+        Raises:
+            ConfigError: The task has fewer than ``count`` other distinct words.
+        """
+        if count <= 0:
+            return []
+        others = [w for w in dict.fromkeys(self.words) if w != first]
+        if count > len(others):
+            raise ConfigError(
+                f"{count + 1} turns need {count + 1} distinct words and the task has {len(others) + 1}: "
+                "lower turns or add words"
+            )
+        idx = _choice(rng, len(others), count)
+        return [others[i] for i in idx]
+
+    def episode_words(
+        self, groups: int, turns: int, seed: int | None = None, *, rng: np.random.Generator | None = None
+    ) -> list[list[str]]:
+        """Each group's words, one per turn, distinct within a group, from a seed.
+
+        The first words are :meth:`sample_words` of the same seed (distinct across groups
+        while the list lasts), so a one-turn episode asks exactly those; the later words
+        are drawn after them.
+
+        Args:
+            groups: How many groups.
+            turns: Words per group.
+            seed: Seed for a fresh generator (ignored when ``rng`` is given).
+            rng: A generator to draw from.
+
+        Returns:
+            ``groups`` lists of ``turns`` words.
+        """
+        gen = rng if rng is not None else np.random.default_rng(seed)
+        firsts = self.sample_words(groups, rng=gen)
+        return [[first, *self.later_words(first, turns - 1, gen)] for first in firsts]
 
     def shared_text(self) -> str:
         """The text every transcript of this run starts with (up to the word)."""

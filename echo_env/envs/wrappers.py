@@ -14,8 +14,9 @@ Keys of ``info["timing"]`` (seconds unless named ``*_tokens``; None means unknow
 - ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``: from the server's usage.
 
 When an agent's episode ends, ``info["episode_timing"]`` holds ``steps``,
-``episode_s`` (reset to end) and the sum of every key above over the episode (a sum of
-a key stays None while every step left it unknown).
+``episode_s`` (reset to end) and the sum of every key above over the episode: every
+attempt at every word of a multi-turn episode (a sum of a key stays None while every
+step left it unknown).
 """
 
 from __future__ import annotations

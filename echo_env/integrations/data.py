@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from echo_env.errors import ConfigError
 from echo_env.envs.task import EchoTask, Grade, grade
+from echo_env.errors import ConfigError
 
 PromptStyle = Literal["transcript", "chat"]
 """``transcript``: the plain text ending in ``Assistant:`` (what a base model completes);

@@ -1,15 +1,18 @@
 """The echo task as tinker-cookbook RL types, so the cookbook's own training loop runs it.
 
 - :class:`EchoEnv` (``Env``): one agent; its observation is the prompt as tokens, its
-  action the sampled tokens; grading, turns and feedback are
-  :class:`echo_env.envs.gym_env.EchoPrefixEnv`'s own.
+  action the sampled tokens; grading, turns, attempts and feedback are
+  :class:`echo_env.envs.gym_env.EchoPrefixEnv`'s own. With ``turns > 1`` an episode is
+  several steps, and each observation is the previous one plus the action's tokens plus
+  the env's answer, so the cookbook trains a whole episode as one sequence.
 - :class:`EchoGroupBuilder` (``EnvGroupBuilder``): ``group_size`` envs asked for the same
-  word (identical prompts: GRPO's group, and one prefix for a cache to share).
-- :class:`EchoDataset` (``RLDataset``): ``batch_size`` groups per batch, one word each.
+  words (identical prompts: GRPO's group, and one prefix for a cache to share).
+- :class:`EchoDataset` (``RLDataset``): ``batch_size`` groups per batch, one word (or one
+  word per turn) each.
 - :class:`EchoDatasetBuilder` (``RLDatasetBuilder``, a ``chz`` class): the recipe's
   parameters, ``batch_size``, ``group_size``, ``model_name_for_tokenizer``,
-  ``renderer_name``; :func:`recipe_config` adds ``model_name`` and ``max_tokens`` into
-  the cookbook's ``rl.train.Config``.
+  ``renderer_name``, plus ``turns`` and ``max_turns``; :func:`recipe_config` adds
+  ``model_name`` and ``max_tokens`` into the cookbook's ``rl.train.Config``.
 
 The renderer :data:`TRANSCRIPT_RENDERER` gives the plain-text transcript ending in
 ``Assistant:`` (what a base model follows, stopping at a line break); any cookbook
@@ -46,10 +49,10 @@ from tinker_cookbook.rl.types import (
 )
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
-from echo_env.serving.client import LLMClient
-from echo_env.envs.gym_env import EchoPrefixEnv
+from echo_env.envs.gym_env import EchoPrefixEnv, check_turns
+from echo_env.envs.task import EchoTask
 from echo_env.errors import ConfigError, ServerResponseError
-from echo_env.envs.task import EchoTask, Turn
+from echo_env.serving.client import LLMClient
 
 TRANSCRIPT_RENDERER = "echo_transcript"
 """Renderer name for the plain-text transcript (base models), stopping at ``"\\n"``."""
@@ -69,14 +72,18 @@ def _tokenizer(model_name_for_tokenizer: str) -> Any:
 
 
 class EchoEnv(Env):
-    """One agent asked to echo one word, as a tinker-cookbook ``Env``.
+    """One agent asked to echo ``1 + len(later_words)`` words in turn, as a tinker-cookbook ``Env``.
+
+    Each word allows ``max_turns`` attempts; a step's reward is its answer's grade and
+    the episode ends after the last word (see :class:`~echo_env.envs.gym_env.EchoPrefixEnv`).
 
     Args:
-        word: The word to echo (one of the task's words).
+        word: The first word to echo (one of the task's words).
         tokenizer: The policy's tokenizer (``encode``/``decode``).
         renderer: A cookbook renderer for the chat form, or None for the transcript.
-        max_turns: Attempts; a wrong answer gets the feedback and another try.
+        max_turns: Attempts per word; a wrong answer gets the feedback and another try.
         task: The task; the default one if None.
+        later_words: The words of the later turns, in order (all different).
     """
 
     def __init__(
@@ -86,13 +93,16 @@ class EchoEnv(Env):
         renderer: renderers.Renderer | None = None,
         max_turns: int = 1,
         task: EchoTask | None = None,
+        later_words: Sequence[str] = (),
     ) -> None:
         self.word = word
+        self.words = [word, *later_words]
         self.tokenizer = tokenizer
         self.renderer = renderer
-        self.env = EchoPrefixEnv(max_turns=max_turns, task=task)
-        self._history: list[Turn] = []
-        self._transcript = ""
+        self.env = EchoPrefixEnv(max_turns=max_turns, task=task, turns=len(self.words))
+        self._text = ""
+        self._tokens: list[int] = []
+        self._messages: list[dict[str, str]] = []
 
     @property
     def stop_condition(self) -> StopCondition:
@@ -101,33 +111,52 @@ class EchoEnv(Env):
 
     def _observation(self) -> Observation:
         if self.renderer is None:
-            return tinker.ModelInput.from_ints(list(self.tokenizer.encode(self._transcript, add_special_tokens=True)))
-        messages = self.env.task.chat_messages(self.word, self._history)
-        return self.renderer.build_generation_prompt(messages)  # type: ignore[arg-type]
+            return tinker.ModelInput.from_ints(self._tokens)
+        return self.renderer.build_generation_prompt(self._messages)  # type: ignore[arg-type]
 
     def reply_text(self, action: Action) -> str:
         """The reply an action stands for.
 
-        Transcript form: the decoded tokens up to the first line break (where a server's
-        ``stop=["\\n"]`` cuts the text). Chat form: the renderer's parsed message text.
+        Transcript form: the decoded tokens up to and including the first line break
+        (where sampling stopped; any text after it is dropped). Chat form: the
+        renderer's parsed message text.
         """
         if self.renderer is None:
             text: str = self.tokenizer.decode(list(action), skip_special_tokens=True)
-            return text.split("\n", 1)[0]
+            line, newline, _rest = text.partition("\n")
+            return line + newline
         message, _termination = self.renderer.parse_response(list(action))
         return renderers.get_text_content(message)
 
+    def _next_tokens(self, text: str, action: Action) -> list[int]:
+        """The next transcript as tokens: the last observation, the action, then the env's answer.
+
+        Building on the tokens the policy saw and sampled (rather than re-encoding the
+        text) keeps each observation an extension of the last, token for token, so the
+        cookbook merges the episode into one training sequence; when the env showed the
+        reply differently (text after the line break, a special token, characters cut
+        to printable ASCII) the transcript is encoded afresh.
+        """
+        said = self._text + self.tokenizer.decode(list(action), skip_special_tokens=False)
+        if text.startswith(said):
+            return [*self._tokens, *action, *self.tokenizer.encode(text[len(said) :], add_special_tokens=False)]
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
     async def initial_observation(self) -> tuple[Observation, StopCondition]:
-        """Reset the env for this env's word and render its prompt."""
-        self._transcript, _info = self.env.reset(options={"word": self.word})
-        self._history = []
+        """Reset the env for this env's words and render its prompt."""
+        self._text, info = self.env.reset(options={"words": self.words})
+        self._messages = info["messages"]
+        if self.renderer is None:
+            self._tokens = list(self.tokenizer.encode(self._text, add_special_tokens=True))
         return self._observation(), self.stop_condition
 
     async def step(self, action: Action, *, extra: ActionExtra | None = None) -> StepResult:
-        """Grade the reply with the env's rules; the episode ends when right or out of turns."""
+        """Grade the reply with the env's rules; ask again, ask the next word, or end after the last."""
         reply = self.reply_text(action)
-        self._transcript, reward, done, _truncated, info = self.env.step(reply)
-        self._history.append(Turn(reply=reply, feedback=info["feedback"]))
+        text, reward, done, _truncated, info = self.env.step(reply)
+        if self.renderer is None and not done:
+            self._tokens = self._next_tokens(text, action)
+        self._text, self._messages = text, info["messages"]
         metrics: dict[str, float | int] = {
             "correct": float(info["outcome"] == "correct"),
             "wrong_word": float(info["outcome"] == "wrong_word"),
@@ -142,20 +171,26 @@ class EchoEnv(Env):
             next_observation=tinker.ModelInput.empty() if done else self._observation(),
             next_stop_condition=self.stop_condition,
             metrics=metrics,
-            logs={"word": self.word, "reply": reply[:200], "feedback": info["feedback"]},
+            logs={
+                "word": info["word"],
+                "turn": info["turn"],
+                "attempt": info["attempt"],
+                "reply": reply[:200],
+                "feedback": info["feedback"],
+            },
         )
 
 
 @dataclass(frozen=True)
 class EchoGroupBuilder(EnvGroupBuilder):
-    """``num_envs`` envs asked for the same word: one GRPO group, one shared prompt.
+    """``num_envs`` envs asked for the same words: one GRPO group, one shared prompt.
 
     Holds names, not objects, so it pickles (the cookbook may ship builders to other
     processes); tokenizer and renderer are made in :meth:`make_envs` (both cached).
     """
 
     word: str
-    """The group's word."""
+    """The group's (first) word."""
     num_envs: int
     """Envs in the group (the recipe's ``group_size``)."""
     model_name_for_tokenizer: str
@@ -163,7 +198,9 @@ class EchoGroupBuilder(EnvGroupBuilder):
     renderer_name: str = TRANSCRIPT_RENDERER
     """:data:`TRANSCRIPT_RENDERER` or a cookbook renderer name."""
     max_turns: int = 1
-    """Attempts per env."""
+    """Attempts per word."""
+    later_words: tuple[str, ...] = ()
+    """The words of the later turns (an episode asks ``1 + len(later_words)`` words)."""
 
     async def make_envs(self) -> Sequence[Env]:
         """The group's envs."""
@@ -171,7 +208,10 @@ class EchoGroupBuilder(EnvGroupBuilder):
         renderer = None
         if self.renderer_name != TRANSCRIPT_RENDERER:
             renderer = renderers.get_renderer(self.renderer_name, tokenizer=tokenizer)
-        return [EchoEnv(self.word, tokenizer, renderer, self.max_turns) for _ in range(self.num_envs)]
+        return [
+            EchoEnv(self.word, tokenizer, renderer, self.max_turns, later_words=self.later_words)
+            for _ in range(self.num_envs)
+        ]
 
     def logging_tags(self) -> list[str]:
         return ["echo"]
@@ -181,7 +221,12 @@ class EchoDataset(RLDataset):
     """Batches of :class:`EchoGroupBuilder`: ``batch_size`` words per batch, one group each.
 
     Words are drawn without repeats within a batch, from a generator seeded by
-    ``seed + index``, so a batch is the same every time it is asked for.
+    ``seed + index``, so a batch is the same every time it is asked for; with
+    ``turns > 1`` each group's later words are drawn after them (different from each
+    other within the group).
+
+    Raises:
+        ConfigError: A size below 1, or ``turns`` / ``max_turns`` the env refuses.
     """
 
     def __init__(
@@ -194,10 +239,14 @@ class EchoDataset(RLDataset):
         max_turns: int = 1,
         seed: int = 0,
         task: EchoTask | None = None,
+        turns: int = 1,
     ) -> None:
         for name, value in (("batch_size", batch_size), ("group_size", group_size), ("n_batches", n_batches)):
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
+        self.task = task if task is not None else EchoTask()
+        check_turns(self.task, turns, max_turns)
+        self.turns = turns
         self.batch_size = batch_size
         self.group_size = group_size
         self.model_name_for_tokenizer = model_name_for_tokenizer
@@ -205,22 +254,22 @@ class EchoDataset(RLDataset):
         self.n_batches = n_batches
         self.max_turns = max_turns
         self.seed = seed
-        self.task = task if task is not None else EchoTask()
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
         """The ``index``-th batch of group builders."""
         if not 0 <= index < self.n_batches:
             raise IndexError(f"batch {index} of an echo dataset with {self.n_batches} batches")
-        words = self.task.sample_words(self.batch_size, seed=self.seed + index)
+        words = self.task.episode_words(self.batch_size, self.turns, seed=self.seed + index)
         return [
             EchoGroupBuilder(
-                word=word,
+                word=first,
                 num_envs=self.group_size,
                 model_name_for_tokenizer=self.model_name_for_tokenizer,
                 renderer_name=self.renderer_name,
                 max_turns=self.max_turns,
+                later_words=tuple(later),
             )
-            for word in words
+            for first, *later in words
         ]
 
     def __len__(self) -> int:
@@ -242,7 +291,9 @@ class EchoDatasetBuilder(RLDatasetBuilder):
     n_batches: int = 100
     """Training batches."""
     max_turns: int = 1
-    """Attempts per env."""
+    """Attempts per word."""
+    turns: int = 1
+    """Words per episode, asked one after another in one conversation."""
     seed: int = 0
     """Seeds the words."""
     n_test_batches: int = 0
@@ -258,6 +309,7 @@ class EchoDatasetBuilder(RLDatasetBuilder):
             self.n_batches,
             self.max_turns,
             self.seed,
+            turns=self.turns,
         )
         test = None
         if self.n_test_batches:
@@ -269,6 +321,7 @@ class EchoDatasetBuilder(RLDatasetBuilder):
                 self.n_test_batches,
                 self.max_turns,
                 seed=self.seed + 1_000_000,
+                turns=self.turns,
             )
         return train, test
 
@@ -281,6 +334,8 @@ def recipe_config(
     group_size: int = 8,
     max_tokens: int = 16,
     learning_rate: float = 4e-5,
+    turns: int = 1,
+    max_turns: int = 1,
 ) -> chz.Blueprint[Any]:
     """The cookbook's ``rl.train.Config`` for the echo task, as a ``chz`` blueprint.
 
@@ -295,6 +350,8 @@ def recipe_config(
         group_size: Completions per prompt.
         max_tokens: Longest completion.
         learning_rate: Adam learning rate.
+        turns: Words per episode (``dataset_builder.turns``).
+        max_turns: Attempts per word (``dataset_builder.max_turns``).
 
     Returns:
         The blueprint.
@@ -315,6 +372,8 @@ def recipe_config(
             "dataset_builder.group_size": group_size,
             "dataset_builder.model_name_for_tokenizer": model_name,
             "dataset_builder.renderer_name": renderer_name,
+            "dataset_builder.turns": turns,
+            "dataset_builder.max_turns": max_turns,
             "learning_rate": learning_rate,
             "max_tokens": max_tokens,
             "eval_every": 0,

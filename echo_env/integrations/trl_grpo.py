@@ -21,6 +21,11 @@ best case) through :class:`echo_env.rollout.worker.RolloutWorker`; the server's 
 logprobs go back to the trainer. On a GPU, serve the policy with ``trl vllm-serve`` and
 set ``use_vllm=True, vllm_mode="server"`` so TRL pushes each update into that server.
 
+GRPO here is single-turn: one prompt, one completion, one reward. Multi-turn episodes
+(``turns`` words per conversation) run in the envs, the tinker-cookbook adapter and the
+verifiers adapter; TRL's ``rollout_func`` would have to drive whole conversations and
+return their interleaved token masks, which this adapter does not do.
+
 Only :func:`echo_dataset` and :func:`grpo_trainer_class` import a library (``datasets``,
 ``trl``); everything else here is plain Python over duck-typed TRL objects.
 """
@@ -37,12 +42,12 @@ from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.envs.task import EchoTask
 from echo_env.errors import ConfigError, EchoEnvError, ServerResponseError
 from echo_env.integrations.data import PromptStyle, echo_rows, grade_batch, outcome_fractions
-from echo_env.serving.metrics import MetricsReader, delta
-from echo_env.envs.task import EchoTask
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.serving.metrics import MetricsReader, delta
 
 log = logging.getLogger(__name__)
 

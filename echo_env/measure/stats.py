@@ -1,18 +1,28 @@
-"""Statistics for latency samples: percentiles, summaries and bootstrap intervals.
+"""Statistics for latency samples: percentiles, summaries and confidence intervals.
 
-Pure functions over plain sequences of floats (seconds, tokens, requests), so the report
-can say "warm TTFT is 2.6x faster (95% CI 2.3-2.9)" rather than compare two medians
-that might differ by chance.
+Pure functions over plain sequences of floats (seconds, tokens, ratios), so the report
+can say "warm TTFT is 2.6x faster (95% CI 2.3-2.9 over 5 repeats)" rather than compare
+two medians that might differ by chance.
+
+Every interval names its unit. Requests of one burst share queueing and batching, so
+they are not independent samples: :func:`bootstrap_ratio_ci` resamples requests and is
+for spreads within one run, while a comparison across bursts (warm vs control TTFT)
+goes through :func:`repeat_ratio_ci` and :func:`sequential_decision`, with one ratio
+per independent repeat.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from echo_env.errors import ConfigError
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -109,13 +119,6 @@ def summarize(values: Sequence[float]) -> LatencySummary:
     )
 
 
-def throughput(count: float, duration_s: float) -> float | None:
-    """``count / duration_s`` (e.g. requests per second); None if the duration is not positive."""
-    if not math.isfinite(duration_s) or duration_s <= 0:
-        return None
-    return count / duration_s
-
-
 # --------------------------------------------------------------------------------------
 # Bootstrap confidence intervals
 # --------------------------------------------------------------------------------------
@@ -187,26 +190,6 @@ class RatioCI:
         return value < self.low or value > self.high
 
 
-@dataclass(frozen=True)
-class DiffCI:
-    """A difference of two statistics with its bootstrap confidence interval."""
-
-    diff: float
-    """``stat(baseline) - stat(treatment)``: above 0 means the treatment is faster (for latencies)."""
-    low: float
-    """Lower end of the interval."""
-    high: float
-    """Upper end of the interval."""
-    confidence: float = 0.95
-    """The interval's confidence level."""
-    stat: str = "median"
-    """Which statistic was compared."""
-
-    def excludes(self, value: float = 0.0) -> bool:
-        """True if ``value`` lies outside the interval (for 0.0: the difference is not chance)."""
-        return value < self.low or value > self.high
-
-
 def _bootstrap_pair(
     baseline: Sequence[float],
     treatment: Sequence[float],
@@ -241,6 +224,12 @@ def bootstrap_ratio_ci(
     For latencies this is the speedup: with cold requests as ``baseline`` and cached ones
     as ``treatment``, a ratio of 2.6 means cached requests take 2.6x less time.
 
+    The resampled unit is the single value, so the interval is only as honest as the
+    values are independent. Requests of one burst are not (they share queueing and
+    batching): pooled over a few bursts, this interval ignores the burst-to-burst spread
+    and calls chance a gain (``benchmarks/ttft_false_positive.py``). To compare
+    conditions across bursts, take one ratio per repeat and use :func:`repeat_ratio_ci`.
+
     Args:
         baseline: Samples of the reference condition (e.g. cache off, or cold TTFTs).
         treatment: Samples of the condition under test (e.g. cache on, or warm TTFTs).
@@ -268,34 +257,228 @@ def bootstrap_ratio_ci(
     return RatioCI(ratio=base_stat / treat_stat, low=float(low), high=float(high), confidence=confidence, stat=stat)
 
 
-def bootstrap_diff_ci(
-    baseline: Sequence[float],
-    treatment: Sequence[float],
-    stat: str = "median",
-    n_boot: int = 2000,
-    confidence: float = 0.95,
-    seed: int | None = 0,
-) -> DiffCI:
-    """``stat(baseline) - stat(treatment)`` with a percentile-bootstrap confidence interval.
+# --------------------------------------------------------------------------------------
+# Intervals over independent repeats
+# --------------------------------------------------------------------------------------
 
-    For latencies this is the time saved per request by the treatment.
+
+def _t_central_mass(theta: float, df: int) -> float:
+    """``P(|T| <= sqrt(df) * tan(theta))`` for Student's t with ``df`` degrees of freedom.
+
+    The finite series of Abramowitz & Stegun 26.7.3 (odd ``df``) and 26.7.4 (even):
+    exact for whole degrees of freedom, which is all an interval over ``n`` repeats needs
+    (``n - 1``), and it keeps scipy out of the dependencies.
+    """
+    sin, cos = math.sin(theta), math.cos(theta)
+    cos2 = cos * cos
+    term, total = 1.0, 1.0
+    if df % 2 == 1:
+        for k in range(1, (df - 1) // 2):
+            term *= cos2 * (2 * k) / (2 * k + 1)
+            total += term
+        return 2 / math.pi * (theta + (sin * cos * total if df > 1 else 0.0))
+    for k in range(1, df // 2):
+        term *= cos2 * (2 * k - 1) / (2 * k)
+        total += term
+    return sin * total
+
+
+@functools.lru_cache(maxsize=256)
+def _t_quantile(confidence: float, df: int) -> float:
+    """The ``t`` with ``P(|T| <= t) = confidence``: the half-width of a two-sided interval in standard errors."""
+    # The central mass rises monotonically with theta on (0, pi/2): bisect down to the last bit.
+    lo, hi = 0.0, math.pi / 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if _t_central_mass(mid, df) < confidence:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(df) * math.tan((lo + hi) / 2)
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ConfigError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
+
+
+def _usable_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
+    """The finite, positive ratios in order: a repeat whose bursts failed gives none."""
+    return tuple(float(r) for r in ratios if math.isfinite(r) and r > 0)
+
+
+@dataclass(frozen=True)
+class RepeatRatioCI:
+    """The typical ratio over independent repeats (e.g. control/warm TTFT), with its interval."""
+
+    ratio: float
+    """Geometric mean of the per-repeat ratios: the point estimate of the typical ratio."""
+    low: float
+    """Lower end of the interval."""
+    high: float
+    """Upper end of the interval."""
+    n: int
+    """Number of repeats the interval rests on (the usable ratios)."""
+    confidence: float
+    """Confidence level the interval was computed at (per look, when from :func:`sequential_decision`)."""
+    per_repeat: tuple[float, ...]
+    """The usable per-repeat ratios, in the order run."""
+
+
+def repeat_ratio_ci(ratios: Sequence[float], confidence: float = 0.95) -> RepeatRatioCI | None:
+    """Interval for the typical ratio over independent repeats, one ratio per repeat.
+
+    Each repeat gives one ratio (e.g. ``median(control TTFT) / median(warm TTFT)`` of its
+    pair of bursts), so the interval's unit is the repeat, not the request. Ratios are
+    multiplicative, so the interval is Student's t-interval on the mean log ratio, taken
+    back with ``exp``: the point is the geometric mean, and 2x faster and 2x slower are
+    equally far from 1.
 
     Args:
-        baseline: Samples of the reference condition.
-        treatment: Samples of the condition under test.
-        stat: "median", "mean" or a percentile such as "p90".
-        n_boot: Number of bootstrap resamples.
-        confidence: Confidence level of the interval, e.g. 0.95.
-        seed: Seed of numpy's random generator; the same seed gives the same interval.
+        ratios: One ratio per repeat. Values that are not finite and positive (a repeat
+            whose bursts failed) are left out.
+        confidence: Two-sided confidence level, e.g. 0.95.
 
     Returns:
-        The difference and its interval.
+        The interval, or None with fewer than two usable ratios (no spread to estimate).
+        Identical ratios give a zero-width interval at that value.
 
     Raises:
-        ValueError: A sample is empty or an argument is out of range.
+        ConfigError: ``confidence`` is not between 0 and 1.
     """
-    base_stat, treat_stat, base_boot, treat_boot, lo_pct, hi_pct = _bootstrap_pair(
-        baseline, treatment, stat, n_boot, confidence, seed
+    _check_confidence(confidence)
+    usable = _usable_ratios(ratios)
+    n = len(usable)
+    if n < 2:
+        return None
+    logs = np.log(np.asarray(usable, dtype=np.float64))
+    mean = float(logs.mean())
+    half = _t_quantile(confidence, n - 1) * float(logs.std(ddof=1)) / math.sqrt(n)
+    return RepeatRatioCI(
+        ratio=math.exp(mean),
+        low=math.exp(mean - half),
+        high=math.exp(mean + half),
+        n=n,
+        confidence=confidence,
+        per_repeat=usable,
     )
-    low, high = np.percentile(base_boot - treat_boot, [lo_pct, hi_pct])
-    return DiffCI(diff=base_stat - treat_stat, low=float(low), high=float(high), confidence=confidence, stat=stat)
+
+
+EffectDecision = Literal["above", "below", "undecided"]
+"""Where an interval lies against a minimum effect: wholly above, wholly below, or across it."""
+
+
+def decide_effect(ci: RepeatRatioCI | None, min_effect: float) -> EffectDecision:
+    """Whether the interval shows the ratio above or below ``min_effect``, or cannot tell.
+
+    Args:
+        ci: The interval (None: too few repeats, which decides nothing).
+        min_effect: The smallest ratio that counts as a real effect, e.g. 1.2 for "warm
+            TTFT at least 1.2x faster than control".
+
+    Returns:
+        ``"above"`` when the interval's low end is above ``min_effect``, ``"below"`` when
+        its high end is below it, else ``"undecided"``.
+
+    Raises:
+        ConfigError: ``min_effect`` is not a positive number.
+    """
+    if not (math.isfinite(min_effect) and min_effect > 0):
+        raise ConfigError(f"min_effect must be a positive ratio (e.g. 1.2), got {min_effect}")
+    if ci is None:
+        return "undecided"
+    if ci.low > min_effect:
+        return "above"
+    if ci.high < min_effect:
+        return "below"
+    return "undecided"
+
+
+def looks_confidence(confidence: float, planned_looks: int) -> float:
+    """The confidence each of ``planned_looks`` looks must use so that all of them together keep ``confidence``.
+
+    Bonferroni: each look may err with ``(1 - confidence) / planned_looks``, so the chance
+    that any look errs is at most ``1 - confidence``, whatever the looks' correlation.
+
+    Args:
+        confidence: The overall confidence, e.g. 0.95.
+        planned_looks: How many looks at the data there can be, at most.
+
+    Returns:
+        The per-look confidence, e.g. 0.99 for 0.95 over 5 looks.
+
+    Raises:
+        ConfigError: ``confidence`` is not between 0 and 1, or ``planned_looks`` is below 1.
+    """
+    _check_confidence(confidence)
+    if planned_looks < 1:
+        raise ConfigError(f"planned_looks must be at least 1, got {planned_looks}")
+    return 1 - (1 - confidence) / planned_looks
+
+
+def sequential_decision(
+    ratios: Sequence[float],
+    min_effect: float,
+    confidence: float = 0.95,
+    min_repeats: int = 3,
+    max_repeats: int = 8,
+) -> tuple[EffectDecision, RepeatRatioCI | None]:
+    """The decision after the latest repeat, for a runner that may stop as soon as one is reached.
+
+    The runner calls this after each repeat with every ratio so far and stops on
+    ``"above"`` or ``"below"``, or after ``max_repeats`` usable repeats. The looks are at
+    ``n = min_repeats .. max_repeats`` usable ratios, and each uses the interval at
+    :func:`looks_confidence` of ``confidence`` over those ``max_repeats - min_repeats + 1``
+    planned looks. Below ``min_repeats`` nothing is decided.
+
+    Error guarantee: if the per-repeat log ratios are independent draws from one normal
+    distribution whose mean is the log of the true typical ratio ``rho`` (which repeats
+    in alternating order and bursts with nothing shared between repeats are there to
+    make true), then over all looks together, whenever the runner stops:
+
+    - when ``rho <= min_effect``, the chance that any look says ``"above"`` is at most
+      ``(1 - confidence) / 2`` (2.5% at 0.95);
+    - when ``rho >= min_effect``, the chance that any look says ``"below"`` is at most
+      ``(1 - confidence) / 2``;
+    - the chance that any look's interval misses ``rho`` is at most ``1 - confidence``.
+
+    Bonferroni ignores that the looks share repeats, so the true error rates are lower
+    (and the intervals wider) than the bounds. A repeat that gave no usable ratio is not
+    a look: the same usable ratios give the same decision.
+
+    Args:
+        ratios: One ratio per repeat so far, in the order run (non-finite or non-positive
+            values, from failed repeats, are left out).
+        min_effect: The smallest ratio that counts as a real effect, e.g. 1.2.
+        confidence: Overall confidence over all planned looks, e.g. 0.95.
+        min_repeats: The first look; at least 2.
+        max_repeats: The last look; the runner must not take more usable repeats.
+
+    Returns:
+        The decision and the interval it rests on (at the per-look confidence; None with
+        fewer than two usable ratios). With fewer than ``min_repeats`` usable ratios the
+        decision is ``"undecided"``, whatever the interval says.
+
+    Raises:
+        ConfigError: An argument is out of range (``min_repeats`` below 2 or above
+            ``max_repeats``, ``confidence`` or ``min_effect`` invalid).
+        ValueError: There are more usable ratios than ``max_repeats``: a look the error
+            guarantee did not plan for.
+    """
+    if min_repeats < 2:
+        raise ConfigError(f"min_repeats must be at least 2 (an interval needs two repeats), got {min_repeats}")
+    if max_repeats < min_repeats:
+        raise ConfigError(f"max_repeats ({max_repeats}) must be at least min_repeats ({min_repeats})")
+    usable = _usable_ratios(ratios)
+    if len(usable) > max_repeats:
+        raise ValueError(
+            f"{len(usable)} usable repeats but max_repeats is {max_repeats}: stop at max_repeats, "
+            "or raise it before the run so the looks are planned for"
+        )
+    ci = repeat_ratio_ci(usable, looks_confidence(confidence, max_repeats - min_repeats + 1))
+    decision = decide_effect(ci, min_effect)
+    if len(usable) < min_repeats:
+        return "undecided", ci
+    return decision, ci

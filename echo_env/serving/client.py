@@ -12,6 +12,10 @@ requests on one event loop delays every request's clock; this path costs under 1
 (``benchmarks/client_overhead.py`` measures both). ``/v1/models`` goes over the same
 pool (the SDK's first call alone costs ~60 ms of CPU). ``transport="openai"`` sends
 generation through the SDK instead.
+
+What is kept of each streamed chunk is decided once per request: token ids and logprobs
+only when the caller wants them (by default, when it asked the server for them), gaps
+between tokens unless the caller says it has no use for them.
 """
 
 from __future__ import annotations
@@ -23,14 +27,29 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import aiohttp
 import openai
+from yarl import URL
 
 from echo_env.errors import ConfigError, ServerResponseError, ServerUnreachableError
+from echo_env.serving.sse import SSEDecoder
+
+__all__ = [
+    "Api",
+    "ClientConfig",
+    "LLMClient",
+    "Output",
+    "Prompt",
+    "RequestRecord",
+    "SSEDecoder",
+    "Transport",
+    "unreachable",
+    "usable_concurrency",
+]
 
 try:  # openai >= 3 ships its own fork of httpx
     import httpx2 as _httpx  # type: ignore[import-not-found]
@@ -236,6 +255,7 @@ class LLMClient:
                 http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=config.timeout_s),
             )
         self._session: aiohttp.ClientSession | None = None  # made on first use, inside the event loop
+        self._proxy: tuple[URL | None, aiohttp.BasicAuth | None] = (None, None)  # read with the session
         self._url = config.base_url.rstrip("/")
         self._auth = {"Authorization": f"Bearer {config.resolved_api_key()}"}
         self._headers = {**self._auth, "Accept": "text/event-stream"}
@@ -273,7 +293,11 @@ class LLMClient:
         # (measured), a tenth of a 1024-request step against a fast server.
         try:
             timeout = aiohttp.ClientTimeout(total=min(self.config.timeout_s, 60.0))
-            async with self._aiohttp().get(self._url + "/models", headers=self._auth, timeout=timeout) as resp:
+            session = self._aiohttp()
+            proxy, proxy_auth = self._proxy
+            async with session.get(
+                self._url + "/models", headers=self._auth, timeout=timeout, proxy=proxy, proxy_auth=proxy_auth
+            ) as resp:
                 status, body = resp.status, await resp.text(errors="replace")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
@@ -333,7 +357,10 @@ class LLMClient:
         seed: int | None = None,
         logprobs: int | None = None,
         extra_body: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
         tag: str = "",
+        want_tokens: bool | None = None,
+        want_itl: bool = True,
     ) -> RequestRecord:
         """Send one streamed request and record it; never raises for a failed request.
 
@@ -349,7 +376,14 @@ class LLMClient:
             seed: Sampling seed.
             logprobs: Sampled-token logprobs to return (completions only).
             extra_body: Extra fields for the server (e.g. vLLM's ``cache_salt``).
+            headers: Extra HTTP headers for this request only (e.g. ``X-Session-ID`` for a
+                router that keeps a session on one replica).
             tag: A label kept in the record.
+            want_tokens: Keep the generated token ids, prompt token ids and logprobs the
+                server streams (completions only). None: when this request asks for them
+                (``logprobs``, or ``return_token_ids`` in ``extra_body``).
+            want_itl: Keep the gaps between successive text chunks (``Output.itl_s``).
+                False spares a little CPU per chunk when no one reads them.
 
         Returns:
             The record; check ``ok`` and ``error``.
@@ -378,18 +412,21 @@ class LLMClient:
                 kwargs["logprobs"] = logprobs
         else:
             kwargs["messages"] = list(prompt)  # type: ignore[arg-type]
+        if want_tokens is None:
+            want_tokens = logprobs is not None or bool(extra_body and extra_body.get("return_token_ids"))
+        want = _Wants(tokens=want_tokens and api == "completions", itl=want_itl, headers=headers)
         queued = time.perf_counter()
         async with self._sem:
             record.queue_s = time.perf_counter() - queued
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:
-                await self._attempts(record, api, kwargs)
+                await self._attempts(record, api, kwargs, want)
             finally:
                 self.in_flight -= 1
         return record
 
-    async def _attempts(self, record: RequestRecord, api: Api, kwargs: dict[str, Any]) -> None:
+    async def _attempts(self, record: RequestRecord, api: Api, kwargs: dict[str, Any], want: _Wants) -> None:
         cfg = self.config
         for attempt in range(cfg.max_retries + 1):
             record.attempts = attempt + 1
@@ -397,7 +434,8 @@ class LLMClient:
             record.outputs = []
             record.prompt_tokens = record.completion_tokens = record.cached_tokens = None
             try:
-                await _within(self._stream(record, api, kwargs), cfg.timeout_s)
+                async with asyncio.timeout(cfg.timeout_s):
+                    await self._stream(record, api, kwargs, want)
                 record.ok, record.error, record.status = True, None, None
                 return
             except _Failed as exc:
@@ -422,35 +460,49 @@ class LLMClient:
             await asyncio.sleep(delay)
         record.ok = False
 
-    async def _stream(self, record: RequestRecord, api: Api, kwargs: dict[str, Any]) -> None:
+    async def _stream(self, record: RequestRecord, api: Api, kwargs: dict[str, Any], want: _Wants) -> None:
         record.sent_at = time.time()
-        stream = _Stream(record, api, time.perf_counter())
-        if self.config.transport == "openai":
-            await self._stream_openai(stream, api, kwargs)
-        else:
-            await self._stream_sse(stream, api, kwargs)
+        stream = _Stream(record, api, want, time.perf_counter())
+        try:
+            if self.config.transport == "openai":
+                await self._stream_openai(stream, api, kwargs, want.headers)
+            else:
+                await self._stream_sse(stream, api, kwargs, want.headers)
+        finally:
+            stream.settle()
         stream.finish()
 
     def _aiohttp(self) -> aiohttp.ClientSession:
         if self._session is None:
             # One connection per slot, kept alive between requests; timeouts are ours
-            # (asyncio.wait_for around each attempt), so aiohttp's are off.
+            # (asyncio.timeout around each attempt), so aiohttp's are off.
             # ssl=False for http:// (no TLS context to build, 25 ms); https:// verifies as usual.
             tls = self._url.startswith("https://")
             connector = aiohttp.TCPConnector(
                 limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=60, ssl=tls
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=True
-            )
+            # The proxy settings (HTTP(S)_PROXY, NO_PROXY) are read once here, not by
+            # trust_env=True, which reads them and ~/.netrc again on a thread for every
+            # request (two thread hops, ~15% of a streamed request's CPU); a netrc login
+            # would also clash with the Authorization header sent here.
+            try:
+                self._proxy = aiohttp.helpers.get_env_proxy_for_url(URL(self._url))
+            except LookupError:
+                self._proxy = (None, None)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         return self._session
 
-    async def _stream_sse(self, stream: _Stream, api: Api, kwargs: dict[str, Any]) -> None:
+    async def _stream_sse(
+        self, stream: _Stream, api: Api, kwargs: dict[str, Any], headers: Mapping[str, str] | None
+    ) -> None:
         body = {k: v for k, v in kwargs.items() if k != "extra_body"}
         body.update(kwargs.get("extra_body") or {})
         url = self._url + ("/completions" if api == "completions" else "/chat/completions")
+        session = self._aiohttp()
+        proxy, proxy_auth = self._proxy
+        sent = {**self._headers, **headers} if headers else self._headers
         try:
-            async with self._aiohttp().post(url, json=body, headers=self._headers) as resp:
+            async with session.post(url, json=body, headers=sent, proxy=proxy, proxy_auth=proxy_auth) as resp:
                 if resp.status != 200:
                     text = await resp.text(errors="replace")
                     status = resp.status
@@ -459,24 +511,31 @@ class LLMClient:
                         f"HTTP {status}: {_short(message)}", retryable=status in _RETRYABLE_STATUS, status=status
                     )
                 decoder = SSEDecoder()
+                on_event = stream.on_event
                 done = False
                 # Read to the end even after [DONE], so the connection goes back to the pool.
                 async for data in resp.content.iter_any():
                     for event in decoder.feed(data):
-                        done = done or event == "[DONE]"
-                        if not done:
-                            stream.on_chunk(_parse_event(event))
+                        if event == "[DONE]":
+                            done = True
+                        elif not done:
+                            on_event(event)
                 for event in decoder.close():
-                    done = done or event == "[DONE]"
-                    if not done:
-                        stream.on_chunk(_parse_event(event))
+                    if event == "[DONE]":
+                        done = True
+                    elif not done:
+                        on_event(event)
         except UnicodeDecodeError as exc:
             raise _Failed(f"malformed response: not UTF-8 ({exc})", retryable=False) from None
         except aiohttp.ClientError as exc:
             raise _Failed(f"connection failed: {_short(str(exc) or type(exc).__name__)}", retryable=True) from None
 
-    async def _stream_openai(self, stream: _Stream, api: Api, kwargs: dict[str, Any]) -> None:
+    async def _stream_openai(
+        self, stream: _Stream, api: Api, kwargs: dict[str, Any], headers: Mapping[str, str] | None
+    ) -> None:
         assert self._openai is not None, "made in __init__ for transport='openai'"
+        if headers:
+            kwargs = {**kwargs, "extra_headers": dict(headers)}
         try:
             if api == "completions":
                 chunks = await self._openai.completions.create(**kwargs)
@@ -494,77 +553,6 @@ class LLMClient:
             raise _Failed(f"malformed response: {_short(str(exc))}", retryable=False) from None
 
 
-async def _within(coro: Any, timeout_s: float) -> None:
-    """Await ``coro``, raising ``TimeoutError`` after ``timeout_s`` seconds.
-
-    ``asyncio.timeout`` (Python 3.11+) runs the request in the caller's task;
-    ``asyncio.wait_for`` before 3.12 wraps it in a task of its own, one more per request.
-    """
-    if hasattr(asyncio, "timeout"):
-        async with asyncio.timeout(timeout_s):
-            await coro
-    else:  # pragma: no cover - Python 3.10
-        await asyncio.wait_for(coro, timeout_s)
-
-
-class SSEDecoder:
-    """Incremental parser of a ``text/event-stream`` body into the ``data`` of each event.
-
-    Follows the event-stream rules that matter for OpenAI-style streams: lines end in
-    ``\\n``, ``\\r\\n`` or ``\\r``; an empty line ends an event; ``data:`` lines (one optional
-    space after the colon) are joined with ``\\n``; comment lines (``:``) and other fields
-    are skipped. Bytes may arrive split anywhere, even inside a line or a UTF-8 character.
-    """
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._data: list[bytes] = []
-
-    def feed(self, chunk: bytes) -> list[str]:
-        """Add received bytes; return the data of every event they complete.
-
-        Raises:
-            ValueError: An event's data is not UTF-8.
-        """
-        buf = self._buf + chunk
-        if b"\r" in buf:
-            if buf.endswith(b"\r"):  # maybe the first half of \r\n: decide when more arrives
-                self._buf = buf
-                return []
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = buf.split(b"\n")
-        self._buf = lines.pop()
-        events: list[str] = []
-        for line in lines:
-            if not line:
-                if self._data:
-                    events.append(b"\n".join(self._data).decode())
-                    self._data = []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
-        return events
-
-    def close(self) -> list[str]:
-        """The event left open when the stream ended without its empty line, if any."""
-        events = self.feed(b"\n\n") if self._buf or self._data else []
-        self._buf, self._data = b"", []
-        return events
-
-
-def _parse_event(data: str) -> dict[str, Any]:
-    try:
-        chunk = json.loads(data)
-    except ValueError as exc:
-        raise _Failed(f"malformed response: {_short(str(exc))}: {_short(data, 80)}", retryable=False) from None
-    if not isinstance(chunk, dict):
-        raise _Failed(f"malformed response: an event is not a JSON object: {_short(data, 80)}", retryable=False)
-    if "error" in chunk and not chunk.get("choices"):
-        # vLLM reports a failure that happens after the 200 header as an event.
-        raise _Failed(f"server error mid-stream: {_short(_error_message(data) or data)}", retryable=False)
-    return chunk
-
-
 def _error_message(text: str) -> str | None:
     """The ``message`` of an OpenAI-style (or vLLM-style) error body, else None."""
     try:
@@ -579,47 +567,91 @@ def _error_message(text: str) -> str | None:
     return str(error) if isinstance(error, str) else None
 
 
+@dataclass(frozen=True)
+class _Wants:
+    """What one request keeps of its stream and sends besides its body, decided when it is sent."""
+
+    tokens: bool
+    """Keep token ids, prompt token ids and logprobs (completions only)."""
+    itl: bool
+    """Keep the gaps between text chunks."""
+    headers: Mapping[str, str] | None
+    """Extra HTTP headers for this request."""
+
+
 class _Stream:
-    """Folds one request's streamed chunks (as dicts) into its record."""
+    """Folds one request's streamed chunks into its record.
 
-    __slots__ = ("api", "last", "outputs", "record", "start")
+    Runs once per streamed token, so it does only what this request asked for (token
+    ids, gaps) and builds each sequence's text once, at the end.
+    """
 
-    def __init__(self, record: RequestRecord, api: Api, start: float) -> None:
+    __slots__ = ("chat", "itl", "last", "outputs", "parts", "record", "start", "tokens")
+
+    def __init__(self, record: RequestRecord, api: Api, want: _Wants, start: float) -> None:
         self.record = record
-        self.api = api
+        self.chat = api == "chat"
+        self.tokens = want.tokens
+        self.itl = want.itl
         self.start = start
         self.outputs: dict[int, Output] = {}
+        self.parts: dict[int, list[str]] = {}
         self.last: dict[int, float] = {}
         record.ttft_s = record.e2e_s = None
 
+    def on_event(self, data: str) -> None:
+        """Fold one event's data (a JSON chunk) into the record.
+
+        Raises:
+            _Failed: The data is not a JSON object, or it reports a server error.
+        """
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise _Failed(f"malformed response: {_short(str(exc))}: {_short(data, 80)}", retryable=False) from None
+        if chunk.__class__ is not dict:
+            raise _Failed(f"malformed response: an event is not a JSON object: {_short(data, 80)}", retryable=False)
+        if "error" in chunk and not chunk.get("choices"):
+            # vLLM reports a failure that happens after the 200 header as an event.
+            raise _Failed(f"server error mid-stream: {_short(_error_message(data) or data)}", retryable=False)
+        self.on_chunk(chunk)
+
     def on_chunk(self, chunk: dict[str, Any]) -> None:
+        """Fold one parsed chunk into the record.
+
+        Raises:
+            _Failed: The chunk is not shaped like an OpenAI streaming chunk.
+        """
         now = time.perf_counter() - self.start
         record = self.record
         try:
             for choice in chunk.get("choices") or ():
                 index = choice["index"]
-                if self.api == "completions":
-                    text = choice.get("text") or ""
-                else:
-                    text = (choice.get("delta") or {}).get("content") or ""
                 out = self.outputs.get(index)
                 if out is None:
-                    out = self.outputs[index] = Output(index=index)
-                    record.outputs = [self.outputs[i] for i in sorted(self.outputs)]
+                    out = self._new_output(index)
+                if self.chat:
+                    delta = choice.get("delta")
+                    text = delta.get("content") if delta else None
+                else:
+                    text = choice.get("text")
                 if text:
+                    if not isinstance(text, str):
+                        raise TypeError(f"text is a {type(text).__name__}")
                     if out.ttft_s is None:
                         out.ttft_s = now
                         if record.ttft_s is None:
                             record.ttft_s = now
-                    else:
+                    elif self.itl:
                         out.itl_s.append(now - self.last[index])
                     self.last[index] = now
-                    out.text += text
+                    self.parts[index].append(text)
                     out.chunks += 1
-                if self.api == "completions":
+                if self.tokens:
                     _collect_tokens(out, choice)
-                if choice.get("finish_reason") is not None:
-                    out.finish_reason = choice["finish_reason"]
+                reason = choice.get("finish_reason")
+                if reason is not None:
+                    out.finish_reason = reason
                     out.e2e_s = now
             usage = chunk.get("usage")
             if usage:
@@ -630,7 +662,23 @@ class _Stream:
         except (KeyError, TypeError, AttributeError) as exc:
             raise _Failed(f"malformed response: bad chunk ({type(exc).__name__}: {exc})", retryable=False) from None
 
+    def _new_output(self, index: int) -> Output:
+        out = self.outputs[index] = Output(index=index)
+        self.parts[index] = []
+        self.record.outputs = [self.outputs[i] for i in sorted(self.outputs)]
+        return out
+
+    def settle(self) -> None:
+        """Join each sequence's text; runs however the stream ended, so a failed record keeps its partial text."""
+        for index, parts in self.parts.items():
+            self.outputs[index].text = "".join(parts)
+
     def finish(self) -> None:
+        """Close the record of a stream that ended normally.
+
+        Raises:
+            _Failed: The stream carried fewer or more sequences than the request asked for.
+        """
         record = self.record
         record.e2e_s = time.perf_counter() - self.start
         record.outputs = [self.outputs[i] for i in sorted(self.outputs)]
@@ -683,22 +731,6 @@ def _count_prompts(prompt: Any, api: Api) -> int:
     if isinstance(first, dict):
         raise ConfigError("chat messages need api=chat")
     return len(prompt)
-
-
-async def check_server(config: ClientConfig) -> tuple[str, list[str]]:
-    """Ask the server which models it serves; return the chosen model and the list.
-
-    Raises:
-        ServerUnreachableError, ServerResponseError, ConfigError: with the fix.
-    """
-    async with LLMClient(config) as client:
-        model = await client.model()
-        return model, await client.served_models()
-
-
-def failed_records(records: Sequence[RequestRecord]) -> list[RequestRecord]:
-    """The records of requests that finally failed."""
-    return [r for r in records if not r.ok]
 
 
 def unreachable(record: RequestRecord) -> bool:

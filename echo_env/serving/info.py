@@ -1,8 +1,10 @@
-"""What the server says about itself, and its prompts tokenized as it sees them.
+"""What the server under test is and says about itself, and its prompts tokenized as it sees them.
 
-vLLM answers ``GET /version``, ``POST /tokenize`` and ``POST /detokenize`` at its root;
-other servers may not, so every answer here can be "unknown", and tokenization falls
-back to a local ``transformers`` tokenizer of the served model.
+:func:`read_server_facts` detects the server's kind from what it exposes and asks the
+kind's adapter everything else: the cache granularity, whether caching is on, how to
+tokenize. Every answer may be "unknown"; tokenization falls back to a local
+``transformers`` tokenizer, and a tokenization that cannot be right (no ids for a 2 KB
+prompt) is an error to fall back from, never evidence.
 """
 
 from __future__ import annotations
@@ -17,16 +19,28 @@ from typing import Any
 import httpx
 
 from echo_env.errors import MetricsError
-from echo_env.serving.metrics import MetricsReader
 from echo_env.measure.tokens import Tokenizer, encode_prompts
+from echo_env.serving.kinds import CacheGranularity, Prompt, ServerKind, ServerProps, plausible_tokenization
+from echo_env.serving.kinds.openai import OpenAIKind
+from echo_env.serving.kinds.sglang import SglangKind
+from echo_env.serving.kinds.vllm import VllmKind
+from echo_env.serving.metrics import MetricsReader, Snapshot
 
 log = logging.getLogger(__name__)
+
+_PROBE_TIMEOUT_S = 10.0
 
 
 def server_root(base_url: str) -> str:
     """The server's root URL: ``http://host:port/v1`` -> ``http://host:port``."""
     root = base_url.rstrip("/")
     return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+def _llamacpp() -> Any:
+    from echo_env.serving.kinds import llamacpp
+
+    return llamacpp
 
 
 @dataclass
@@ -39,18 +53,18 @@ class ServerFacts:
     """Where its Prometheus counters are (None: not used)."""
     model: str
     """The served model name the requests use."""
-    kind: str = "unknown"
-    """``vllm``, ``sglang`` or ``unknown``."""
-    version: str | None = None
-    """The server's version, where it says."""
-    prefix_caching_enabled: bool | None = None
-    """From ``vllm:cache_config_info`` (None: the server does not say)."""
-    block_size: int | None = None
-    """Cache block size in tokens (None: unknown)."""
+    kind: ServerKind = field(default_factory=OpenAIKind)
+    """The adapter of its kind."""
+    props: ServerProps = field(default_factory=ServerProps)
+    """What it said about itself."""
+    granularity: CacheGranularity | None = None
+    """How finely its cache reuses prompts (None: unknown)."""
     embedded: bool = False
     """Whether this package started the server."""
     tokenized_by: str | None = None
-    """``server`` (its /tokenize) or ``local`` (a transformers tokenizer), once used."""
+    """``server`` or ``local``, once prompts were tokenized."""
+    tokenize_error: str | None = None
+    """Why the server's tokenization was not used, when it was not."""
     metrics_error: str | None = None
     """Why the metrics could not be read, if they could not."""
     api_key: str | None = field(default=None, repr=False)
@@ -63,42 +77,63 @@ class ServerFacts:
         """The server's root URL."""
         return server_root(self.base_url)
 
+    @property
+    def block_size(self) -> int | None:
+        """The cache's reuse unit in tokens (None: unknown)."""
+        return self.granularity.unit_tokens if self.granularity else None
+
+    @property
+    def caching_enabled(self) -> bool | None:
+        """Whether the server says caching is on."""
+        return self.props.prefix_caching_enabled
+
     def to_json(self) -> dict[str, Any]:
         """The facts for the report (no API key)."""
         return {
             "base_url": self.base_url,
             "metrics_url": self.metrics_url,
-            "kind": self.kind,
-            "version": self.version,
+            "kind": self.kind.name,
+            "version": self.props.version,
             "model": self.model,
-            "prefix_caching_enabled": self.prefix_caching_enabled,
+            "prefix_caching_enabled": self.caching_enabled,
             "block_size": self.block_size,
+            "block_size_source": self.granularity.source if self.granularity else None,
+            "slots": self.props.slots,
             "embedded": self.embedded,
             "metrics_error": self.metrics_error,
+            "tokenized_by": self.tokenized_by,
+            "tokenize_error": self.tokenize_error,
         }
+
+    def headers(self) -> dict[str, str]:
+        """Request headers (the bearer token when there is one)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def tokenizer(self) -> Tokenizer:
         """A local tokenizer for the served model (the embedded model, a folder or a hub id)."""
         return _local_tokenizer(self.tokenizer_source or self.model)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Token ids back to text, for messages (best effort; ids as text if it fails)."""
-        try:
-            with httpx.Client(timeout=10) as http:
-                resp = http.post(
-                    f"{self.root}/detokenize", json={"model": self.model, "tokens": list(ids)}, headers=self._headers()
-                )
-            if resp.status_code == 200:
-                return str(resp.json().get("prompt", ""))
-        except (httpx.HTTPError, ValueError):
-            pass
+    def metrics_reader(self) -> MetricsReader | None:
+        """A reader of the server's counters (None: metrics off or unreadable)."""
+        if self.metrics_url is None:
+            return None
+        return MetricsReader(self.metrics_url, model_name=self.model, api_key=self.api_key, kind=self.kind)
+
+    async def decode(self, ids: Sequence[int]) -> str:
+        """Token ids back to text, for messages (best effort: the server, a local tokenizer, the ids)."""
+        request = self.kind.detokenize_request(self.model, ids)
+        if request is not None:
+            try:
+                async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S) as http:
+                    resp = await http.post(self.root + request[0], json=request[1], headers=self.headers())
+                if resp.status_code == 200:
+                    return self.kind.parse_detokenize(resp.json())
+            except (httpx.HTTPError, ValueError):
+                pass
         try:
             return str(self.tokenizer().decode(list(ids)))  # type: ignore[attr-defined]
         except Exception:
             return " ".join(map(str, ids))
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 @functools.cache
@@ -108,6 +143,47 @@ def _local_tokenizer(model: str) -> Tokenizer:
     return load_tokenizer(model)  # type: ignore[no-any-return]
 
 
+async def _get_json(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> Any | None:
+    try:
+        resp = await http.get(url, headers=headers)
+        return resp.json() if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def detect_kind(root: str, headers: dict[str, str]) -> tuple[ServerKind, ServerProps]:
+    """Tell vLLM, SGLang and llama.cpp apart by the endpoints only each of them has.
+
+    Args:
+        root: The server root (no ``/v1``).
+        headers: Request headers (auth).
+
+    Returns:
+        The kind's adapter, and what the server said (version, slots, page size).
+    """
+    async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S) as http:
+        sglang, props, version = await asyncio.gather(
+            _get_json(http, f"{root}/get_server_info", headers),
+            _get_json(http, f"{root}/props", headers),
+            _get_json(http, f"{root}/version", headers),
+        )
+    if isinstance(sglang, dict):
+        enabled = sglang.get("disable_radix_cache")
+        return SglangKind(), ServerProps(
+            version=str(sglang.get("version")) if sglang.get("version") else None,
+            prefix_caching_enabled=None if enabled is None else not bool(enabled),
+            page_size=int(sglang["page_size"]) if isinstance(sglang.get("page_size"), int) else 1,
+            raw={"get_server_info": sglang},
+        )
+    if isinstance(props, dict):
+        llamacpp = _llamacpp()
+        if llamacpp.detect_llamacpp(props):
+            return llamacpp.LlamaCppKind(), llamacpp.read_props(props)
+    if isinstance(version, dict) and "version" in version:
+        return VllmKind(), ServerProps(version=str(version["version"]), raw={"version": version})
+    return OpenAIKind(), ServerProps()
+
+
 async def read_server_facts(
     base_url: str,
     model: str,
@@ -115,8 +191,9 @@ async def read_server_facts(
     *,
     embedded: bool = False,
     api_key: str | None = None,
+    block_size: int | None = None,
 ) -> ServerFacts:
-    """Ask the server for its version, cache configuration and block size.
+    """Detect the server's kind and read its cache configuration.
 
     Args:
         base_url: The OpenAI API root.
@@ -124,85 +201,121 @@ async def read_server_facts(
         metrics_url: Prometheus endpoint; None means ``<root>/metrics``; ``"none"`` skips it.
         embedded: Whether this package started the server.
         api_key: Bearer token.
+        block_size: The cache unit in tokens when the server does not say (``block_size=``).
     """
     root = server_root(base_url)
     url = None if metrics_url == "none" else (metrics_url or f"{root}/metrics")
     facts = ServerFacts(base_url=base_url, metrics_url=url, model=model, embedded=embedded, api_key=api_key)
-    headers = facts._headers()
-    try:
-        async with httpx.AsyncClient(timeout=10) as http:
-            resp = await http.get(f"{root}/version", headers=headers)
-        if resp.status_code == 200 and "version" in resp.json():
-            facts.version = str(resp.json()["version"])
-            facts.kind = "vllm"
-    except (httpx.HTTPError, ValueError):
-        pass
+    facts.kind, facts.props = await detect_kind(root, facts.headers())
     if url is not None:
         try:
             snap = await asyncio.to_thread(MetricsReader(url, model_name=model, api_key=api_key).snapshot)
-            cfg = snap.cache_config
-            facts.prefix_caching_enabled = cfg.prefix_caching_enabled
-            facts.block_size = cfg.block_size
-            source = snap.counters.source
-            if source.startswith("vllm"):
-                facts.kind = "vllm"
-            elif source == "sglang":
-                facts.kind = "sglang"
+            _merge_snapshot(facts, snap)
         except MetricsError as exc:
-            facts.metrics_error = str(exc)
-            log.warning("%s", exc)
+            facts.metrics_error = _metrics_message(facts.kind, exc)
+            log.warning("%s", facts.metrics_error)
+    facts.granularity = facts.kind.granularity(facts.props)
+    if facts.granularity is None and block_size is not None:
+        facts.granularity = CacheGranularity(block_size, "block_size= key")
     return facts
 
 
-async def tokenize_prompts(
-    facts: ServerFacts, prompts: Sequence[Any], *, api: str = "completions", api_key: str | None = None
-) -> list[list[int]] | None:
-    """Token ids of each prompt as the server builds them.
-
-    Asks the server's ``/tokenize`` (vLLM) first, then a local tokenizer of the model.
-    Identical prompts are tokenized once.
-
-    Returns:
-        The ids, or None when neither way works.
-    """
-    keys = [p if isinstance(p, str) else repr(p) for p in prompts]
-    unique: dict[str, Any] = {}
-    for key, prompt in zip(keys, prompts):
-        unique.setdefault(key, prompt)
-    ids = await _server_tokenize(facts, list(unique.values()), api)
-    if ids is not None:
-        facts.tokenized_by = "server"
-    else:
-        try:
-            ids = encode_prompts(facts.tokenizer(), list(unique.values()))
-            facts.tokenized_by = "local"
-        except Exception as exc:
-            log.warning("cannot tokenize the prompts (no /tokenize on the server, no local tokenizer): %s", exc)
-            return None
-    by_key = dict(zip(unique, ids))
-    return [by_key[k] for k in keys]
+def _merge_snapshot(facts: ServerFacts, snap: Snapshot) -> None:
+    """What the first metrics page says about the kind and its cache configuration."""
+    source = snap.counters.source
+    if facts.kind.name == "openai":
+        # A server known only by its counter names (e.g. behind a proxy that hides /version).
+        if source.startswith("vllm"):
+            facts.kind = VllmKind()
+        elif source == "sglang":
+            facts.kind = SglangKind()
+    if snap.cache_config.labels:
+        facts.props.cache_config = snap.cache_config
+        if snap.cache_config.prefix_caching_enabled is not None:
+            facts.props.prefix_caching_enabled = snap.cache_config.prefix_caching_enabled
 
 
-async def _server_tokenize(facts: ServerFacts, prompts: Sequence[Any], api: str) -> list[list[int]] | None:
+def _metrics_message(kind: ServerKind, exc: MetricsError) -> str:
+    status = getattr(exc, "status", None)
+    if status is not None and kind.name == "llamacpp":
+        hint = _llamacpp().metrics_status_hint(int(status))
+        if hint:
+            return str(hint)
+    return str(exc)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Prompts as token ids, and who tokenized them."""
+
+    ids: list[list[int]]
+    """One list per prompt, in order."""
+    by: str
+    """``server`` or ``local``."""
+
+
+def _text_chars(prompt: Prompt) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(m.get("content", "")) for m in prompt)
+
+
+async def _server_tokenize(facts: ServerFacts, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Raises ValueError (with the reason) when the server cannot tokenize every prompt plausibly."""
     sem = asyncio.Semaphore(32)
 
-    async def one(http: httpx.AsyncClient, prompt: Any) -> list[int] | None:
-        if isinstance(prompt, str):
-            body: dict[str, Any] = {"model": facts.model, "prompt": prompt}
-        else:
-            body = {"model": facts.model, "messages": list(prompt), "add_generation_prompt": True}
+    async def one(http: httpx.AsyncClient, prompt: Prompt) -> list[int]:
+        request = facts.kind.tokenize_request(facts.model, prompt)
+        if request is None:
+            raise ValueError(f"the {facts.kind.name} server offers no tokenization for this prompt form")
         async with sem:
-            resp = await http.post(f"{facts.root}/tokenize", json=body, headers=facts._headers())
+            resp = await http.post(facts.root + request[0], json=request[1], headers=facts.headers())
         if resp.status_code != 200:
-            return None
-        tokens = resp.json().get("tokens")
-        return [int(t) for t in tokens] if isinstance(tokens, list) else None
+            raise ValueError(f"{request[0]} answered HTTP {resp.status_code}")
+        ids = facts.kind.parse_tokenize(resp.json())
+        if not plausible_tokenization(_text_chars(prompt), ids):
+            raise ValueError(f"{request[0]} gave {len(ids)} tokens for {_text_chars(prompt)} characters")
+        return ids
 
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            results = await asyncio.gather(*(one(http, p) for p in prompts))
-    except (httpx.HTTPError, ValueError):
-        return None
-    if any(r is None for r in results):
-        return None
-    return [r for r in results if r is not None]
+            return list(await asyncio.gather(*(one(http, p) for p in prompts)))
+    except httpx.HTTPError as exc:
+        raise ValueError(f"tokenize request failed: {type(exc).__name__}") from None
+
+
+async def tokenize_prompts(
+    facts: ServerFacts, prompts: Sequence[Prompt], *, local_only: bool = False
+) -> Tokenized | None:
+    """Token ids of each prompt as the server builds them; identical prompts are tokenized once.
+
+    Asks the server first (unless ``local_only``: prompts sent as local token ids), then a
+    local tokenizer of the model. The reason the server's answer was not used is kept in
+    ``facts.tokenize_error``.
+
+    Returns:
+        The ids and who made them, or None when neither way works.
+    """
+    keys = [p if isinstance(p, str) else repr(p) for p in prompts]
+    unique: dict[str, Prompt] = {}
+    for key, prompt in zip(keys, prompts, strict=True):
+        unique.setdefault(key, prompt)
+    values = list(unique.values())
+    ids: list[list[int]] | None = None
+    by = "local"
+    if not local_only:
+        try:
+            ids, by = await _server_tokenize(facts, values), "server"
+        except ValueError as exc:
+            facts.tokenize_error = str(exc)
+            log.info("server tokenization not used: %s", exc)
+    if ids is None:
+        try:
+            ids = encode_prompts(facts.tokenizer(), values)  # type: ignore[arg-type]
+        except Exception as exc:
+            facts.tokenize_error = (facts.tokenize_error or "") + f"; no local tokenizer: {exc}"
+            log.warning("cannot tokenize the prompts: %s", facts.tokenize_error)
+            return None
+    facts.tokenized_by = by
+    by_key = dict(zip(unique, ids, strict=True))
+    return Tokenized([by_key[k] for k in keys], by)

@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -642,7 +643,9 @@ def fetch_metrics(url: str, timeout_s: float = 10.0, api_key: str | None = None)
             "server or its proxy expects)."
         )
     if status >= 400:
-        raise MetricsError(f"{url} answered HTTP {status}: {response.text[:200]!r}; check that the server is healthy.")
+        err = MetricsError(f"{url} answered HTTP {status}: {response.text[:200]!r}; check that the server is healthy.")
+        err.status = status  # type: ignore[attr-defined]  # a server kind may know what this status means
+        raise err
     text = response.text
     content_type = response.headers.get("content-type", "")
     if "html" in content_type.lower():
@@ -674,9 +677,16 @@ class MetricsReader:
     """
 
     def __init__(
-        self, url: str, model_name: str | None = None, api_key: str | None = None, timeout_s: float = 10.0
+        self,
+        url: str,
+        model_name: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 10.0,
+        kind: Any = None,
     ) -> None:
         self.url = url
+        self.kind = kind
+        """A server-kind adapter whose ``read_counters`` knows its metric names (None: vLLM/SGLang names)."""
         self.model_name = model_name
         self.api_key = api_key
         self.timeout_s = timeout_s
@@ -699,7 +709,7 @@ class MetricsReader:
         taken_at = time.time()
         samples = self.samples()
         return Snapshot(
-            counters=read_counters(samples, self.model_name),
+            counters=(self.kind.read_counters if self.kind is not None else read_counters)(samples, self.model_name),
             cache_config=read_cache_config(samples),
             taken_at=taken_at,
         )

@@ -1,0 +1,127 @@
+"""Settings of the prefix-cache test (``echo-prefix test key=value ...``), validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from echo_env.cachetest.results import Rules
+from echo_env.errors import ConfigError
+from echo_env.serving.target import ServerTarget
+
+
+@dataclass(frozen=True)
+class PrefixTestConfig:
+    """Settings of ``echo-prefix test`` (each is a ``key=value`` on the command line)."""
+
+    server: ServerTarget = field(default_factory=ServerTarget)
+    """Which server: ``base_url``, ``model_name``, ``api_key``, ``metrics_url``, ``block_size``, ..."""
+    api: Literal["completions", "chat"] = "completions"
+    """``completions`` sends the plain transcript; ``chat`` the chat messages."""
+    batch_size: int = 16
+    """Distinct prompts (groups) of the hit-rate burst."""
+    group_size: int = 8
+    """Agents per prompt."""
+    max_tokens: int = 32
+    """Generation limit per request."""
+    temperature: float = 0.0
+    """Sampling temperature."""
+    seed: int = 0
+    """Seeds the words and sampling."""
+    ttft_burst: int = 8
+    """Requests in each small warm and control burst of a TTFT repeat."""
+    min_repeats: int = 3
+    """TTFT repeats before the verdict may decide (fewer: UNKNOWN)."""
+    max_repeats: int = 8
+    """TTFT repeats at most; the test stops earlier once the interval decides."""
+    min_effect: float = 1.2
+    """PASS needs control/warm TTFT above this ratio beyond the confidence interval."""
+    confidence: float = 0.95
+    """Confidence of the TTFT interval over repeats (split over the looks at the data)."""
+    hit_fraction: float = 0.9
+    """PASS needs the warm hit rate at or above this share of its ceiling."""
+    min_shared_fraction: float = 0.5
+    """FAIL when the prompts share less than this share of a prompt in whole cache units."""
+    max_failed_fraction: float = 0.0
+    """A phase with more failed requests than this share leaves the verdict UNKNOWN."""
+    compare_without_cache: bool = False
+    """Also run the workload with caching off (embedded: restart; your server: baseline_url)."""
+    baseline_url: str | None = None
+    """A second server of the same model started without prefix caching."""
+    prompt_format: Literal["text", "tokens"] = "text"
+    """``tokens`` sends token ids from the model's local tokenizer (completions only)."""
+    align_prefix: Literal["off", "auto", "pad", "trim"] = "off"
+    """Pad or trim the system prompt's worked examples so the shared prefix ends just past a
+    cache-block boundary (``auto``: whichever changes fewer)."""
+    vary_before_prefix: bool = False
+    """Spoil the test on purpose: an agent id before the shared text, as a template that
+    stamps a date or id would. The test must then FAIL and say where prompts differ."""
+    out_dir: str | None = None
+    """Where results go; default ``echo_prefix_results/<time>-<id>``."""
+    wandb_project: str | None = None
+    """Log the summary to this wandb project (if wandb is installed)."""
+    wandb_name: str | None = None
+    """The wandb run name."""
+    debug: bool = False
+    """Show tracebacks and per-phase timing logs."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "group_size", "ttft_burst", "max_repeats"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.batch_size * self.group_size < 2:
+            raise ConfigError("the test needs at least 2 agents: raise batch_size or group_size")
+        if not 2 <= self.min_repeats <= self.max_repeats:
+            raise ConfigError(
+                f"min_repeats={self.min_repeats}, max_repeats={self.max_repeats}: an interval needs min_repeats >= 2 "
+                "and max_repeats >= min_repeats"
+            )
+        if not 1 <= self.max_tokens <= 4096:
+            raise ConfigError(f"max_tokens={self.max_tokens} is out of range: use 1 to 4096")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ConfigError(f"temperature={self.temperature} is out of range: use 0 to 10")
+        if not self.min_effect >= 1.0:
+            raise ConfigError(f"min_effect={self.min_effect} must be at least 1.0 (a TTFT ratio): e.g. min_effect=1.2")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ConfigError(f"confidence={self.confidence} must be from 0.5 to below 1: e.g. confidence=0.95")
+        for key in ("hit_fraction", "min_shared_fraction", "max_failed_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be a share from 0 to 1")
+        if self.baseline_url is not None and not self.baseline_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"baseline_url={self.baseline_url!r} is not an http(s) URL: e.g. http://127.0.0.1:8001/v1"
+            )
+        if self.api == "chat" and self.prompt_format == "tokens":
+            raise ConfigError("prompt_format=tokens needs api=completions")
+        if self.baseline_url is not None and self.server.base_url is None:
+            raise ConfigError("baseline_url compares two servers of yours: set base_url too")
+        if self.compare_without_cache and self.server.base_url is not None and self.baseline_url is None:
+            raise ConfigError(
+                "compare_without_cache with your own server needs baseline_url= (a second server started with "
+                "--no-enable-prefix-caching)"
+            )
+
+    @property
+    def agents(self) -> int:
+        """Agents of the hit-rate burst (the cold one included)."""
+        return self.batch_size * self.group_size
+
+    @property
+    def rules(self) -> Rules:
+        """The verdict's thresholds from these settings."""
+        return Rules(
+            hit_fraction=self.hit_fraction,
+            min_shared_fraction=self.min_shared_fraction,
+            min_effect=self.min_effect,
+            confidence=self.confidence,
+            min_repeats=self.min_repeats,
+            max_failed_fraction=self.max_failed_fraction,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The settings as written to reports: flat keys, the API key left out."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "server"}
+        server = dataclasses.asdict(self.server)
+        server["api_key"] = "***" if self.server.api_key else None
+        return {**server, **data}

@@ -1,0 +1,488 @@
+"""The plots of a prefix-cache test, drawn from one :class:`~echo_env.cachetest.results.TestResult`.
+
+* ``ttft_by_phase.png``: every request's time to first token, by phase, one panel per server;
+* ``hit_rate.png``: the warm burst's hit rate from the server's counters and from
+  ``cached_tokens``, against its ceiling, per server (a missing figure reads n/a);
+* ``ttft_repeats.png``: each repeat's control/warm TTFT ratio, the interval over
+  repeats, and the minimum effect the verdict asks for.
+
+Plots need the optional ``plots`` extra (matplotlib). Without it, or when one plot
+fails, :func:`draw_plots` says why in its notes and the other files are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from echo_env.cachetest.results import ServerRun, TestResult, TTFTEvidence
+from echo_env.errors import EchoEnvError
+from echo_env.measure.figures import HitRate
+
+log = logging.getLogger(__name__)
+
+TTFT_PLOT_FILE = "ttft_by_phase.png"
+"""Per-request time to first token by phase, one panel per server."""
+HIT_RATE_PLOT_FILE = "hit_rate.png"
+"""The warm burst's hit rate, measured two ways, against its ceiling, per server."""
+TTFT_REPEATS_PLOT_FILE = "ttft_repeats.png"
+"""Control/warm TTFT ratio of each repeat, its interval, and the minimum effect."""
+
+PLOTS_INSTALL_HINT = "pip install 'echo-prefix-env[plots]'"
+"""How a user gets the plots when matplotlib is missing."""
+
+_NA = "n/a"
+_PHASE_COLORS = {
+    "cold": "#4C72B0",
+    "warm_single": "#8172B2",
+    "warm": "#55A868",
+    "ttft_warm": "#64B5CD",
+    "control": "#DD8452",
+    "ttft_control": "#C44E52",
+}
+_OTHER_COLORS = ("#937860", "#DA8BC3", "#8C8C8C", "#CCB974")
+_SERVER_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#8172B2")
+# Quartiles of a handful of points (the cold phase has one per repeat) would look like
+# a measured spread; those phases get their dots and a median tick only.
+_MIN_BOX_SAMPLES = 5
+_DPI = 120
+
+
+class PlotsUnavailable(EchoEnvError, RuntimeError):
+    """matplotlib cannot be imported; the message says how to install it."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        # Agg draws to files only: no display needed on a server, and no window pops
+        # up when the test runs on a laptop.
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PlotsUnavailable(f"matplotlib is not installed ({exc}); {PLOTS_INSTALL_HINT}") from exc
+    return plt
+
+
+def server_label(run: ServerRun) -> str:
+    """``cache on`` / ``cache off`` (a run's label, in words)."""
+    return run.label.replace("_", " ")
+
+
+def _phase_color(name: str, index: int) -> str:
+    return _PHASE_COLORS.get(name, _OTHER_COLORS[index % len(_OTHER_COLORS)])
+
+
+def _ms_label(ms: float) -> str:
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
+
+
+def _jitter(n: int) -> list[float]:
+    # Golden-ratio steps: spread like random jitter, but reruns draw the same picture.
+    return [0.32 * ((k * 0.618034) % 1.0 - 0.5) for k in range(n)]
+
+
+def _rule(result: TestResult, key: str) -> float | None:
+    # The verdict's thresholds are settings of the test, so they are in its config.
+    value = result.config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def min_effect(result: TestResult) -> float | None:
+    """The control/warm TTFT ratio the verdict asks for (None: not recorded)."""
+    return _rule(result, "min_effect")
+
+
+def hit_fraction(result: TestResult) -> float | None:
+    """The share of its ceiling the warm hit rate must reach (None: not recorded)."""
+    return _rule(result, "hit_fraction")
+
+
+# --------------------------------------------------------------------------------------
+# ttft_by_phase.png
+# --------------------------------------------------------------------------------------
+
+
+def _draw_ttft_panel(ax: Any, names: Sequence[str], data: Sequence[Sequence[float]]) -> None:
+    """One server's panel: a box per phase with enough samples, every request as a dot."""
+    present = [i for i, d in enumerate(data) if d]
+    if not present:
+        ax.text(0.5, 0.5, "no request finished", ha="center", va="center", transform=ax.transAxes, color="#666666")
+    boxed = [i for i in present if len(data[i]) >= _MIN_BOX_SAMPLES]
+    if boxed:
+        box = ax.boxplot(
+            [data[i] for i in boxed],
+            positions=[i + 1 for i in boxed],
+            widths=0.55,
+            showfliers=False,  # the dots already show every outlier
+            patch_artist=True,
+            medianprops={"color": "black", "linewidth": 1.5},
+        )
+        for patch, i in zip(box["boxes"], boxed, strict=True):
+            patch.set_facecolor(_phase_color(names[i], i))
+            patch.set_alpha(0.35)
+    for i in present:
+        color = _phase_color(names[i], i)
+        xs = [i + 1 + dx for dx in _jitter(len(data[i]))]
+        ax.scatter(xs, data[i], s=9 if i in boxed else 16, alpha=0.7, color=color, linewidths=0, zorder=3)
+        median = statistics.median(data[i])
+        if i not in boxed:
+            ax.hlines(median, i + 0.75, i + 1.25, colors="black", linewidth=1.5, zorder=4)
+        ax.annotate(
+            f"p50 {_ms_label(median)}",
+            (i + 1, max(data[i])),
+            textcoords="offset points",
+            xytext=(0, 5),
+            ha="center",
+            fontsize=8,
+        )
+    ax.set_xlim(0.4, len(names) + 0.6)
+    ax.set_xticks(range(1, len(names) + 1))
+    ax.set_xticklabels([f"{n}\n(n={len(d)})" for n, d in zip(names, data, strict=True)], fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_ttft_by_phase(path: Path, result: TestResult) -> bool:
+    """Per-request TTFT by phase, one panel per server, sharing the y axis.
+
+    Args:
+        path: The PNG to write.
+        result: The test; each server's pooled phases give the samples.
+
+    Returns:
+        False (nothing written) when no request finished with a TTFT.
+    """
+    panels = [
+        (run, [p.name for p in run.pooled], [[t * 1000 for t in p.ttft_samples] for p in run.pooled])
+        for run in result.runs
+        if run.pooled
+    ]
+    samples = [t for _, _, data in panels for d in data for t in d]
+    if not samples:
+        return False
+    plt = _pyplot()
+    positive = [t for t in samples if t > 0]
+    # Linear from zero reads honestly; log only when cold dwarfs warm so much that the
+    # warm box would be a flat line at the bottom.
+    log_scale = bool(positive) and max(positive) / min(positive) > 50
+    widest = max(len(names) for _, names, _ in panels)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(1.4 + 1.25 * widest * len(panels), 4.8), sharey=True, squeeze=False
+    )
+    try:
+        for ax, (run, names, data) in zip(axes[0], panels, strict=True):
+            _draw_ttft_panel(ax, names, data)
+            ax.set_title(server_label(run), fontsize=10)
+        ax0 = axes[0][0]
+        if log_scale:
+            from matplotlib.ticker import FuncFormatter, LogLocator
+
+            ax0.set_yscale("log")
+            # 20, 50, 100, 200 ms read at a glance; 10^2 does not.
+            ax0.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax0.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax0.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+            ax0.set_ylabel("time to first token (ms, log scale)")
+        else:
+            ax0.set_ylim(bottom=0)
+            ax0.set_ylabel("time to first token (ms)")
+        bottom, top = ax0.get_ylim()
+        ax0.set_ylim(bottom, top * (1.6 if log_scale else 1.1))  # room for the p50 labels
+        main = result.main
+        model = main.evidence.server.model if main else ""
+        fig.suptitle("Time to first token of each request, by phase" + (f"\n{model}" if model else ""), fontsize=11)
+        fig.tight_layout()
+        fig.savefig(path, dpi=_DPI)
+    finally:
+        plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# hit_rate.png
+# --------------------------------------------------------------------------------------
+
+
+def _warm_hit(run: ServerRun) -> HitRate | None:
+    warm = run.evidence.warm
+    return warm.hit if warm is not None else None
+
+
+def plot_hit_rate(path: Path, result: TestResult) -> bool:
+    """Grouped bars per server: the warm hit rate from counters, from ``cached_tokens``, and its ceiling.
+
+    A missing figure is written "n/a" where its bar would be, never drawn as a zero bar.
+
+    Args:
+        path: The PNG to write.
+        result: The test; each server's warm evidence gives the figures.
+
+    Returns:
+        False (nothing written) when no server has any of the three figures.
+    """
+    runs = result.runs
+    values: list[tuple[float | None, float | None, float | None]] = []
+    for run in runs:
+        hit = _warm_hit(run)
+        values.append((hit.counters, hit.reported, hit.ceiling) if hit else (None, None, None))
+    if all(v is None for triple in values for v in triple):
+        return False
+    plt = _pyplot()
+    series = ("server counters", "usage.cached_tokens", "ceiling (whole cache units)")
+    colors = ("#4C72B0", "#8172B2", "#BBBBBB")
+    width = 0.26
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fraction = hit_fraction(result)
+    fig, ax = plt.subplots(figsize=(max(6.4, 2.0 + 2.6 * len(runs)), 4.8), layout="constrained")
+    try:
+        handles: list[Any] = [
+            Patch(facecolor=color, edgecolor="black", linewidth=0.5, label=label)
+            for label, color in zip(series, colors, strict=True)
+        ]
+        for i, (_, _, ceiling) in enumerate(values):
+            if fraction is not None and ceiling:
+                ax.hlines(
+                    fraction * ceiling,
+                    i - 1.5 * width,
+                    i + 1.5 * width,
+                    colors="#B22222",
+                    linestyles="--",
+                    linewidth=1.2,
+                    zorder=4,
+                )
+        if fraction is not None and any(triple[2] for triple in values):
+            handles.append(
+                Line2D([], [], color="#B22222", linestyle="--", label=f"PASS needs {fraction:.0%} of ceiling")
+            )
+        for j, (label, color) in enumerate(zip(series, colors, strict=True)):
+            xs = [i + (j - 1) * width for i in range(len(runs))]
+            heights = [triple[j] for triple in values]
+            drawn = [(x, h) for x, h in zip(xs, heights, strict=True) if h is not None]
+            ax.bar(
+                [x for x, _ in drawn],
+                [h for _, h in drawn],
+                width,
+                label=label,
+                color=color,
+                edgecolor="black",
+                linewidth=0.5,
+            )
+            for x, h, triple in zip(xs, heights, values, strict=True):
+                if h is None:
+                    ax.annotate(
+                        _NA,
+                        (x, 0),
+                        textcoords="offset points",
+                        xytext=(0, 3),
+                        ha="center",
+                        fontsize=9,
+                        color="#B22222",
+                        style="italic",
+                    )
+                    continue
+                text = f"{h:.2f}"
+                ceiling = triple[2]
+                if j < 2 and ceiling:
+                    text += f"\n({h / ceiling:.0%})"
+                ax.annotate(text, (x, h), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        ax.set_xlim(-0.75, len(runs) - 0.25)
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels([f"{server_label(r)}\n{r.decision.verdict}" for r in runs])
+        ax.set_ylim(0, 1.15)  # room for the value labels above a full bar
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        ax.set_ylabel("hit rate (cached / prompt tokens)")
+        ax.set_title(
+            "Prefix-cache hit rate of the warm burst, measured vs ceiling\n(in brackets: share of the ceiling)",
+            fontsize=11,
+        )
+        fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncol=2, frameon=False)
+        ax.grid(axis="y", alpha=0.3)
+        fig.savefig(path, dpi=_DPI)
+    finally:
+        plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# ttft_repeats.png
+# --------------------------------------------------------------------------------------
+
+
+def _finite_ratios(run: ServerRun) -> list[tuple[int, float]]:
+    ttft = run.evidence.ttft
+    if ttft is None:
+        return []
+    return [(i, r) for i, r in enumerate(ttft.ratios) if math.isfinite(r) and r > 0]
+
+
+def _decision_words(ttft: TTFTEvidence | None, effect: float | None) -> str:
+    if ttft is None or ttft.ci is None:
+        return "no interval"
+    if effect is None:
+        return ttft.decision
+    return {"above": f"CI above {effect:.2f}x", "below": f"CI below {effect:.2f}x"}.get(
+        ttft.decision, f"CI includes {effect:.2f}x"
+    )
+
+
+def plot_ttft_repeats(path: Path, result: TestResult) -> bool:
+    """Each repeat's control/warm TTFT ratio as a dot, the interval over repeats as a band, per server.
+
+    The y axis is logarithmic: the interval is computed on log ratios, so 2x faster and
+    2x slower lie equally far from 1. The minimum effect is a dashed line, no effect a
+    dotted one.
+
+    Args:
+        path: The PNG to write.
+        result: The test; each server's TTFT evidence gives the ratios and the interval.
+
+    Returns:
+        False (nothing written) when no server has a usable ratio.
+    """
+    runs = [run for run in result.runs if _finite_ratios(run)]
+    if not runs:
+        return False
+    plt = _pyplot()
+    effect = min_effect(result)
+    fig, ax = plt.subplots(figsize=(max(5.6, 2.4 + 2.2 * len(runs)), 4.8), layout="constrained")
+    try:
+        marks: dict[str, str] = {"warm": "o", "control": "s"}
+        seen_orders: set[str] = set()
+        ys: list[float] = [1.0] + ([effect] if effect else [])
+        for x, run in enumerate(runs):
+            ttft = run.evidence.ttft
+            assert ttft is not None  # _finite_ratios kept only runs with ratios
+            color = _SERVER_COLORS[x % len(_SERVER_COLORS)]
+            ci = ttft.ci
+            if ci is not None:
+                ax.fill_between([x - 0.3, x + 0.3], ci.low, ci.high, color=color, alpha=0.18, linewidth=0)
+                ax.hlines(ci.ratio, x - 0.3, x + 0.3, colors=color, linewidth=2)
+                ax.annotate(
+                    f"{ci.ratio:.3g}x\n{ci.confidence:.0%} CI {ci.low:.3g}–{ci.high:.3g}",
+                    (x + 0.32, ci.ratio),
+                    va="center",
+                    fontsize=8,
+                )
+                ys += [ci.low, ci.high]
+            ratios = _finite_ratios(run)
+            jitter = _jitter(len(ratios))
+            for (i, r), dx in zip(ratios, jitter, strict=True):
+                order = ttft.orders[i] if i < len(ttft.orders) else ""
+                seen_orders.add(order)
+                ax.scatter(
+                    x + dx * 0.6,
+                    r,
+                    s=30,
+                    color=color,
+                    marker=marks.get(order, "o"),
+                    edgecolors="black",
+                    linewidths=0.5,
+                    zorder=3,
+                )
+                ys.append(r)
+        ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="1x: no effect")
+        if effect:
+            ax.axhline(effect, color="#B22222", linestyle="--", linewidth=1.2, label=f"{effect:.2f}x: minimum effect")
+        for order in ("warm", "control"):
+            if order in seen_orders:
+                ax.scatter([], [], marker=marks[order], color="white", edgecolors="black", label=f"{order} burst first")
+        ax.set_yscale("log")
+        low, high = min(ys), max(ys)
+        ax.set_ylim(low / 1.35, high * 1.35)
+        # Plain numbers on a log axis: "2" reads better than "2x10^0".
+        sparse = (0.01, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+        steps = sorted({*sparse, 0.75, 1.5, 3}) if high / low <= 30 else sparse
+        ticks = [t for t in steps if low / 1.35 <= t <= high * 1.35]  # 1 is always in range
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([f"{t:g}x" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlim(-0.6, len(runs) - 0.4 + 0.5)
+        ax.set_xticks(range(len(runs)))
+        labels = []
+        for run in runs:
+            ttft = run.evidence.ttft
+            n = len(_finite_ratios(run))
+            labels.append(f"{server_label(run)}\n{n} repeat{'s' if n != 1 else ''}, {_decision_words(ttft, effect)}")
+        ax.set_xticklabels(labels)
+        ax.set_ylabel("control TTFT / warm TTFT (log scale)")
+        ax.set_title("Warm vs control TTFT, one ratio per repeat", fontsize=11)
+        ax.grid(axis="y", alpha=0.3)
+        # Below the axes: inside, it hides the interval's label of whichever server sits under it.
+        fig.legend(loc="outside lower center", fontsize=8, ncol=2, frameon=False)
+        if effect is None:
+            ax.text(0.01, 0.01, "minimum effect not recorded", transform=ax.transAxes, fontsize=8, color="#666666")
+        fig.savefig(path, dpi=_DPI)
+    finally:
+        plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# All of them
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One plot of the report."""
+
+    file: str
+    """Its file name in the run's folder."""
+    draw: Callable[[Path, TestResult], bool]
+    """Draws it; False when there is nothing to draw."""
+    empty_reason: str
+    """Why it is not drawn when ``draw`` returns False."""
+
+
+PLOTS: tuple[Plot, ...] = (
+    Plot(TTFT_PLOT_FILE, plot_ttft_by_phase, "no request finished with a time to first token"),
+    Plot(HIT_RATE_PLOT_FILE, plot_hit_rate, "no hit rate or ceiling was measured"),
+    Plot(TTFT_REPEATS_PLOT_FILE, plot_ttft_repeats, "no TTFT repeat finished"),
+)
+"""Every plot, in the order drawn."""
+
+
+def draw_plots(out_dir: Path, result: TestResult) -> tuple[list[Path], list[str]]:
+    """Draw every plot into ``out_dir``; one failing never stops the others.
+
+    Args:
+        out_dir: The run's folder.
+        result: The test.
+
+    Returns:
+        The files written, and a note for each plot not drawn (why), or one note when
+        matplotlib is missing.
+    """
+    written: list[Path] = []
+    notes: list[str] = []
+    for plot in PLOTS:
+        start = time.perf_counter()
+        target = out_dir / plot.file
+        # A plot left by an earlier run in a reused folder would pass for this run's.
+        target.unlink(missing_ok=True)
+        try:
+            if plot.draw(target, result):
+                written.append(target)
+            else:
+                notes.append(f"{plot.file} not drawn: {plot.empty_reason}")
+        except PlotsUnavailable as exc:
+            log.warning("plots skipped: %s", exc)
+            notes.append(f"plots skipped: {exc}")
+            break
+        except Exception as exc:  # a plot is a convenience; never let it lose the data
+            log.warning("could not draw %s", plot.file, exc_info=True)
+            target.unlink(missing_ok=True)
+            notes.append(f"{plot.file} not drawn: {type(exc).__name__}: {exc}")
+        log.debug("time/report/%s: %.4f s", plot.file, time.perf_counter() - start)
+    return written, notes

@@ -1,0 +1,625 @@
+"""An embedded fleet: several vLLM replicas behind the vLLM project's router, on one machine.
+
+Users who outgrow one server run several replicas behind a router; the prefix cache then
+pays only when requests that share a prefix land on the replica that holds it.
+:class:`EmbeddedFleet` builds that setup from real parts so it can be measured: N
+:class:`~echo_env.serving.engine.EmbeddedEngine` replicas, started one after another
+(two starting at once fight over the cores and the memory peak of loading), each with its
+OpenMP threads bound to its own cores, then PyPI ``vllm-router`` in front of them. Every
+process listens on 127.0.0.1 only, runs in its own process group, and is stopped on
+:meth:`EmbeddedFleet.stop`, on leaving a ``with`` block (Ctrl-C included) and at exit.
+
+The router can be restarted with another policy in about a second while the replicas
+stay up (:meth:`EmbeddedFleet.restart_router`), so comparing policies costs one fleet
+start, not one per policy.
+
+Read each replica's own ``/metrics`` (:attr:`EmbeddedFleet.replica_metrics_urls`): the
+router proxies ``GET /metrics`` to one replica per call, so counter deltas taken through
+it are meaningless. The router's own counters are on its Prometheus port
+(:attr:`EmbeddedFleet.router_metrics_url`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+
+from echo_env.errors import ConfigError, EngineError
+from echo_env.serving.engine import (
+    HOST,
+    STOP_TIMEOUT_S,
+    EmbeddedEngine,
+    EngineConfig,
+    find_free_port,
+    group_members,
+    is_cpu_only,
+)
+
+POLICIES = ("round_robin", "random", "cache_aware", "consistent_hash", "power_of_two", "sticky_least_loaded")
+"""The router policies a fleet accepts (vllm-router 0.1.17 also has ``kv_aware``, which needs KV-event sources)."""
+
+SESSION_POLICIES = frozenset({"consistent_hash", "sticky_least_loaded"})
+"""Policies that route on a session key (without one, consistent_hash hashes the whole request body)."""
+
+SESSION_HEADER = "X-Session-ID"
+"""The header vllm-router's ``consistent_hash`` and ``sticky_least_loaded`` read first (case-insensitive).
+
+After it: ``X-User-ID``, ``X-Tenant-ID``, ``X-Correlation-ID``, ``X-Request-ID``, ``X-Trace-ID``;
+then the body fields ``session_params.session_id``, ``user``, ``session_id``, ``user_id``."""
+
+SESSION_BODY_FIELD = "user"
+"""The OpenAI request field vllm-router reads as a session key when no session header is sent."""
+
+ROUTER_INSTALL_HINT = "pip install vllm-router==0.1.17 (or pip install 'echo-prefix-env[fleet]')"
+"""How to install the router."""
+
+REPLICA_BASE_GIB = 4.5
+"""Memory of one CPU replica besides its KV cache, GiB, with some headroom (measured with Gemma 3 270M: two
+replicas at 1 GiB KV each took 9.8 GiB resident and lowered MemAvailable by 9.1 GiB)."""
+
+_ROUTER_POLL_S = 0.2
+_LOG_TAIL_LINES = 30
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """How to run the replicas and the router."""
+
+    replicas: int = 2
+    """How many vLLM replicas."""
+    router: str = "round_robin"
+    """The router's policy, one of :data:`POLICIES`."""
+    kv_cache_gib: int = 1
+    """KV cache per replica, GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
+    model: str | None = None
+    """``None`` (Gemma 3 270M), a model folder or a hub id; every replica serves it."""
+    kv_events: bool = False
+    """Make each replica publish KV-cache events on its own ``ipc://`` endpoint (see ``kv_event_endpoints``)."""
+    prefix_caching: bool = True
+    """Whether the replicas cache prefixes."""
+    dev_mode: bool = False
+    """Run the replicas with ``VLLM_SERVER_DEV_MODE=1`` (``POST /reset_prefix_cache``)."""
+    max_model_len: int = 2048
+    """Longest prompt plus completion, tokens."""
+    served_model_name: str | None = None
+    """The name clients send; ``None``: ``echo-gemma3-270m`` or the model string."""
+    cache_dir: Path | None = None
+    """Where the model, logs and caches go; ``None`` means the package's cache folder."""
+    cpu_binds: tuple[str, ...] | None = None
+    """``VLLM_CPU_OMP_THREADS_BIND`` per replica (``("0", "1")``); ``None`` splits this process's cores evenly."""
+    extra_args: tuple[str, ...] = ()
+    """More ``vllm`` arguments for every replica."""
+    router_args: tuple[str, ...] = ()
+    """More ``vllm-router`` arguments (``--cache-threshold 0.5``...)."""
+    startup_timeout_s: float = 300.0
+    """How long each replica may take to answer ``/health``."""
+    router_timeout_s: float = 60.0
+    """How long the router may take to report itself ready."""
+    check_memory: bool = True
+    """Refuse to start when ``MemAvailable`` is below what the replicas need (:attr:`memory_needed_gib`)."""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError(f"replicas={self.replicas}: give at least 1 (2 fit on a 24 GB, 2-core machine)")
+        if self.router not in POLICIES:
+            raise ConfigError(f"router={self.router!r} is not a vllm-router policy: use one of {', '.join(POLICIES)}")
+        if self.kv_cache_gib < 1:
+            raise ConfigError(f"kv_cache_gib={self.kv_cache_gib}: give a whole number of GiB, at least 1")
+        for key in ("startup_timeout_s", "router_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be positive")
+        for key in ("extra_args", "router_args"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                raise ConfigError(f"{key} must be separate arguments, such as ('--seed', '0'), not one string")
+            if not isinstance(value, tuple):
+                object.__setattr__(self, key, tuple(value))
+        if self.cpu_binds is not None:
+            if isinstance(self.cpu_binds, str):
+                raise ConfigError("cpu_binds needs one entry per replica, such as ('0', '1'), not one string")
+            binds = tuple(str(b) for b in self.cpu_binds)
+            if len(binds) != self.replicas:
+                raise ConfigError(f"cpu_binds has {len(binds)} entries for {self.replicas} replicas: give one each")
+            object.__setattr__(self, "cpu_binds", binds)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+
+    @property
+    def memory_needed_gib(self) -> float:
+        """Roughly what the replicas take together, GiB."""
+        return self.replicas * (REPLICA_BASE_GIB + self.kv_cache_gib)
+
+    def engine_config(self) -> EngineConfig:
+        """The configuration every replica shares (each picks its own free port)."""
+        return EngineConfig(
+            model=self.model,
+            prefix_caching=self.prefix_caching,
+            max_model_len=self.max_model_len,
+            kv_cache_gib=self.kv_cache_gib,
+            startup_timeout_s=self.startup_timeout_s,
+            cache_dir=self.cache_dir,
+            served_model_name=self.served_model_name,
+            extra_args=self.extra_args,
+            dev_mode=self.dev_mode,
+        )
+
+
+class ReplicaEngine(EmbeddedEngine):
+    """An :class:`EmbeddedEngine` with extra environment variables (its own CPU binding, mostly)."""
+
+    def __init__(self, config: EngineConfig, env: Mapping[str, str]) -> None:
+        """Prepare, without starting anything.
+
+        Args:
+            config: How to run the server.
+            env: Variables set last, over what the engine sets itself.
+        """
+        super().__init__(config)
+        self.extra_env = dict(env)
+        """What this replica's environment adds or overrides."""
+
+    def _environment(self, model: str) -> dict[str, str]:
+        env = super()._environment(model)
+        env.update(self.extra_env)
+        return env
+
+
+def split_cpus(cpus: Sequence[int], parts: int) -> list[str]:
+    """Each replica's ``VLLM_CPU_OMP_THREADS_BIND``: the cores split into contiguous, even shares.
+
+    With fewer cores than replicas, replicas share cores round-robin (slow, but it runs).
+
+    Args:
+        cpus: The cores this process may use, e.g. ``sorted(os.sched_getaffinity(0))``.
+        parts: How many replicas.
+
+    Returns:
+        One core list per replica, in the form ``"0-1"`` or ``"2,5"``.
+    """
+    if not cpus:
+        raise ConfigError("no CPU cores to bind: give cpu_binds= explicitly")
+    ordered = sorted(cpus)
+    if parts > len(ordered):
+        return [str(ordered[i % len(ordered)]) for i in range(parts)]
+    out: list[str] = []
+    base, extra = divmod(len(ordered), parts)
+    start = 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(_cpu_list(ordered[start : start + size]))
+        start += size
+    return out
+
+
+def _cpu_list(cpus: Sequence[int]) -> str:
+    ranges: list[str] = []
+    start = prev = cpus[0]
+    for cpu in [*cpus[1:], -2]:
+        if cpu == prev + 1:
+            prev = cpu
+            continue
+        ranges.append(f"{start}-{prev}" if prev > start else str(start))
+        start = prev = cpu
+    return ",".join(ranges)
+
+
+def mem_available_gib() -> float | None:
+    """``MemAvailable`` from ``/proc/meminfo``, GiB (None where there is no such file)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024**2
+    return None
+
+
+def check_router_installed() -> None:
+    """Make sure ``vllm-router`` can be started from this Python.
+
+    Raises:
+        EngineError: It is missing, naming how to install it.
+    """
+    try:
+        found = importlib.util.find_spec("vllm_router") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise EngineError(f"vllm-router is not installed in {sys.executable}: {ROUTER_INSTALL_HINT}")
+
+
+def router_command(
+    port: int, worker_urls: Sequence[str], policy: str, prometheus_port: int, extra: Sequence[str] = ()
+) -> list[str]:
+    """The router's command line (this Python running ``vllm_router.launch_router``).
+
+    Args:
+        port: Its serving port on 127.0.0.1.
+        worker_urls: The replicas' roots (``http://127.0.0.1:PORT``).
+        policy: One of :data:`POLICIES`.
+        prometheus_port: Where its own metrics go (on 127.0.0.1).
+        extra: More arguments, appended last.
+
+    Returns:
+        The argument list.
+    """
+    return [
+        sys.executable, "-m", "vllm_router.launch_router",
+        "--host", HOST, "--port", str(port),
+        "--worker-urls", *worker_urls,
+        "--policy", policy,
+        "--prometheus-host", HOST, "--prometheus-port", str(prometheus_port),
+        *extra,
+    ]  # fmt: skip
+
+
+def kv_events_config(endpoint: str) -> str:
+    """The ``--kv-events-config`` JSON that makes a replica publish (bind) on ``endpoint``."""
+    return json.dumps(
+        {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint, "topic": "kv"},
+        separators=(",", ":"),
+    )
+
+
+@dataclass
+class _Router:
+    """The router process and where it listens."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    prometheus_port: int
+    policy: str
+    log_path: Path
+
+
+@dataclass
+class FleetTimings:
+    """How long the fleet took to come up, seconds."""
+
+    replicas_s: list[float] = field(default_factory=list)
+    """Each replica's start, in start order."""
+    router_s: list[float] = field(default_factory=list)
+    """Each router start (the first, then one per restart)."""
+
+
+class EmbeddedFleet:
+    """N vLLM replicas and a vllm-router in front of them, from start until stop.
+
+    Use it as a context manager (``with EmbeddedFleet(FleetConfig()) as fleet:``) or call
+    :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(self, config: FleetConfig | None = None) -> None:
+        """Prepare, without starting anything.
+
+        Args:
+            config: How to run the fleet; ``None`` means ``FleetConfig()``.
+        """
+        self.config = config if config is not None else FleetConfig()
+        self.replicas: list[ReplicaEngine] = []
+        """The replicas, in start order (filled by :meth:`start`)."""
+        self.timings = FleetTimings()
+        """Start-up times."""
+        self._router: _Router | None = None
+        self._router_port: int | None = None
+        self._prometheus_port: int | None = None
+        self._socket_dir: Path | None = None
+        self._kv_endpoints: list[str] = []
+
+    # ----- addresses -------------------------------------------------------------
+
+    @property
+    def router_url(self) -> str:
+        """``http://127.0.0.1:PORT``: the router's root (``/workers``, ``/list_workers``, ``/health``)."""
+        if self._router_port is None:
+            raise EngineError("the fleet has not been started: call start() or use it in a `with` block")
+        return f"http://{HOST}:{self._router_port}"
+
+    @property
+    def base_url(self) -> str:
+        """The router's OpenAI API root (``.../v1``): what clients take as ``base_url``."""
+        return f"{self.router_url}/v1"
+
+    @property
+    def router_metrics_url(self) -> str:
+        """The router's own Prometheus page (``vllm_router_processed_requests_total{worker}``...)."""
+        if self._prometheus_port is None:
+            raise EngineError("the fleet has not been started: call start() or use it in a `with` block")
+        return f"http://{HOST}:{self._prometheus_port}/metrics"
+
+    @property
+    def replica_urls(self) -> list[str]:
+        """Each replica's root (``http://127.0.0.1:PORT``), as the router names its workers."""
+        return [r.server_url for r in self.replicas]
+
+    @property
+    def replica_base_urls(self) -> list[str]:
+        """Each replica's OpenAI API root, for sending to one replica directly."""
+        return [r.base_url for r in self.replicas]
+
+    @property
+    def replica_metrics_urls(self) -> list[str]:
+        """Each replica's own ``/metrics``: the only place per-replica counters can be read."""
+        return [r.metrics_url for r in self.replicas]
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients send as ``model`` (every replica serves the same)."""
+        return self.config.engine_config().resolved_served_model_name
+
+    @property
+    def policy(self) -> str:
+        """The router's current policy."""
+        return self._router.policy if self._router is not None else self.config.router
+
+    @property
+    def kv_event_endpoints(self) -> list[str]:
+        """Each replica's KV-event endpoint (``ipc://...``; empty unless ``kv_events``)."""
+        return list(self._kv_endpoints)
+
+    @property
+    def router_log_path(self) -> Path:
+        """The router's log."""
+        if self._router is None:
+            raise EngineError("the router is not running")
+        return self._router.log_path
+
+    def is_running(self) -> bool:
+        """Whether the router and every replica are alive."""
+        router_alive = self._router is not None and self._router.proc.poll() is None
+        return router_alive and bool(self.replicas) and all(r.is_running() for r in self.replicas)
+
+    # ----- lifecycle -------------------------------------------------------------
+
+    def start(self) -> EmbeddedFleet:
+        """Start the replicas one after another, then the router; wait until it is ready.
+
+        Returns:
+            ``self``, serving.
+
+        Raises:
+            EngineError: vLLM or vllm-router is missing, memory is short, or a replica
+                or the router did not come up; the message names the fix.
+            ModelError: The model could not be prepared or found.
+        """
+        if self.replicas or self._router is not None:
+            raise EngineError("the fleet is already running: stop() it first")
+        check_router_installed()
+        self._check_memory()
+        atexit.register(self.stop)
+        try:
+            self._start_replicas()
+            self._router_port = find_free_port()
+            self._prometheus_port = find_free_port()
+            self._start_router(self.config.router)
+        except BaseException:
+            # Ctrl-C during the minutes-long start: __exit__ will not run, so stop here.
+            self.stop()
+            raise
+        return self
+
+    def restart_router(self, policy: str, router_args: Sequence[str] | None = None) -> None:
+        """Stop the router and start it again with another policy; the replicas stay up.
+
+        The router keeps its ports, so :attr:`base_url` stays valid. The replicas' caches
+        keep what earlier phases put there: give each phase its own prefix.
+
+        Args:
+            policy: One of :data:`POLICIES`.
+            router_args: More router arguments (``None`` keeps the config's).
+
+        Raises:
+            ConfigError: ``policy`` is not one of :data:`POLICIES`.
+            EngineError: The fleet is not running, or the router did not come back.
+        """
+        if policy not in POLICIES:
+            raise ConfigError(f"policy={policy!r} is not a vllm-router policy: use one of {', '.join(POLICIES)}")
+        if not self.replicas:
+            raise EngineError("the fleet has not been started: call start() first")
+        self._stop_router()
+        if router_args is not None:
+            self.config = replace(self.config, router_args=tuple(router_args))
+        try:
+            self._start_router(policy)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the router, then every replica. Safe to call more than once."""
+        atexit.unregister(self.stop)
+        try:
+            self._stop_router()
+        finally:
+            replicas, self.replicas = self.replicas, []
+            for replica in reversed(replicas):
+                replica.stop()
+            if self._socket_dir is not None:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+                self._socket_dir = None
+            self._kv_endpoints = []
+
+    def __enter__(self) -> EmbeddedFleet:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ----- internals -------------------------------------------------------------
+
+    def _check_memory(self) -> None:
+        if not self.config.check_memory:
+            return
+        available = mem_available_gib()
+        need = self.config.memory_needed_gib
+        if available is not None and available < need:
+            raise EngineError(
+                f"not enough memory for {self.config.replicas} replicas: they need about {need:.0f} GiB "
+                f"({REPLICA_BASE_GIB:g} GiB each plus kv_cache_gib={self.config.kv_cache_gib}), and only "
+                f"{available:.1f} GiB is available. Stop other engines, lower replicas or kv_cache_gib, or pass "
+                "check_memory=false to try anyway"
+            )
+
+    def _cpu_binds(self) -> list[str] | None:
+        if self.config.cpu_binds is not None:
+            return list(self.config.cpu_binds)
+        if not is_cpu_only():
+            return None
+        return split_cpus(sorted(os.sched_getaffinity(0)), self.config.replicas)
+
+    def _start_replicas(self) -> None:
+        base = self.config.engine_config()
+        binds = self._cpu_binds()
+        if self.config.kv_events:
+            # A Unix socket path is capped at 107 bytes: keep the sockets in a short folder.
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="echo_env-kv-"))
+        for i in range(self.config.replicas):
+            env = {"VLLM_CPU_OMP_THREADS_BIND": binds[i]} if binds is not None else {}
+            cfg = base
+            if self.config.kv_events:
+                assert self._socket_dir is not None
+                endpoint = f"ipc://{self._socket_dir}/replica-{i}.sock"
+                self._kv_endpoints.append(endpoint)
+                cfg = replace(base, extra_args=(*base.extra_args, "--kv-events-config", kv_events_config(endpoint)))
+            replica = ReplicaEngine(cfg, env)
+            started = time.perf_counter()
+            try:
+                replica.start()
+            except EngineError as exc:
+                first = str(exc).splitlines()[0]
+                raise EngineError(
+                    f"replica {i + 1} of {self.config.replicas} did not start: {first}\n"
+                    + "\n".join(str(exc).splitlines()[1:])
+                ) from None
+            self.replicas.append(replica)
+            self.timings.replicas_s.append(time.perf_counter() - started)
+
+    def _start_router(self, policy: str) -> None:
+        assert self._router_port is not None and self._prometheus_port is not None
+        logs = (self.config.cache_dir or _default_cache_dir()) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"router-{self._router_port}.log"
+        cmd = router_command(
+            self._router_port, self.replica_urls, policy, self._prometheus_port, self.config.router_args
+        )
+        started = time.perf_counter()
+        with log_path.open("wb") as log:
+            log.write(("$ " + " ".join(cmd) + "\n").encode())
+            log.flush()
+            try:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "NO_COLOR": "1"}, start_new_session=True,
+                )  # fmt: skip
+            except OSError as exc:
+                raise EngineError(f"cannot start vllm-router with {sys.executable}: {exc}") from exc
+        self._router = _Router(proc, self._router_port, self._prometheus_port, policy, log_path)
+        self._wait_router_ready()
+        self.timings.router_s.append(time.perf_counter() - started)
+
+    def _wait_router_ready(self) -> None:
+        router = self._router
+        assert router is not None
+        deadline = time.monotonic() + self.config.router_timeout_s
+        readiness = f"http://{HOST}:{router.port}/readiness"
+        while True:
+            code = router.proc.poll()
+            if code is not None:
+                raise self._router_error(f"vllm-router exited during start-up (exit status {code})")
+            if _ready(readiness, len(self.replicas)):
+                return
+            if time.monotonic() > deadline:
+                raise self._router_error(
+                    f"vllm-router did not report {len(self.replicas)} healthy workers at {readiness} within "
+                    f"{self.config.router_timeout_s:.0f} s"
+                )
+            time.sleep(_ROUTER_POLL_S)
+
+    def _router_error(self, what: str) -> EngineError:
+        assert self._router is not None
+        log_path = self._router.log_path
+        tail = _tail(log_path)
+        lowered = tail.lower()
+        if "address already in use" in lowered:
+            fix = "another process took the router's port; start the fleet again"
+        elif "no module named" in lowered:
+            fix = ROUTER_INSTALL_HINT
+        elif "invalid choice" in lowered:
+            fix = f"check router_args against `vllm-router --help` (policies: {', '.join(POLICIES)})"
+        else:
+            fix = "read the router log below"
+        self._stop_router()
+        return EngineError(f"{what}. Fix: {fix}\nLog: {log_path}\n--- last lines ---\n{tail}")
+
+    def _stop_router(self) -> None:
+        router, self._router = self._router, None
+        if router is None:
+            return
+        stop_group(router.proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM a child's whole process group, SIGKILL what is left after ``timeout_s``.
+
+    Args:
+        proc: A child started with ``start_new_session=True`` (its pid is its group id).
+        timeout_s: How long to wait after SIGTERM.
+    """
+    pgid = proc.pid
+    try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not group_members(pgid):
+                break
+            time.sleep(0.05)
+    finally:
+        if group_members(pgid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def _ready(url: str, workers: int) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            if int(response.status) != 200:
+                return False
+            body = json.loads(response.read() or b"{}")
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    healthy = body.get("healthy_workers") if isinstance(body, dict) else None
+    return healthy is None or int(healthy) >= workers
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as handle:
+            return "".join(deque(handle, maxlen=_LOG_TAIL_LINES)).rstrip()
+    except OSError:
+        return ""
+
+
+def _default_cache_dir() -> Path:
+    from echo_env.serving.model import default_cache_dir
+
+    return default_cache_dir()
