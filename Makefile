@@ -12,8 +12,11 @@ export ECHO_ENV_CACHE ?= $(CURDIR)/.cache
 STAMP_CORE := $(VENV)/.installed-core
 STAMP_ENGINE := $(VENV)/.installed-engine
 STAMP_RL := $(VENV)/.installed-rl
+STAMP_FLEET := $(VENV)/.installed-fleet
+# llama.cpp's server, built from source once (8-13 minutes on 2 cores) into the cache folder.
+LLAMA_SERVER := $(ECHO_ENV_CACHE)/llama.cpp/0.3.36/bin/llama-server
 
-.PHONY: run test test-all test-fast lint install install-engine install-rl serve bench-quick clean
+.PHONY: run test test-all test-fast lint install install-engine install-rl install-fleet llama-server serve bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +30,7 @@ $(STAMP_CORE): setup.cfg pyproject.toml | $(PY)
 # `import vllm` fails (operator torchvision::nms does not exist), and vLLM serves text
 # models without them.
 $(STAMP_ENGINE): $(STAMP_CORE)
-	$(PIP) install -q -e '.[engine,dev,plots]'
+	$(PIP) install -q -e '.[engine,dev,plots,bench]'
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	$(PY) -c "import vllm" || { echo "vLLM does not import: see the error above"; exit 2; }
 	touch $@
@@ -42,7 +45,19 @@ $(STAMP_RL): $(STAMP_CORE)
 	$(PIP) install -q --no-deps 'tinker-cookbook==0.6.1'
 	touch $@
 
+# vllm-router (the vLLM project's Rust router, a wheel on PyPI) for fleets of replicas.
+$(STAMP_FLEET): $(STAMP_CORE)
+	$(PIP) install -q -e '.[fleet]'
+	touch $@
+
+$(LLAMA_SERVER): | $(STAMP_CORE)
+	$(PY) -m echo_env.serving.llamacpp_build
+
 install: $(STAMP_CORE)
+
+install-fleet: $(STAMP_FLEET)
+
+llama-server: $(LLAMA_SERVER)
 
 install-engine: $(STAMP_ENGINE)
 
@@ -56,18 +71,20 @@ lint: $(STAMP_CORE)
 	$(VENV)/bin/ruff check echo_env tests benchmarks examples
 	$(VENV)/bin/mypy echo_env
 
-# The gate CI runs: everything, the real engine, the RL libraries' own code, the fault,
-# load and security tests and `echo-prefix train steps=2` included, then every benchmark
-# in --quick mode (results in .cache/bench-results, so the committed ones stay as they are).
-test: $(STAMP_ENGINE) $(STAMP_RL) lint
-	ECHO_ENV_REQUIRE_RL=1 $(PY) -m pytest -q $(ARGS)
+# The gate CI runs: everything, the real engine, llama.cpp's server, two replicas behind
+# vllm-router, the RL libraries' own code, the fault, load and security tests and
+# `echo-prefix train steps=2` included, then every benchmark in --quick mode (results in
+# .cache/bench-results, so the committed ones stay as they are). The REQUIRE variables
+# turn a missing part into an error instead of skipped tests.
+test: $(STAMP_ENGINE) $(STAMP_RL) $(STAMP_FLEET) $(LLAMA_SERVER) lint
+	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 ECHO_ENV_REQUIRE_FLEET=1 $(PY) -m pytest -q $(ARGS)
 	ECHO_ENV_BENCH_RESULTS=$(ECHO_ENV_CACHE)/bench-results $(PY) benchmarks/run_all.py --quick
 
 # Kept for old habits: the same as test.
 test-all: test
 
 test-fast: $(STAMP_CORE) lint
-	$(PY) -m pytest -q -m "not engine and not faults" $(ARGS)
+	$(PY) -m pytest -q -m "not engine and not faults and not llamacpp and not fleet" $(ARGS)
 
 install-rl: $(STAMP_RL)
 

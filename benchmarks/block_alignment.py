@@ -8,9 +8,10 @@ examples so the shared prefix ends just past a boundary.
 1. *Computed* (no server): the ceiling for the default model's tokenizer, before and
    after alignment, for block sizes 16-256, the transcript and chat renderings, with and
    without the prefix test's run tag.
-2. *Measured* (embedded engine, block 128): the shipped prompt as the env sends it (no
-   run tag: its shared prefix is 502 tokens, so only 384 can be cached) against the same
-   prompt aligned (one example added: 518 shared, 512 cacheable). Each run resets the
+2. *Measured* (embedded engine, aligned to the block size its metrics report: 128 on
+   CPU): the shipped prompt as the env sends it (no run tag: its shared prefix is 502
+   tokens, so only 384 can be cached at 128) against the same prompt aligned (one example
+   added: 518 shared, 512 cacheable). Each run resets the
    engine's prefix cache (``POST /reset_prefix_cache``, dev mode) so the same prompt is
    cold again, sends the first agent alone, then every other agent all in flight.
    Before and after alternate (ABBA...) on the one engine, so both see the same load.
@@ -28,15 +29,15 @@ from typing import Any
 
 import httpx
 from common import (
-    Phase,
-    embedded_engine,
-    engine_facts,
+    cache_block_size,
+    counter_probe,
     fmt,
     machine_facts,
     markdown_table,
+    measure_burst,
     median,
     ratio,
-    run_phase,
+    server_facts,
     table,
     warm_up_engine,
     write_result,
@@ -48,7 +49,8 @@ from echo_env.envs.task import EchoTask, find_worked_examples
 from echo_env.measure.tokens import encode_prompts, plan_tokens
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.metrics import MetricsReader
+from echo_env.serving.info import ServerFacts, server_root
+from echo_env.serving.target import OpenServer, ServerTarget, open_target
 
 NAME = "block_alignment"
 TAG = "[echo-prefix run 5f3a9c2e-on00]"
@@ -93,11 +95,18 @@ def workload(task: EchoTask, agents: int, seed: int) -> tuple[dict[str, str], di
 
 
 async def measure(
-    engine: Any, variants: dict[str, EchoTask], agents: int, runs: int, tokenizer: Any, bar: Any
+    server: OpenServer,
+    facts: ServerFacts,
+    variants: dict[str, EchoTask],
+    agents: int,
+    runs: int,
+    tokenizer: Any,
+    bar: Any,
 ) -> list[dict[str, Any]]:
     """Alternate the variants (ABBA...), each run on a freshly reset prefix cache."""
-    reader = MetricsReader(engine.metrics_url, model_name=engine.served_model_name)
-    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name, timeout_s=900, max_concurrency=1024)
+    probe = counter_probe(facts)
+    block = cache_block_size(facts)
+    config = ClientConfig(base_url=server.base_url, model=server.model, timeout_s=900, max_concurrency=1024)
     out: list[dict[str, Any]] = []
     names = list(variants)
     async with LLMClient(config) as client, httpx.AsyncClient(timeout=60) as http:
@@ -106,21 +115,40 @@ async def measure(
         for run in range(runs):
             order = names if run % 2 == 0 else names[::-1]
             for name in order:
-                resp = await http.post(f"{engine.server_url}/reset_prefix_cache")
+                resp = await http.post(f"{server_root(server.base_url)}/reset_prefix_cache")
                 resp.raise_for_status()
                 cold, warm = workload(variants[name], agents, seed=run)
                 ids = encode_prompts(tokenizer, list(cold.values()) + list(warm.values()))
-                cold_phase = await run_phase("cold", worker, cold, reader)
-                warm_phase: Phase = await run_phase("warm", worker, warm, reader)
-                warm_phase.plan = plan_tokens(ids[1:], 128, warm=ids[:1])
-                f = warm_phase.figures()
-                f.update({"variant": name, "run": run, "cold_ttft_s": cold_phase.figures()["ttft_p50_s"]})
-                out.append(f)
+                cold_phase = await measure_burst("cold", worker, cold, probe, repeat=run, log=bar.write)
+                plan = plan_tokens(ids[1:], block, warm=ids[:1])
+                warm_phase = await measure_burst("warm", worker, warm, probe, plan=plan, repeat=run, log=bar.write)
+                f = warm_phase.figures
+                out.append(warm_phase.to_json(variant=name, run=run, cold_ttft_s=cold_phase.figures.ttft.p50))
                 bar.write(
-                    f"  run {run} {name:7} warm TTFT p50 {fmt(f['ttft_p50_s'], 3)} s, hit rate "
-                    f"{fmt(f.get('hit_rate'), 3)} (ceiling {fmt(f['hit_rate_ceiling'], 3)})"
+                    f"  run {run} {name:7} warm TTFT p50 {fmt(f.ttft.p50, 3)} s, hit rate "
+                    f"{fmt(f.hit.value, 3)} (ceiling {fmt(f.hit.ceiling, 3)})"
                 )
     return out
+
+
+def measure_engine(tokenizer: Any, agents: int, runs: int) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    """Start the embedded engine (dev mode, for the cache reset), align to its block size, measure both prompts.
+
+    Returns:
+        Every warm phase's row, the server's facts, and its block size.
+    """
+    bar = tqdm(total=2 * runs * agents, desc=NAME, unit="req")
+    try:
+        with open_target(ServerTarget(), dev_mode=True) as server:
+            facts = server_facts(server, log=bar.write)
+            block = cache_block_size(facts)
+            shipped = EchoTask()
+            variants = {"shipped": shipped, "aligned": align_system_prompt(shipped, tokenizer, block)}
+            asyncio.run(warm_up_engine(server, log=bar.write))
+            measured = asyncio.run(measure(server, facts, variants, agents, runs, tokenizer, bar))
+    finally:
+        bar.close()
+    return measured, facts.to_json(), block
 
 
 def summarize_measured(
@@ -132,14 +160,14 @@ def summarize_measured(
         return median([m[key] for m in measured if m["variant"] == name and m.get(key) is not None])
 
     def per_request(name: str) -> float | None:
-        total = pooled(name, "plan_prompt_tokens")
+        total = pooled(name, "planned_prompt_tokens")
         return total / (agents - 1) if total is not None else None
 
     summary = {
         name: {
             "ttft_p50_s_median_of_runs": pooled(name, "ttft_p50_s"),
             "ttft_p99_s_median_of_runs": pooled(name, "ttft_p99_s"),
-            "requests_per_s_median_of_runs": pooled(name, "requests_per_s"),
+            "requests_per_s_median_of_runs": pooled(name, "throughput_rps"),
             "hit_rate_median_of_runs": pooled(name, "hit_rate"),
             "hit_rate_ceiling": pooled(name, "hit_rate_ceiling"),
             "cold_ttft_s_median_of_runs": pooled(name, "cold_ttft_s"),
@@ -155,7 +183,7 @@ def summarize_measured(
             {
                 "run": run,
                 "ttft_p50_speedup": ratio(a["ttft_p50_s"], b["ttft_p50_s"]),
-                "throughput_ratio": ratio(b["requests_per_s"], a["requests_per_s"]),
+                "throughput_ratio": ratio(b["throughput_rps"], a["throughput_rps"]),
             }
         )
     s, al = summary["shipped"], summary["aligned"]
@@ -184,6 +212,25 @@ def summarize_measured(
     return summary, per_run, ratios, m_headers, m_body
 
 
+def computed_rows(computed: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The computed table: headers and one row per tag, rendering and block size."""
+    headers = ["run tag", "render", "block", "examples", "shared tokens", "cacheable", "ceiling before", "after"]
+    body = [
+        [
+            "yes" if r["run_tag"] else "no",
+            r["render"],
+            r["block_size"],
+            f"{r['examples_before']} -> {r['examples_after']}",
+            f"{r['shared_before']} -> {r['shared_after']}",
+            f"{r['cacheable_before']} -> {r['cacheable_after']}",
+            fmt(r["ceiling_before"], 3),
+            fmt(r["ceiling_after"], 3),
+        ]
+        for r in computed
+    ]
+    return headers, body
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the computed and measured before/after tables, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -198,36 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tokenizer = load_tokenizer(None)
     computed = computed_table(tokenizer)
-    c_headers = ["run tag", "render", "block", "examples", "shared tokens", "cacheable", "ceiling before", "after"]
-    c_body = [
-        [
-            "yes" if r["run_tag"] else "no",
-            r["render"],
-            r["block_size"],
-            f"{r['examples_before']} -> {r['examples_after']}",
-            f"{r['shared_before']} -> {r['shared_after']}",
-            f"{r['cacheable_before']} -> {r['cacheable_after']}",
-            fmt(r["ceiling_before"], 3),
-            fmt(r["ceiling_after"], 3),
-        ]
-        for r in computed
-    ]
+    c_headers, c_body = computed_rows(computed)
     print("hit-rate ceiling of one warm prompt, default model's tokenizer, before -> after align_system_prompt")
     print(table(c_headers, c_body))
 
-    shipped = EchoTask()
-    variants = {"shipped": shipped, "aligned": align_system_prompt(shipped, tokenizer, 128)}
-    bar = tqdm(total=2 * runs * agents, desc=NAME, unit="req")
-    try:
-        with embedded_engine(prefix_caching=True, dev_mode=True, log=bar.write) as engine:
-            facts = engine_facts(engine.base_url)
-            asyncio.run(warm_up_engine(engine, log=bar.write))
-            measured = asyncio.run(measure(engine, variants, agents, runs, tokenizer, bar))
-    finally:
-        bar.close()
-
-    summary, per_run, ratios, m_headers, m_body = summarize_measured(measured, list(variants), agents, runs)
-    print(f"\nmeasured on the embedded engine (block 128), warm phase of {agents - 1} requests, {runs} runs each")
+    measured, facts, block = measure_engine(tokenizer, agents, runs)
+    summary, per_run, ratios, m_headers, m_body = summarize_measured(measured, ["shipped", "aligned"], agents, runs)
+    print(f"\nmeasured on the embedded engine (block {block}), warm phase of {agents - 1} requests, {runs} runs each")
     print(table(m_headers, m_body))
     print(
         f"aligned vs shipped: ceiling {fmt(ratios['ceiling_after_over_before'], 2, 'x')}, "
@@ -240,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         NAME,
         args.quick,
         {
-            "what": "hit-rate ceiling and measured TTFT, shipped system prompt vs align_system_prompt, block 128",
+            "what": f"hit-rate ceiling and measured TTFT, shipped system prompt vs align_system_prompt, block {block}",
             "settings": {"agents": agents, "runs_per_variant": runs, "max_tokens": 32, "group_size": 8},
             "machine": machine_facts(model="echo-gemma3-270m (Gemma 3 270M base, bf16)", server=facts),
             "computed": computed,

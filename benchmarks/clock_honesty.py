@@ -32,32 +32,36 @@ from collections.abc import Sequence
 from typing import Any
 
 from common import (
-    embedded_engine,
-    engine_facts,
+    counter_probe,
     fmt,
     machine_facts,
     markdown_table,
+    measure_burst,
     median,
     ratio,
     run_vllm_bench,
-    snapshot,
+    server_facts,
     table,
     warm_up_engine,
     write_result,
 )
 from tqdm.auto import tqdm
 
-from echo_env.serving.client import ClientConfig, LLMClient
 from echo_env.envs.parallel import EchoPrefixParallelEnv
-from echo_env.serving.metrics import MetricsReader, delta
-from echo_env.measure.stats import summarize
 from echo_env.envs.task import EchoTask
+from echo_env.measure.phase import CounterProbe, counter_delta
+from echo_env.measure.stats import summarize
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.serving.metrics import CounterDelta
+from echo_env.serving.target import OpenServer, ServerTarget, open_target
 
 NAME = "clock_honesty"
 TOKENS = 16
 SERIAL_REQUESTS = 24
 CLIENTS = ("echo_env", "vllm-bench")
+SAMPLING = SamplingConfig(max_tokens=TOKENS, stop=(), temperature=0.0, extra_body={"ignore_eos": True})
+"""Both clients ask for 16 tokens, never stopping early, greedy."""
 
 
 def prompts_for(tag: str, batch: int, group: int, seed: int) -> tuple[str, list[str]]:
@@ -68,22 +72,38 @@ def prompts_for(tag: str, batch: int, group: int, seed: int) -> tuple[str, list[
     return texts[0], texts[1:]
 
 
-async def ours(engine: Any, prompts: Sequence[str], concurrency: int) -> list[float]:
-    """TTFTs measured by this package's worker, ``concurrency`` in flight."""
-    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name, max_concurrency=concurrency)
-    sampling = SamplingConfig(max_tokens=TOKENS, stop=(), temperature=0.0, extra_body={"ignore_eos": True})
+async def ours(
+    server: OpenServer, prompts: Sequence[str], concurrency: int, probe: CounterProbe | None = None
+) -> tuple[list[float], CounterDelta | None]:
+    """TTFTs measured by this package's worker, ``concurrency`` in flight, and the server's counters over them."""
+    config = ClientConfig(base_url=server.base_url, model=server.model, max_concurrency=concurrency)
     async with LLMClient(config) as client:
-        worker = RolloutWorker(client, sampling)
-        _, records = await worker.complete({f"agent{i}": p for i, p in enumerate(prompts)})
-    failed = [r for r in records if not r.ok]
-    if failed:
-        raise RuntimeError(f"{len(failed)} requests failed: {failed[0].error}")
-    return [r.ttft_s for r in records if r.ttft_s is not None]
+        worker = RolloutWorker(client, SAMPLING)
+        measured = await measure_burst("burst", worker, {f"agent{i}": p for i, p in enumerate(prompts)}, probe)
+    f = measured.figures
+    if f.failed:
+        raise RuntimeError(f"{f.failed} requests failed: {f.first_error}")
+    return list(f.ttft_samples), f.counters
 
 
-async def prime(engine: Any, prompt: str) -> None:
+def theirs(
+    server: OpenServer, prompts: Sequence[str], concurrency: int, tokenizer: str, probe: CounterProbe
+) -> tuple[list[float], CounterDelta | None]:
+    """TTFTs measured by ``vllm bench serve`` on the same prompts, and the server's counters over them."""
+    assert server.model is not None  # the embedded engine names its model
+    before = asyncio.run(probe.snapshot())
+    result = run_vllm_bench(
+        server.base_url, server.model, tokenizer, prompts, concurrency, TOKENS, extra=["--temperature", "0"]
+    )
+    after = asyncio.run(probe.snapshot())
+    if result["completed"] != len(prompts):
+        raise RuntimeError(f"vllm bench serve finished {result['completed']} of {len(prompts)} requests")
+    return [t for t in result["ttfts"] if t], counter_delta(before, after)
+
+
+async def prime(server: OpenServer, prompt: str) -> None:
     """Send one prompt alone, unmeasured (the cold request, or the engine warm-up)."""
-    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name)
+    config = ClientConfig(base_url=server.base_url, model=server.model)
     async with LLMClient(config) as client:
         record = await client.generate(prompt, max_tokens=TOKENS, temperature=0.0, extra_body={"ignore_eos": True})
     if not record.ok:
@@ -91,27 +111,21 @@ async def prime(engine: Any, prompt: str) -> None:
 
 
 def one_run(
-    engine: Any, client: str, mode: str, tag: str, batch: int, group: int, seed: int, tok: str
+    server: OpenServer, probe: CounterProbe, client: str, mode: str, tag: str, shape: tuple[int, int, int], tok: str
 ) -> dict[str, Any]:
-    """Prime, then measure one client's TTFTs and the server's histogram delta over them."""
-    reader = MetricsReader(engine.metrics_url, model_name=engine.served_model_name)
-    cold, warm = prompts_for(tag, batch, group, seed)
+    """Prime, then measure one client's TTFTs and the server's histogram delta over them.
+
+    ``shape`` is (batch_size, group_size, seed) of the run's workload.
+    """
+    cold, warm = prompts_for(tag, *shape)
     if mode == "serial":
         warm = warm[:SERIAL_REQUESTS]
     concurrency = len(warm) if mode == "burst" else 1
-    asyncio.run(prime(engine, cold))
-    before = snapshot(reader)
+    asyncio.run(prime(server, cold))
     if client == "echo_env":
-        ttfts = asyncio.run(ours(engine, warm, concurrency))
+        ttfts, d = asyncio.run(ours(server, warm, concurrency, probe))
     else:
-        result = run_vllm_bench(
-            engine.base_url, engine.served_model_name, tok, warm, concurrency, TOKENS, extra=["--temperature", "0"]
-        )
-        if result["completed"] != len(warm):
-            raise RuntimeError(f"vllm bench serve finished {result['completed']} of {len(warm)} requests")
-        ttfts = [t for t in result["ttfts"] if t]
-    after = snapshot(reader)
-    d = delta(before.counters, after.counters) if before is not None and after is not None else None
+        ttfts, d = theirs(server, warm, concurrency, tok, probe)
     s = summarize(ttfts)
     return {
         "client": client,
@@ -123,6 +137,43 @@ def one_run(
         "server_ttft_mean_s": d.ttft_mean if d is not None else None,
         "server_ttft_count": d.ttft_count if d is not None else None,
     }
+
+
+def measure_all(batch: int, group: int, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Both clients in both modes, alternating, on one embedded engine; the runs and the server's facts."""
+    from echo_env.serving.model import resolve_model
+
+    tokenizer = str(resolve_model(None))
+    run_id = uuid.uuid4().hex[:8]
+    runs: list[dict[str, Any]] = []
+    bar = tqdm(total=repeats * 2 * len(CLIENTS), desc=NAME, unit="run")
+    try:
+        with open_target(ServerTarget()) as server:
+            facts = server_facts(server, log=bar.write)
+            probe = counter_probe(facts)
+            # Engine warm-up: distinct full prompts, then one burst of the measured shape on a
+            # prefix of its own (a different run tag); no measured prefix is touched.
+            asyncio.run(warm_up_engine(server, log=bar.write))
+            cold, warm = prompts_for(f"[engine warm-up {run_id}]", batch, group, seed=99)
+            asyncio.run(prime(server, cold))
+            asyncio.run(ours(server, warm, len(warm)))
+            for repeat in range(repeats):
+                for mode in ("burst", "serial"):
+                    order = CLIENTS if (repeat + (mode == "serial")) % 2 == 0 else CLIENTS[::-1]
+                    for client in order:
+                        tag = f"[echo-prefix run {run_id}-{client[:2]}{repeat}{mode[0]}]"
+                        run = one_run(server, probe, client, mode, tag, (batch, group, repeat), tokenizer)
+                        run["repeat"] = repeat
+                        runs.append(run)
+                        bar.write(
+                            f"  r{repeat} {mode:6} {client:10} TTFT p50 {fmt(run['client_ttft_p50_s'], 4)} s "
+                            f"(server p50 {fmt(run['server_ttft_p50_s'], 4)}, mean {fmt(run['server_ttft_mean_s'], 4)},"
+                            f" {fmt(run['server_ttft_count'], 0)} observations)"
+                        )
+                        bar.update(1)
+    finally:
+        bar.close()
+    return runs, facts.to_json()
 
 
 def summarize_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], list[list[str]]]:
@@ -212,38 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch, group = (4, 8) if args.quick else (16, 8)
     repeats = args.repeats or (1 if args.quick else 3)
 
-    from echo_env.serving.model import resolve_model
-
-    tokenizer = resolve_model(None)
-    run_id = uuid.uuid4().hex[:8]
-    runs: list[dict[str, Any]] = []
-    bar = tqdm(total=repeats * 2 * len(CLIENTS), desc=NAME, unit="run")
-    try:
-        with embedded_engine(prefix_caching=True, log=bar.write) as engine:
-            facts = engine_facts(engine.base_url)
-            # Engine warm-up: distinct full prompts, then one burst of the measured shape on a
-            # prefix of its own (a different run tag); no measured prefix is touched.
-            asyncio.run(warm_up_engine(engine, log=bar.write))
-            cold, warm = prompts_for(f"[engine warm-up {run_id}]", batch, group, seed=99)
-            asyncio.run(prime(engine, cold))
-            asyncio.run(ours(engine, warm, len(warm)))
-            for repeat in range(repeats):
-                for mode in ("burst", "serial"):
-                    order = CLIENTS if (repeat + (mode == "serial")) % 2 == 0 else CLIENTS[::-1]
-                    for client in order:
-                        tag = f"[echo-prefix run {run_id}-{client[:2]}{repeat}{mode[0]}]"
-                        run = one_run(engine, client, mode, tag, batch, group, repeat, tokenizer)
-                        run["repeat"] = repeat
-                        runs.append(run)
-                        bar.write(
-                            f"  r{repeat} {mode:6} {client:10} TTFT p50 {fmt(run['client_ttft_p50_s'], 4)} s "
-                            f"(server p50 {fmt(run['server_ttft_p50_s'], 4)}, mean {fmt(run['server_ttft_mean_s'], 4)},"
-                            f" {fmt(run['server_ttft_count'], 0)} observations)"
-                        )
-                        bar.update(1)
-    finally:
-        bar.close()
-
+    runs, facts = measure_all(batch, group, repeats)
     rows, headers, body = summarize_runs(runs)
     print(f"\nTTFT: this package vs vllm bench serve vs the server's histogram (medians over {repeats} repeat(s))")
     print(table(headers, body))

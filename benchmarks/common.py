@@ -1,13 +1,21 @@
-"""What every benchmark script shares: machine facts, result files, tables, engines and phases.
+"""What every benchmark script shares: machine facts, result files and tables, and thin glue to the package.
 
 The scripts run as ``python benchmarks/<name>.py``, so this module is imported by its
 bare name. Every figure a script prints is a ratio of two things measured in the same
 run, because the machine is shared and a lone wall-clock number says more about the
 neighbours than about the code.
+
+The measuring is the package's own: servers are opened with
+:func:`echo_env.serving.target.open_target`, described by
+:func:`echo_env.serving.info.read_server_facts`, and every phase is measured and pooled
+by :func:`echo_env.measure.phase.measure_phase` into
+:class:`echo_env.measure.figures.PhaseFigures`. The scripts keep only their workloads
+and their tables.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import importlib.metadata
@@ -17,10 +25,21 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from echo_env.errors import ConfigError
+from echo_env.measure.phase import CounterProbe, measure_phase
+from echo_env.serving.target import OpenServer
+
+if TYPE_CHECKING:
+    from echo_env.measure.figures import PhaseFigures
+    from echo_env.measure.tokens import TokenPlan
+    from echo_env.rollout.worker import RolloutWorker
+    from echo_env.serving.client import RequestRecord
+    from echo_env.serving.info import ServerFacts
 
 BENCH_DIR = Path(__file__).resolve().parent
 """This folder."""
@@ -89,7 +108,7 @@ def machine_facts(**extra: Any) -> dict[str, Any]:
         "httpx_version": _version("httpx"),
         "aiohttp_version": _version("aiohttp"),
         "git_commit": _git_commit(),
-        "timestamp_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     facts.update(extra)
     return facts
@@ -188,133 +207,92 @@ def median(values: Sequence[float]) -> float | None:
     return data[mid] if len(data) % 2 else (data[mid - 1] + data[mid]) / 2
 
 
-# ----- the embedded engine -----------------------------------------------------------------
+# ----- the server and one measured phase ---------------------------------------------------
 
 
-@contextlib.contextmanager
-def embedded_engine(
-    prefix_caching: bool = True, dev_mode: bool = False, log: Callable[[str], None] = print
-) -> Iterator[Any]:
-    """Start one embedded vLLM engine (this package's), yield it, always stop it.
+def server_facts(server: OpenServer, log: Callable[[str], None] = print) -> ServerFacts:
+    """What the server says about itself (kind, version, cache configuration), read as the prefix test reads it.
 
-    Only one engine of a script runs at a time: on a shared 24 GB machine two of them
-    (6.5 GB each) next to other people's engines risk the OOM killer.
+    Call it outside a running event loop (it runs its own).
     """
-    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
+    from echo_env.serving.client import ClientConfig, LLMClient
+    from echo_env.serving.info import read_server_facts
 
-    start = time.perf_counter()
-    label = "on" if prefix_caching else "off"
-    log(f"starting the embedded vLLM engine (prefix caching {label})...")
-    with EmbeddedEngine(EngineConfig(prefix_caching=prefix_caching, dev_mode=dev_mode)) as engine:
-        log(f"engine up at {engine.base_url} (pid {engine.pid}) after {time.perf_counter() - start:.0f} s")
-        yield engine
-    log(f"engine (prefix caching {label}) stopped")
+    async def read() -> ServerFacts:
+        model = server.model
+        if model is None:
+            async with LLMClient(ClientConfig(base_url=server.base_url)) as client:
+                model = await client.model()
+        return await read_server_facts(server.base_url, model, None, embedded=server.embedded)
 
-
-def engine_facts(base_url: str) -> dict[str, Any]:
-    """The server's version and cache configuration, as the prefix test reads them."""
-    import httpx
-
-    from echo_env.serving.metrics import MetricsReader
-
-    root = base_url.removesuffix("/v1")
-    facts: dict[str, Any] = {"base_url": base_url}
-    with contextlib.suppress(httpx.HTTPError, ValueError):
-        facts["server_version"] = httpx.get(f"{root}/version", timeout=10).json().get("version")
-    with contextlib.suppress(Exception):
-        cfg = MetricsReader(f"{root}/metrics").snapshot().cache_config
-        facts["prefix_caching_enabled"] = cfg.prefix_caching_enabled
-        facts["block_size"] = cfg.block_size
+    facts = asyncio.run(read())
+    caching = {True: "on", False: "off", None: "not said"}[facts.caching_enabled]
+    log(
+        f"server at {facts.base_url}: {facts.kind.name} {facts.props.version or '(version not said)'}, "
+        f"prefix caching {caching}, block size {facts.block_size or 'not said'}"
+    )
     return facts
 
 
-# ----- one phase of requests ---------------------------------------------------------------
+def cache_block_size(facts: ServerFacts) -> int:
+    """The server's cache granularity in tokens, for the hit-rate ceilings.
+
+    Raises:
+        ConfigError: The server does not say it (no ``vllm:cache_config_info`` on its metrics).
+    """
+    if facts.block_size is None:
+        why = facts.metrics_error or "its metrics carry no cache configuration"
+        raise ConfigError(
+            f"the server at {facts.base_url} does not say its cache block size ({why}): the benchmarks compute "
+            "hit-rate ceilings from it; run them on the embedded engine or a server whose /metrics has "
+            "vllm:cache_config_info"
+        )
+    return facts.block_size
 
 
-@dataclass
-class Phase:
-    """The requests of one phase, with the server's counter deltas over it."""
-
-    name: str
-    """What the phase was (``cold``, ``warm``...)."""
-    records: list[Any]
-    """The client's request records."""
-    wall_s: float
-    """From the first send to the last answer."""
-    counters: Any | None
-    """:class:`echo_env.serving.metrics.CounterDelta` over the phase (None: no metrics)."""
-    plan: Any | None = None
-    """:class:`echo_env.measure.tokens.TokenPlan` of the phase's prompts, if computed."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Anything else the script attaches."""
-
-    def figures(self) -> dict[str, Any]:
-        """TTFT/e2e percentiles, throughput and hit rates of the phase, JSON-ready."""
-        from echo_env.measure.stats import summarize
-
-        ok = [r for r in self.records if r.ok]
-        ttft = summarize([r.ttft_s for r in ok if r.ttft_s is not None])
-        e2e = summarize([r.e2e_s for r in ok if r.e2e_s is not None])
-        completion = sum(r.completion_tokens or 0 for r in ok)
-        prompt = sum(r.prompt_tokens or 0 for r in ok)
-        out: dict[str, Any] = {
-            "requests": len(self.records),
-            "failed": len(self.records) - len(ok),
-            "wall_s": self.wall_s,
-            "requests_per_s": len(ok) / self.wall_s if self.wall_s > 0 else None,
-            "completion_tokens_per_s": completion / self.wall_s if self.wall_s > 0 else None,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "ttft_mean_s": ttft.mean,
-            "ttft_p50_s": ttft.p50,
-            "ttft_p99_s": ttft.p99,
-            "e2e_p50_s": e2e.p50,
-            "e2e_p99_s": e2e.p99,
-        }
-        c = self.counters
-        if c is not None and not c.reset:
-            out["hit_rate"] = c.hit_rate
-            out["server_ttft_mean_s"] = c.ttft_mean
-            out["server_ttft_p50_s"] = c.ttft_quantile(0.5)
-            out["server_ttft_count"] = c.ttft_count
-        if self.plan is not None:
-            out["hit_rate_ceiling"] = self.plan.hit_rate_ceiling
-            out["plan_prompt_tokens"] = self.plan.prompt_tokens
-            out["plan_max_hit_tokens"] = self.plan.max_hit_tokens
-            uncached = self.plan.prompt_tokens - self.plan.max_hit_tokens
-            out["ideal_prefill_speedup"] = self.plan.prompt_tokens / uncached if uncached else None
-        out.update(self.extra)
-        return out
+def counter_probe(facts: ServerFacts) -> CounterProbe:
+    """The server's counters, read around each phase (quiet, with the reason kept, when there are none)."""
+    reader = facts.metrics_reader() if facts.metrics_error is None else None
+    return CounterProbe(reader, facts.metrics_error or "metrics_url=none")
 
 
-def snapshot(reader: Any | None) -> Any | None:
-    """A metrics snapshot, or None when there is no reader or the page cannot be read."""
-    from echo_env.errors import MetricsError
+@dataclass(frozen=True)
+class Measured:
+    """A phase's figures, and how busy the shared machine was when it ended."""
 
-    if reader is None:
-        return None
-    try:
-        return reader.snapshot()
-    except MetricsError as exc:
-        print(f"metrics unavailable: {exc}", file=sys.stderr)
-        return None
+    figures: PhaseFigures
+    """The phase's figures, made by :func:`echo_env.measure.phase.measure_phase`."""
+    load_avg_1m: float
+    """The 1-minute load average at the phase's end (the neighbours' load)."""
+
+    def to_json(self, **extra: Any) -> dict[str, Any]:
+        """The figures' JSON row, the load average and whatever the script adds."""
+        return {**self.figures.to_json(), "load_avg_1m": self.load_avg_1m, **extra}
 
 
-async def run_phase(name: str, worker: Any, prompts: Mapping[str, Any], reader: Any | None) -> Phase:
-    """Send ``prompts`` through the package's worker (all in flight) and take counter deltas around it."""
-    from echo_env.serving.metrics import delta
+async def measure_burst(
+    name: str,
+    worker: RolloutWorker,
+    prompts: Mapping[str, Any],
+    probe: CounterProbe | None,
+    *,
+    plan: TokenPlan | None = None,
+    server: str = "cache_on",
+    repeat: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Measured:
+    """Send ``prompts`` through the package's worker, all in flight, measured by ``measure_phase``."""
 
-    before = snapshot(reader)
-    start = time.perf_counter()
-    _, records = await worker.complete(prompts)
-    wall = time.perf_counter() - start
-    after = snapshot(reader)
-    counters = delta(before.counters, after.counters) if before is not None and after is not None else None
-    failed = [r for r in records if not r.ok]
-    if failed:
-        print(f"{name}: {len(failed)} of {len(records)} requests failed, e.g. {failed[0].error}", file=sys.stderr)
+    async def send() -> list[RequestRecord]:
+        _, records = await worker.complete(prompts)
+        return records
+
+    measured = await measure_phase(name, send, probe=probe, plan=plan, server=server, repeat=repeat)
+    f = measured.figures
+    if f.failed:
+        log(f"{name}: {f.failed} of {f.requests} requests failed, e.g. {f.first_error}")
     # The 1-minute load average at the end: on a shared machine it says how busy the neighbours were.
-    return Phase(name, list(records), wall, counters, extra={"load_avg_1m": os.getloadavg()[0]})
+    return Measured(f, os.getloadavg()[0])
 
 
 # ----- vLLM's own benchmark client ---------------------------------------------------------
@@ -380,21 +358,26 @@ async def warm_up_engine(engine: Any, prompts: int = 24, log: Callable[[str], No
     burst first. Each prompt starts with its own warm-up tag, so no prefix a benchmark
     measures is touched.
 
+    Args:
+        engine: An open server (:class:`~echo_env.serving.target.OpenServer`) or an
+            :class:`~echo_env.serving.engine.EmbeddedEngine` (a fleet's replica).
+        prompts: Distinct prompts in the burst.
+        log: Where the one line about it goes.
+
     Returns:
         The burst's wall time in seconds.
     """
     import uuid
 
-    from echo_env.serving.client import ClientConfig, LLMClient
     from echo_env.envs.task import EchoTask
+    from echo_env.serving.client import ClientConfig, LLMClient
 
     tag = uuid.uuid4().hex[:8]
     texts = [EchoTask(run_tag=f"[engine warm-up {tag}-{i:03d}]").transcript("apple") for i in range(prompts)]
-    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name, timeout_s=900)
+    model = engine.model if isinstance(engine, OpenServer) else engine.served_model_name
+    config = ClientConfig(base_url=engine.base_url, model=model, timeout_s=900)
     start = time.perf_counter()
     async with LLMClient(config) as client:
-        import asyncio
-
         records = await asyncio.gather(*(client.generate(t, max_tokens=8, temperature=0.0) for t in texts))
     wall = time.perf_counter() - start
     failed = [r for r in records if not r.ok]

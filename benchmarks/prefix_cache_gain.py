@@ -38,26 +38,29 @@ from typing import Any
 
 import numpy as np
 from common import (
-    Phase,
-    embedded_engine,
-    engine_facts,
+    Measured,
+    cache_block_size,
+    counter_probe,
     fmt,
     machine_facts,
     markdown_table,
+    measure_burst,
     ratio,
     result_path,
-    run_phase,
+    server_facts,
     table,
     warm_up_engine,
     write_result,
 )
 from tqdm.auto import tqdm
 
-from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.metrics import MetricsReader
 from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples
+from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.tokens import encode_prompts, plan_tokens, shared_prefix_length
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.serving.info import ServerFacts
+from echo_env.serving.target import OpenServer, ServerTarget, open_target
 
 NAME = "prefix_cache_gain"
 
@@ -169,7 +172,7 @@ def build_prompts(
     return {first: prompts[first]}, {a: p for a, p in prompts.items() if a != first}
 
 
-# ----- running ---------------------------------------------------------------------------
+# ----- measuring ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -179,13 +182,16 @@ class Run:
     point: Point
     server: str
     repeat: int
-    cold: Phase
-    warm: Phase
+    cold: Measured
+    warm: Measured
+    prefix_share: float | None
+    """Shared-prefix tokens over prompt tokens (None: every agent sends the same prompt)."""
 
 
 async def run_block(
-    engine: Any,
-    server: str,
+    server: OpenServer,
+    facts: ServerFacts,
+    label: str,
     repeats: Sequence[int],
     points: Sequence[Point],
     shapes: dict[float | None, Shape | None],
@@ -194,13 +200,14 @@ async def run_block(
     tokenizer: Any,
     bar: Any,
 ) -> list[Run]:
-    """Every point, for each repeat in ``repeats``, on one running engine."""
-    reader = MetricsReader(engine.metrics_url, model_name=engine.served_model_name)
+    """Every point, for each repeat in ``repeats``, on one open server."""
+    probe = counter_probe(facts)
+    block = cache_block_size(facts)
     sampling = SamplingConfig(max_tokens=32, temperature=0.0, seed=0)
     runs: list[Run] = []
-    if server == "cache_off":
+    if label == "cache_off":
         points = off_points(points)
-    config = ClientConfig(base_url=engine.base_url, model=engine.served_model_name, timeout_s=900, max_concurrency=1024)
+    config = ClientConfig(base_url=server.base_url, model=server.model, timeout_s=900, max_concurrency=1024)
     async with LLMClient(config) as client:
         worker = RolloutWorker(client, sampling)
         worker.on_record = lambda _r: bar.update(1)
@@ -209,21 +216,19 @@ async def run_block(
             # first after an engine start (the slowest slot) or the last.
             ordered = list(enumerate(points))
             for k, point in ordered if repeat % 2 == 0 else ordered[::-1]:
-                tag = f"[echo-prefix run {run_id}-{server[-3:]}{repeat}{k}]"
+                tag = f"[echo-prefix run {run_id}-{label[-3:]}{repeat}{k}]"
                 cold, warm = build_prompts(point, shapes[point.share], tag, agents, seed=repeat)
                 ids = encode_prompts(tokenizer, list(cold.values()) + list(warm.values()))
-                cold_phase = await run_phase("cold", worker, cold, reader)
-                warm_phase = await run_phase("warm", worker, warm, reader)
-                warm_phase.plan = plan_tokens(ids[1:], engine_block(engine), warm=ids[:1])
+                plan = plan_tokens(ids[1:], block, warm=ids[:1])
+                cold_phase = await measure_burst("cold", worker, cold, probe, server=label, repeat=repeat)
+                warm_phase = await measure_burst("warm", worker, warm, probe, plan=plan, server=label, repeat=repeat)
                 shared = shared_prefix_length([ids[0], ids[-1]]) if point.group_size < agents else None
-                warm_phase.extra["shared_prefix_tokens"] = shared
-                warm_phase.extra["prefix_share"] = shared / len(ids[0]) if shared else None
-                runs.append(Run(point, server, repeat, cold_phase, warm_phase))
-                f = warm_phase.figures()
+                runs.append(Run(point, label, repeat, cold_phase, warm_phase, shared / len(ids[0]) if shared else None))
+                f = warm_phase.figures
                 bar.write(
-                    f"  {server:9} r{repeat} {point.label:18} warm TTFT p50 {fmt(f['ttft_p50_s'], 3)} s, "
-                    f"{fmt(f['requests_per_s'], 1)} req/s, hit rate {fmt(f.get('hit_rate'), 3)} "
-                    f"(ceiling {fmt(f.get('hit_rate_ceiling'), 3)})"
+                    f"  {label:9} r{repeat} {point.label:18} warm TTFT p50 {fmt(f.ttft.p50, 3)} s, "
+                    f"{fmt(f.throughput_rps, 1)} req/s, hit rate {fmt(f.hit.value, 3)} "
+                    f"(ceiling {fmt(f.hit.ceiling, 3)})"
                 )
     return runs
 
@@ -238,77 +243,132 @@ def off_points(points: Sequence[Point]) -> list[Point]:
     return [Point(share, 1) for share in shares]
 
 
-_BLOCK_SIZE: dict[str, int] = {}
+def abba_blocks(repeats: int) -> list[tuple[str, list[int]]]:
+    """ABBA over servers (on, off, off, on...), neighbouring blocks of one server merged into one engine start."""
+    order = [("cache_on", "cache_off") if r % 2 == 0 else ("cache_off", "cache_on") for r in range(repeats)]
+    blocks: list[tuple[str, list[int]]] = []
+    for r, pair in enumerate(order):
+        for server in pair:
+            if blocks and blocks[-1][0] == server:
+                blocks[-1][1].append(r)
+            else:
+                blocks.append((server, [r]))
+    return blocks
 
 
-def engine_block(engine: Any) -> int:
-    """The engine's cache block size (128 on CPU), read once from /metrics."""
-    if engine.base_url not in _BLOCK_SIZE:
-        _BLOCK_SIZE[engine.base_url] = int(engine_facts(engine.base_url).get("block_size") or 128)
-    return _BLOCK_SIZE[engine.base_url]
+def measure_all(
+    points: Sequence[Point], shapes: dict[float | None, Shape | None], agents: int, repeats: int, tokenizer: Any
+) -> tuple[list[Run], dict[str, Any]]:
+    """Every block of repeats on its own embedded engine, one engine at a time; the runs and each server's facts."""
+    run_id = uuid.uuid4().hex[:8]
+    runs: list[Run] = []
+    facts: dict[str, Any] = {}
+    bar = tqdm(total=repeats * (len(points) + len(off_points(points))) * agents, desc=NAME, unit="req")
+    try:
+        for label, block_repeats in abba_blocks(repeats):
+            with open_target(ServerTarget(), caching=label == "cache_on") as server:
+                info = server_facts(server, log=bar.write)
+                facts[label] = info.to_json()
+                asyncio.run(warm_up_engine(server, log=bar.write))
+                runs += asyncio.run(
+                    run_block(server, info, label, block_repeats, points, shapes, agents, run_id, tokenizer, bar)
+                )
+    finally:
+        bar.close()
+    return runs, facts
 
 
 # ----- figures ---------------------------------------------------------------------------
 
 
-def pooled(phases: Sequence[Phase]) -> dict[str, Any]:
-    """One set of figures over several repeats' phases (records pooled, walls summed)."""
-    records = [r for p in phases for r in p.records]
-    wall = sum(p.wall_s for p in phases)
-    merged = Phase(phases[0].name, records, wall, None, phases[0].plan)
-    out = merged.figures()
-    hits = [p.counters.hits for p in phases if p.counters is not None and p.counters.hits is not None]
-    queries = [p.counters.queries for p in phases if p.counters is not None and p.counters.queries is not None]
-    out["hit_rate"] = sum(hits) / sum(queries) if len(queries) == len(phases) and sum(queries) else None
-    plans = [p.plan for p in phases if p.plan is not None]
-    if plans:
-        total = sum(p.prompt_tokens for p in plans)
-        best = sum(p.max_hit_tokens for p in plans)
-        out["hit_rate_ceiling"] = best / total
-        out["ideal_prefill_speedup"] = total / (total - best) if total > best else None
-    shares = [float(p.extra["prefix_share"]) for p in phases if p.extra.get("prefix_share") is not None]
-    out["prefix_share"] = float(np.mean(shares)) if shares else None
-    sizes = [p.prompt_tokens / p.num_prompts for p in plans]
-    out["prompt_tokens_mean"] = float(np.mean(sizes)) if sizes else None
-    return out
+def _pooled_json(figures: PhaseFigures, runs: Sequence[Run]) -> dict[str, Any]:
+    """The pooled warm figures' row, with what this benchmark adds: ideal speedup, prefix share, load."""
+    planned, best = figures.planned_prompt_tokens, figures.ceiling_tokens
+    shares = [r.prefix_share for r in runs if r.prefix_share is not None]
+    # Prompt tokens over the tokens a perfect cache still computes: the prefill's best case.
+    ideal = planned / (planned - best) if planned is not None and best is not None and planned > best else None
+    return {
+        **figures.to_json(),
+        "ideal_prefill_speedup": ideal,
+        "prefix_share": float(np.mean(shares)) if shares else None,
+        "prompt_tokens_mean": planned / figures.requests if planned is not None and figures.requests else None,
+        "load_avg_1m": [r.warm.load_avg_1m for r in runs],
+    }
 
 
 def summarize_point(point: Point, runs: Sequence[Run]) -> dict[str, Any]:
     """The on/off ratios of one point, pooled over repeats, plus each repeat's own ratio."""
     on = [r for r in runs if r.point == point and r.server == "cache_on"]
     off = [r for r in runs if r.point.share == point.share and r.server == "cache_off"]
-    f_on, f_off = pooled([r.warm for r in on]), pooled([r.warm for r in off])
+    f_on, f_off = pool("warm", [r.warm.figures for r in on]), pool("warm", [r.warm.figures for r in off])
     per_repeat = []
     for a in on:
         b = next((x for x in off if x.repeat == a.repeat), None)
         if b is not None:
-            fa, fb = a.warm.figures(), b.warm.figures()
+            fa, fb = a.warm.figures, b.warm.figures
             per_repeat.append(
                 {
                     "repeat": a.repeat,
-                    "ttft_p50_speedup": ratio(fb["ttft_p50_s"], fa["ttft_p50_s"]),
-                    "throughput_ratio": ratio(fa["requests_per_s"], fb["requests_per_s"]),
+                    "ttft_p50_speedup": ratio(fb.ttft.p50, fa.ttft.p50),
+                    "throughput_ratio": ratio(fa.throughput_rps, fb.throughput_rps),
                 }
             )
+    row_on, row_off = _pooled_json(f_on, on), _pooled_json(f_off, off)
     return {
         "point": point.label,
         "target_share": point.share,
         "group_size": point.group_size,
-        "prefix_share": f_on["prefix_share"],
-        "prompt_tokens_mean": f_on["prompt_tokens_mean"],
-        "ttft_p50_speedup": ratio(f_off["ttft_p50_s"], f_on["ttft_p50_s"]),
-        "ttft_p99_speedup": ratio(f_off["ttft_p99_s"], f_on["ttft_p99_s"]),
-        "throughput_ratio_rps": ratio(f_on["requests_per_s"], f_off["requests_per_s"]),
-        "throughput_ratio_tokens": ratio(f_on["completion_tokens_per_s"], f_off["completion_tokens_per_s"]),
-        "hit_rate_on": f_on["hit_rate"],
-        "hit_rate_off": f_off["hit_rate"],
-        "hit_rate_ceiling": f_on["hit_rate_ceiling"],
-        "hit_rate_vs_ceiling": ratio(f_on["hit_rate"], f_on["hit_rate_ceiling"]),
-        "ideal_prefill_speedup": f_on["ideal_prefill_speedup"],
+        "prefix_share": row_on["prefix_share"],
+        "prompt_tokens_mean": row_on["prompt_tokens_mean"],
+        "ttft_p50_speedup": ratio(f_off.ttft.p50, f_on.ttft.p50),
+        "ttft_p99_speedup": ratio(f_off.ttft.p99, f_on.ttft.p99),
+        "throughput_ratio_rps": ratio(f_on.throughput_rps, f_off.throughput_rps),
+        "throughput_ratio_tokens": ratio(f_on.tokens_per_s, f_off.tokens_per_s),
+        "hit_rate_on": f_on.hit.value,
+        "hit_rate_off": f_off.hit.value,
+        "hit_rate_ceiling": f_on.hit.ceiling,
+        "hit_rate_vs_ceiling": f_on.hit.vs_ceiling,
+        "ideal_prefill_speedup": row_on["ideal_prefill_speedup"],
         "per_repeat": per_repeat,
-        "cache_on": f_on,
-        "cache_off": f_off,
+        "cache_on": row_on,
+        "cache_off": row_off,
     }
+
+
+HEADERS = (
+    "workload",
+    "share",
+    "prompt tok",
+    "TTFT p50 off/on",
+    "TTFT p99 off/on",
+    "req/s on/off",
+    "tok/s on/off",
+    "hit rate on",
+    "ceiling",
+    "hit/ceiling",
+    "ideal prefill",
+)
+"""The table's columns (README section 1)."""
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One table row per point."""
+    return [
+        [
+            r["point"],
+            fmt(r["prefix_share"], 2),
+            fmt(r["prompt_tokens_mean"], 0),
+            fmt(r["ttft_p50_speedup"], 2, "x"),
+            fmt(r["ttft_p99_speedup"], 2, "x"),
+            fmt(r["throughput_ratio_rps"], 2, "x"),
+            fmt(r["throughput_ratio_tokens"], 2, "x"),
+            fmt(r["hit_rate_on"], 3),
+            fmt(r["hit_rate_ceiling"], 3),
+            fmt(r["hit_rate_vs_ceiling"], 2),
+            fmt(r["ideal_prefill_speedup"], 1, "x"),
+        ]
+        for r in rows
+    ]
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -381,66 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tokenizer = load_tokenizer(None)
     # Keyed by share: the cache-off baselines use a share's shape with group_size 1.
-    shapes: dict[float | None, Shape | None] = {}
-    for share in dict.fromkeys(p.share for p in points):
-        shapes[share] = None if share is None else choose_shape(share, tokenizer)
-    run_id = uuid.uuid4().hex[:8]
-    # ABBA over servers, with neighbouring blocks of the same server merged into one engine start.
-    order = [("cache_on", "cache_off") if r % 2 == 0 else ("cache_off", "cache_on") for r in range(repeats)]
-    blocks: list[tuple[str, list[int]]] = []
-    for r, pair in enumerate(order):
-        for server in pair:
-            if blocks and blocks[-1][0] == server:
-                blocks[-1][1].append(r)
-            else:
-                blocks.append((server, [r]))
-    runs: list[Run] = []
-    facts: dict[str, Any] = {}
-    bar = tqdm(total=repeats * (len(points) + len(off_points(points))) * agents, desc=NAME, unit="req")
-    try:
-        for server, block_repeats in blocks:
-            with embedded_engine(prefix_caching=server == "cache_on", log=bar.write) as engine:
-                facts[server] = engine_facts(engine.base_url)
-                asyncio.run(warm_up_engine(engine, log=bar.write))
-                runs += asyncio.run(
-                    run_block(engine, server, block_repeats, points, shapes, agents, run_id, tokenizer, bar)
-                )
-    finally:
-        bar.close()
+    shares = dict.fromkeys(p.share for p in points)
+    shapes = {share: None if share is None else choose_shape(share, tokenizer) for share in shares}
+    runs, facts = measure_all(points, shapes, agents, repeats, tokenizer)
 
     rows = [summarize_point(p, runs) for p in points]
-    headers = [
-        "workload",
-        "share",
-        "prompt tok",
-        "TTFT p50 off/on",
-        "TTFT p99 off/on",
-        "req/s on/off",
-        "tok/s on/off",
-        "hit rate on",
-        "ceiling",
-        "hit/ceiling",
-        "ideal prefill",
-    ]
-    body = [
-        [
-            r["point"],
-            fmt(r["prefix_share"], 2),
-            fmt(r["prompt_tokens_mean"], 0),
-            fmt(r["ttft_p50_speedup"], 2, "x"),
-            fmt(r["ttft_p99_speedup"], 2, "x"),
-            fmt(r["throughput_ratio_rps"], 2, "x"),
-            fmt(r["throughput_ratio_tokens"], 2, "x"),
-            fmt(r["hit_rate_on"], 3),
-            fmt(r["hit_rate_ceiling"], 3),
-            fmt(r["hit_rate_vs_ceiling"], 2),
-            fmt(r["ideal_prefill_speedup"], 1, "x"),
-        ]
-        for r in rows
-    ]
+    body = table_rows(rows)
     print()
     print(f"prefix caching on vs off: warm phase, {agents - 1} requests in flight, {repeats} repeat(s) per server")
-    print(table(headers, body))
+    print(table(HEADERS, body))
     png = result_path(NAME, args.quick).with_suffix(".png")
     # The figures first: a plot that fails must not take the measurements with it.
     path = write_result(
@@ -457,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             "machine": machine_facts(model="echo-gemma3-270m (Gemma 3 270M base, bf16)", servers=facts),
             "rows": rows,
-            "markdown": markdown_table(headers, body),
+            "markdown": markdown_table(HEADERS, body),
             "plot": png.name,
         },
     )

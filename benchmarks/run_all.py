@@ -15,7 +15,16 @@ from collections.abc import Sequence
 
 from common import BENCH_DIR, result_path
 
-SCRIPTS = ("prefix_cache_gain", "block_alignment", "client_overhead", "clock_honesty", "scale")
+SCRIPTS = (
+    "prefix_cache_gain",
+    "time_to_verdict",
+    "block_alignment",
+    "client_overhead",
+    "clock_honesty",
+    "scale",
+    "ttft_false_positive",
+    "routing",
+)
 """Every benchmark, in priority order."""
 
 

@@ -13,9 +13,11 @@ Targets:
 - the embedded vLLM engine (prefix caching on; the env's prompt primed once first, so
   every point hits the same cached prefix).
 
-Both use the env's system prompt aligned to 128-token blocks (``align_system_prompt``,
-one worked example added): the shipped prompt without a run tag leaves 118 shared
-tokens past the last whole block, which every agent would recompute.
+Both use the env's system prompt aligned to the engine's cache blocks (the block size its
+metrics report, 128 on CPU; ``align_system_prompt``, one worked example added): the
+shipped prompt without a run tag leaves 118 shared tokens past the last whole 128-token
+block, which every agent would recompute. The engine runs first, so its block size is
+known when the stand-in's points use the same prompt.
 
 The ratios that matter are between points of the same target in the same run: how
 cost per agent changes as agents grow (the shape), and where it stops growing linearly.
@@ -43,13 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    embedded_engine,
-    engine_facts,
+    cache_block_size,
     fmt,
     machine_facts,
     markdown_table,
     peak_rss_mb,
     ratio,
+    server_facts,
     table,
     warm_up_engine,
     write_result,
@@ -69,9 +71,9 @@ def _rss_mb() -> float:
 
 async def _point(url: str, model: str, agents: int, system_prompt: str) -> dict[str, Any]:
     from echo_env import ParallelTimingWrapper, parallel_env
-    from echo_env.serving.client import ClientConfig, LLMClient
     from echo_env.envs.task import EchoTask
     from echo_env.rollout.worker import RolloutWorker, SamplingConfig
+    from echo_env.serving.client import ClientConfig, LLMClient
 
     task = EchoTask(system_prompt=system_prompt)
     rss0 = _rss_mb()
@@ -137,69 +139,79 @@ def shape(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run both targets' points, print the table and the growth shape, write the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="stand-in 8-1024, engine 8-128")
-    parser.add_argument("--engine-agents", type=int, nargs="+", help="engine points (default 8 128 1024)")
-    parser.add_argument("--standin-agents", type=int, nargs="+", help="stand-in points (default 8 128 1024 8192)")
-    parser.add_argument("--result-name", default=NAME, help="write results/<name>.json (default: scale)")
-    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--system-prompt-file", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.point:
-        prompt = args.system_prompt_file.read_text()
-        print(json.dumps(asyncio.run(_point(args.url, args.model, args.point, prompt))))
-        return 0
+def measure_engine(points: Sequence[int], prompt_file: Path, bar: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The engine's points, on the env's prompt aligned to the engine's block size (written to ``prompt_file``).
 
+    Returns:
+        The rows (the priming step included, as ``engine-prime``) and the server's facts.
+    """
+    from echo_env.cachetest.align import align_system_prompt
+    from echo_env.envs.task import EchoTask
+    from echo_env.serving.model import load_tokenizer
+    from echo_env.serving.target import ServerTarget, open_target
+
+    rows: list[dict[str, Any]] = []
+    with open_target(ServerTarget()) as server:
+        facts = server_facts(server, log=bar.write)
+        # Aligned to the engine's blocks: computing the shared tokens past the last whole
+        # block for every agent would make the engine points a prefill benchmark, not a worker one.
+        block = cache_block_size(facts)
+        prompt_file.write_text(align_system_prompt(EchoTask(), load_tokenizer(None), block).system_prompt)
+        model = server.model or facts.model
+        asyncio.run(warm_up_engine(server, log=bar.write))
+        # Prime the env's shared prefix once, so every point sees the same warm cache.
+        rows.append(run_point("engine-prime", server.base_url, model, 8, prompt_file))
+        for n in points:
+            rows.append(run_point("engine", server.base_url, model, n, prompt_file))
+            bar.update(n)
+    return rows, {**facts.to_json(), "prompt_aligned_to_block": block}
+
+
+def measure_standin(points: Sequence[int], prompt_file: Path, bar: Any) -> list[dict[str, Any]]:
+    """The stand-in server's points (the worker's own cost), on the same prompt as the engine's."""
     from client_overhead import MODEL as STANDIN_MODEL
     from client_overhead import standin_server
+
+    rows = []
+    with standin_server() as (root, _pid):
+        for n in points:
+            rows.append(run_point("stand-in", f"{root}/v1", STANDIN_MODEL, n, prompt_file))
+            bar.update(n)
+    return rows
+
+
+def measure_all(
+    standin_points: Sequence[int], engine_points: Sequence[int]
+) -> tuple[list[dict[str, Any]], dict[str, Any], str | None]:
+    """The engine's points, then the stand-in's; the rows (stand-in first), the engine's facts, any engine failure."""
     from tqdm.auto import tqdm
 
-    from echo_env.serving.model import load_tokenizer
     from echo_env.envs.task import EchoTask
-    from echo_env.cachetest.align import align_system_prompt
 
-    # The env's prompt aligned to vLLM's CPU blocks: the shipped prompt without a run
-    # tag leaves 118 shared tokens past the last whole block, and computing those for
-    # every agent would make the engine points a prefill benchmark, not a worker one.
-    aligned = align_system_prompt(EchoTask(), load_tokenizer(None), 128).system_prompt
-    scratch = tempfile.TemporaryDirectory()
-    prompt_file = Path(scratch.name) / "system_prompt.txt"
-    prompt_file.write_text(aligned)
-
-    standin_points = args.standin_agents or ([8, 128, 1024] if args.quick else [8, 128, 1024, 8192])
-    engine_points = args.engine_agents or ([8, 128] if args.quick else [8, 128, 1024])
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=sum(standin_points) + sum(engine_points), desc=NAME, unit="agent")
     facts: dict[str, Any] = {}
     failure: str | None = None
-    try:
-        with standin_server() as (root, _pid):
-            for n in standin_points:
-                rows.append(run_point("stand-in", f"{root}/v1", STANDIN_MODEL, n, prompt_file))
-                bar.update(n)
-        if engine_points:
+    bar = tqdm(total=sum(standin_points) + sum(engine_points), desc=NAME, unit="agent")
+    with tempfile.TemporaryDirectory() as scratch:
+        prompt_file = Path(scratch) / "system_prompt.txt"
+        # Without the engine's block size the stand-in gets the shipped prompt (its cost is the same).
+        prompt_file.write_text(EchoTask().system_prompt)
+        try:
             # On a shared machine the engine can die under someone else's memory pressure
             # (the OOM killer took it once here): keep the stand-in figures and say so.
             try:
-                with embedded_engine(prefix_caching=True, log=bar.write) as engine:
-                    facts = engine_facts(engine.base_url)
-                    asyncio.run(warm_up_engine(engine, log=bar.write))
-                    # Prime the env's shared prefix once, so every point sees the same warm cache.
-                    rows.append(run_point("engine-prime", engine.base_url, engine.served_model_name, 8, prompt_file))
-                    for n in engine_points:
-                        rows.append(run_point("engine", engine.base_url, engine.served_model_name, n, prompt_file))
-                        bar.update(n)
+                rows, facts = measure_engine(engine_points, prompt_file, bar)
             except Exception as exc:
                 failure = f"engine part failed: {type(exc).__name__}: {exc}"
                 bar.write(failure)
-    finally:
-        bar.close()
-        scratch.cleanup()
+            rows = measure_standin(standin_points, prompt_file, bar) + rows
+        finally:
+            bar.close()
+    return rows, facts, failure
 
+
+def report(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]], dict[str, list[dict[str, Any]]]]:
+    """Print the table and the growth shape; return the table and the shapes for the JSON."""
     headers = ["target", "agents", "ok", "req/s", "step s", "CPU ms/agent", "peak MB", "KB/agent", "errors"]
     body = [
         [
@@ -225,6 +237,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{target}: {s['from']} -> {s['to']} agents: step time grows as agents^{s['step_time_slope']:.2f}, "
                 f"peak memory as agents^{s['peak_memory_slope']:.2f}, CPU per agent x{s['cpu_per_agent_ratio']:.2f}"
             )
+    return headers, body, shapes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both targets' points, print the table and the growth shape, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="stand-in 8-1024, engine 8-128")
+    parser.add_argument("--engine-agents", type=int, nargs="+", help="engine points (default 8 128 1024)")
+    parser.add_argument("--standin-agents", type=int, nargs="+", help="stand-in points (default 8 128 1024 8192)")
+    parser.add_argument("--result-name", default=NAME, help="write results/<name>.json (default: scale)")
+    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--system-prompt-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.point:
+        prompt = args.system_prompt_file.read_text()
+        print(json.dumps(asyncio.run(_point(args.url, args.model, args.point, prompt))))
+        return 0
+
+    standin_points = args.standin_agents or ([8, 128, 1024] if args.quick else [8, 128, 1024, 8192])
+    engine_points = args.engine_agents or ([8, 128] if args.quick else [8, 128, 1024])
+    rows, facts, failure = measure_all(standin_points, engine_points)
+    headers, body, shapes = report(rows)
     path = write_result(
         args.result_name,
         args.quick,

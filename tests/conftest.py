@@ -30,6 +30,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "faults: kills, stalls, restarts or loads servers of its own (slow; `make test` runs them)"
     )
+    config.addinivalue_line("markers", "llamacpp: needs llama.cpp's llama-server (built by `make llama-server`)")
+    config.addinivalue_line("markers", "fleet: starts two vLLM replicas behind vllm-router (about 13 GB)")
 
 
 def _missing(module: str) -> bool:
@@ -59,6 +61,29 @@ if collect_ignore and os.environ.get("ECHO_ENV_REQUIRE_RL") == "1":
         f"ECHO_ENV_REQUIRE_RL=1 but {', '.join(collect_ignore)} cannot run: their RL library is not installed; "
         "run `make install-rl`"
     )
+
+
+def _llama_server_missing() -> bool:
+    try:
+        from echo_env.serving.llamacpp_build import llama_server_binary
+
+        llama_server_binary(build=False)
+    except Exception:
+        return True
+    return False
+
+
+# The llama.cpp and fleet tests need parts `make test` installs (the llama-server build,
+# vllm-router); with ECHO_ENV_REQUIRE_* set, their absence stops the run instead of
+# letting it pass with those tests skipped.
+if os.environ.get("ECHO_ENV_REQUIRE_LLAMACPP") == "1" and _llama_server_missing():
+    raise pytest.UsageError("ECHO_ENV_REQUIRE_LLAMACPP=1 but llama-server is not built: run `make llama-server`")
+if os.environ.get("ECHO_ENV_REQUIRE_FLEET") == "1":
+    import shutil
+    import sys
+
+    if shutil.which("vllm-router", path=os.path.dirname(sys.executable)) is None and shutil.which("vllm-router") is None:
+        raise pytest.UsageError("ECHO_ENV_REQUIRE_FLEET=1 but vllm-router is not installed: run `make install-fleet`")
 
 
 # ----- the engine ----------------------------------------------------------------------

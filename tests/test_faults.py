@@ -34,7 +34,9 @@ from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.serving.engine import EmbeddedEngine, EngineConfig, group_members
 from echo_env.errors import ServerUnreachableError
 from echo_env.envs.parallel import EchoPrefixParallelEnv
-from echo_env.cachetest.runner import PrefixTestConfig, run_prefix_test
+from echo_env.cachetest.config import PrefixTestConfig
+from echo_env.cachetest.runner import run_prefix_test
+from echo_env.config import build
 from echo_env.envs.task import EchoTask
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
 from echo_env.envs.wrappers import ParallelTimingWrapper
@@ -127,15 +129,19 @@ def test_counters_reset_mid_phase_make_that_phase_unknown(tmp_path: Path, monkey
             return await original(self, prompts)
 
         monkeypatch.setattr(RolloutWorker, "complete", complete)
-        config = PrefixTestConfig(base_url=fake.base_url, batch_size=2, group_size=4, max_repeats=2, min_repeats=2, out_dir=str(tmp_path))
-        summary = run_prefix_test(config, show_progress=False)
-    warm = summary["by_phase"]["cache_on"]["warm"]
-    assert warm["counter_reset"] is True and warm["hit_rate"] is None
-    assert summary["verdict"] == "UNKNOWN" and "restarted" in summary["reason"]
-    assert summary["hit_rate"] is None
-    assert all(x >= 0 for x in _numbers(summary["phases"])), "a counter delta went negative"
+        config = build(
+            PrefixTestConfig, base_url=fake.base_url, batch_size=2, group_size=4, max_repeats=2, min_repeats=2,
+            out_dir=str(tmp_path),
+        )  # fmt: skip
+        summary = run_prefix_test(config, show_progress=False).to_json()
+    pooled = {p["name"]: p for p in summary["runs"][0]["pooled"]}
+    warm = pooled["warm"]
+    assert warm["counter_reset"] is True and warm["hit_rate_counters"] is None
+    assert summary["verdict"] == "UNKNOWN" and summary["reason_id"] == "counters_intact"
+    assert "restarted during the warm phase" in summary["reason"]
+    assert all(x >= 0 for x in _numbers(summary["runs"][0]["phases"])), "a counter delta went negative"
     # The other phases kept their figures.
-    assert summary["by_phase"]["cache_on"]["control"]["hit_rate"] is not None
+    assert pooled["ttft_control"]["hit_rate_counters"] is not None
 
 
 @pytest.mark.timeout(120)
@@ -317,20 +323,20 @@ def test_restart_mid_run_gives_no_negative_delta_and_an_unknown_hit_rate(
         return await original(self, prompts)
 
     monkeypatch.setattr(RolloutWorker, "complete", complete)
-    config = PrefixTestConfig(
-        base_url=own_engine.base_url, batch_size=2, group_size=2, max_repeats=2, min_repeats=2, max_tokens=8, out_dir=str(tmp_path)
-    )
-    summary = run_prefix_test(config, show_progress=False)
-    on = summary["by_phase"]["cache_on"]
-    assert on["warm"]["counter_reset"] is True and on["warm"]["hit_rate"] is None
+    config = build(
+        PrefixTestConfig, base_url=own_engine.base_url, batch_size=2, group_size=2, max_repeats=2, min_repeats=2,
+        max_tokens=8, out_dir=str(tmp_path),
+    )  # fmt: skip
+    summary = run_prefix_test(config, show_progress=False).to_json()
+    on = {p["name"]: p for p in summary["runs"][0]["pooled"]}
+    assert on["warm"]["counter_reset"] is True and on["warm"]["hit_rate_counters"] is None
     assert on["warm"]["failed"] == 0, on["warm"]["first_error"]
     assert summary["verdict"] == "UNKNOWN" and "restarted" in summary["reason"]
-    assert summary["hit_rate"] is None and summary["workload_hit_rate"] is None
-    numbers = list(_numbers(summary["phases"]))
+    numbers = list(_numbers(summary["runs"][0]["phases"]))
     assert numbers and all(x >= 0 and not math.isnan(x) for x in numbers), "a counter delta went negative"
     # Phases wholly before or after the restart keep their counters.
-    assert on["cold"]["counter_reset"] is False and on["control"]["counter_reset"] is False
-    assert on["control"]["hit_rate"] is not None
+    assert on["cold"]["counter_reset"] is False and on["ttft_control"]["counter_reset"] is False
+    assert on["ttft_control"]["hit_rate_counters"] is not None
 
 
 @pytest.mark.engine

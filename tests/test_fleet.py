@@ -515,3 +515,11 @@ def test_subscriber_reads_a_publisher_over_ipc(tmp_path: Any) -> None:
     state = sub.states["http://a"]
     assert (state.messages, state.stored, state.gaps, sub.errors) == (3, 3, 0, [])
     assert sub.census().blocks == (3,)
+
+
+def test_fleet_evidence_summary_carries_the_derived_figures() -> None:
+    e = FleetEvidence((rep("http://a", 1000, 900, 10), rep("http://b", 3000, 900, 30)), CEIL, 40, policy="random")
+    out = json.loads(json.dumps(e.to_json()))
+    assert out["fleet_hit_rate"] == pytest.approx(0.45)
+    assert out["request_shares"] == pytest.approx([0.25, 0.75])
+    assert out["ceilings"]["affinity"] == 0.80 and out["replicas"][1]["requests"] == 30

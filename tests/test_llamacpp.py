@@ -130,7 +130,22 @@ def test_chat_template_endpoint_exists(llama: EmbeddedLlamaServer) -> None:
 # ----- the cache ---------------------------------------------------------------------------
 
 
-def test_repeated_prompt_hits_all_but_its_last_token(llama: EmbeddedLlamaServer) -> None:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# Without --swa-full (llama-server's default) Gemma 3's sliding-window layers can only be
+# rolled back to a context checkpoint: a hit falls a few tokens short of the common prefix
+# (measured: 495 of a repeated 500-token prompt, 498 of a 500-token common prefix).
+SWA_SHORTFALL = 8
+
+
+def test_repeated_prompt_hits_and_counters_count_it(llama: EmbeddedLlamaServer) -> None:
     prompt = fresh_prompt()
     before = counters(llama)
     first = complete(llama, prompt)
@@ -139,36 +154,50 @@ def test_repeated_prompt_hits_all_but_its_last_token(llama: EmbeddedLlamaServer)
     after = counters(llama)
     p = first["usage"]["prompt_tokens"]
     assert cached_tokens(first) == 0 and first["timings"]["cache_n"] == 0
-    assert cached_tokens(second) == second["timings"]["cache_n"] == p - 1
+    hit = cached_tokens(second)
+    assert hit == second["timings"]["cache_n"]
+    # The last prompt token is always computed again, for its logits.
+    assert p - 1 - SWA_SHORTFALL <= hit <= p - 1
     cold, warm = delta(before, middle), delta(middle, after)
     # Every prompt token is counted once, as computed or as cached.
     assert (cold.queries, cold.hits) == (p, 0)
-    assert (warm.queries, warm.hits) == (p, p - 1)
+    assert (warm.queries, warm.hits) == (p, hit)
+
+
+def test_with_swa_full_a_repeat_hits_all_but_its_last_token() -> None:
+    with EmbeddedLlamaServer(LlamaServerConfig(parallel=1, ctx_size=4096, swa_full=True)) as server:
+        prompt = fresh_prompt()
+        first = complete(server, prompt)
+        second = complete(server, prompt)
+    assert cached_tokens(second) == first["usage"]["prompt_tokens"] - 1
 
 
 def test_burst_misses_in_the_empty_slots_at_most(llama: EmbeddedLlamaServer) -> None:
     """A cold request, then a burst sharing its prefix: only the slots still empty miss.
 
     This bounds the hit rate the verdict can expect on llama.cpp: the first wave of a
-    burst lands in ``slots - 1`` slots that hold nothing of the prefix.
+    burst lands in ``slots - 1`` slots that hold nothing of the prefix (measured: 3 of 8
+    requests missed with 4 slots, the other 5 hit the whole common prefix but 2 tokens).
     """
-    head = fresh_prompt("cold")
-    shared = len(tokenize(llama, head.rsplit("User:", 1)[0]))
-    complete(llama, head)
+    cold = fresh_prompt("cold")
+    prompts = [cold.replace("word: cold", f"word: w{i}") for i in range(8)]
+    cold_ids = tokenize(llama, cold)
+    shared = [common_prefix(cold_ids, tokenize(llama, p)) for p in prompts]
+    complete(llama, cold)
 
     async def burst() -> list[dict[str, Any]]:
         async with httpx.AsyncClient(base_url=llama.base_url, timeout=300) as http:
-            bodies = [
-                {"model": llama.served_model_name, "prompt": head.replace("cold", f"w{i}"), "max_tokens": 4}
-                for i in range(8)
-            ]
+            bodies = [{"model": llama.served_model_name, "prompt": p, "max_tokens": 4} for p in prompts]
             replies = await asyncio.gather(*(http.post("/completions", json=b) for b in bodies))
             return [r.json() for r in replies]
 
     hits = [cached_tokens(r) for r in asyncio.run(burst())]
-    misses = [h for h in hits if h < shared - 1]
-    assert 1 <= len(misses) <= SLOTS - 1, hits
-    assert all(h >= shared - 1 for h in hits if h not in misses)
+    missed = [h < s // 2 for h, s in zip(hits, shared)]
+    assert 1 <= sum(missed) <= SLOTS - 1, (hits, shared)
+    for hit, common, miss in zip(hits, shared, missed):
+        # Never more than the common prefix; a miss may still match the start of a slot's old prompt.
+        assert hit <= common, (hits, shared)
+        assert miss or hit >= common - SWA_SHORTFALL, (hits, shared)
 
 
 def test_no_cache_prompt_never_hits(llama_no_cache: EmbeddedLlamaServer) -> None:

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from fake_servers import FakeOpenAIServer
 
-from echo_env.cli import RolloutCommand
+from echo_env.config import build
+from echo_env.rollout.command import RolloutConfig
 from echo_env.serving.client import ClientConfig
 from echo_env.serving.engine import EmbeddedEngine, group_members
-from echo_env.cachetest.runner import PrefixTestConfig
+from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.serving.info import ServerFacts
 
 SECRET = "sk-echo-test-5ecr3t-9f8e7d6c5b4a"
@@ -81,13 +82,13 @@ def test_no_process_of_the_engine_listens_beyond_loopback(engine: Any) -> None:
 def test_configs_keep_the_key_out_of_their_repr() -> None:
     configs = [
         ClientConfig(base_url="http://127.0.0.1:1/v1", api_key=SECRET),
-        PrefixTestConfig(base_url="http://127.0.0.1:1/v1", api_key=SECRET),
-        RolloutCommand(base_url="http://127.0.0.1:1/v1", api_key=SECRET),
+        build(PrefixTestConfig, base_url="http://127.0.0.1:1/v1", api_key=SECRET),
+        build(RolloutConfig, base_url="http://127.0.0.1:1/v1", api_key=SECRET),
         ServerFacts(base_url="http://127.0.0.1:1/v1", metrics_url=None, model="m", api_key=SECRET),
     ]
     for config in configs:
         assert SECRET not in repr(config) and SECRET not in str(config)
-    assert PrefixTestConfig(api_key=SECRET).public()["api_key"] == "***"
+    assert build(PrefixTestConfig, api_key=SECRET).public()["api_key"] == "***"
     assert SECRET not in str(ServerFacts("http://x/v1", None, "m", api_key=SECRET).to_json())
 
 

@@ -240,6 +240,8 @@ class TestResult:
 
     config: dict[str, Any]
     """The settings, secrets redacted."""
+    rules: Rules = field(default_factory=Rules)
+    """The thresholds the verdict applied."""
     runs: list[ServerRun] = field(default_factory=list)
     """Cache on first, then the cache-off baseline when asked for."""
     on_vs_off: tuple[Comparison, ...] = ()
@@ -308,6 +310,7 @@ class TestResult:
                 "runs": [_run_json(r) for r in self.runs],
                 "on_vs_off": [dataclasses.asdict(c) for c in self.on_vs_off],
                 "config": self.config,
+                "rules": dataclasses.asdict(self.rules),
                 "started_at": self.started_at,
                 "finished_at": self.finished_at,
                 "duration_s": self.duration_s,

@@ -92,7 +92,12 @@ def aligned_system_prompt(config: PrefixTestConfig, facts: ServerFacts) -> str |
     task = EchoTask(run_tag=run_tag("5f3a9c2e-cache_on"))
     render: Literal["transcript", "chat"] = "chat" if config.api == "chat" else "transcript"
     aligned = align_system_prompt(
-        task, facts.tokenizer(), facts.block_size, mode=config.align_prefix, slack_tokens=ALIGN_SLACK_TOKENS, render=render
+        task,
+        facts.tokenizer(),
+        facts.block_size,
+        mode=config.align_prefix,
+        slack_tokens=ALIGN_SLACK_TOKENS,
+        render=render,
     )
     return aligned.system_prompt
 
@@ -334,7 +339,7 @@ def judge(config: PrefixTestConfig, state: _State, run_error: str | None = None)
         decision=decide(evidence, config.rules),
         phases=tuple(state.phases),
         pooled=tuple(pooled.values()),
-        comparisons=_comparisons(pooled, ci),
+        comparisons=_comparisons(pooled),
     )
 
 
@@ -342,10 +347,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _comparisons(pooled: dict[str, PhaseFigures], ci: Any) -> tuple[Comparison, ...]:
+def _comparisons(pooled: dict[str, PhaseFigures]) -> tuple[Comparison, ...]:
+    """Headline ratios beside the TTFT interval (which the evidence carries itself)."""
     out = []
-    if ci is not None:
-        out.append(Comparison("warm vs control TTFT (over repeats)", ci.ratio, ci.low, ci.high))
     warm, control = pooled.get("ttft_warm"), pooled.get("ttft_control")
     if warm and control:
         out.append(
@@ -398,7 +402,9 @@ def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> 
     out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
     writer = RunWriter(out_dir)
     started = dt.datetime.now(dt.timezone.utc)
-    result = TestResult(config=config.public(), started_at=started.isoformat(), out_dir=str(out_dir))
+    result = TestResult(
+        config=config.public(), rules=config.rules, started_at=started.isoformat(), out_dir=str(out_dir)
+    )
     states: list[_State] = []
     clock = {"healthy": 0.0}
 

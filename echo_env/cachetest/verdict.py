@@ -281,9 +281,10 @@ def check_ttft_gain(e: Evidence, r: Rules) -> _Step:
         )
     ci = t.ci
     per = ", ".join(f"{x:.2f}" for x in t.ratios)
+    # The interval is at the per-look confidence; together the looks keep r.confidence.
     detail = (
-        f"control/warm TTFT {ci.ratio:.2f}x ({ci.confidence:.0%} CI {ci.low:.2f}-{ci.high:.2f} over {n} repeats: "
-        f"{per}); minimum effect {r.min_effect:.2f}x"
+        f"control/warm TTFT {ci.ratio:.2f}x (CI {ci.low:.2f}-{ci.high:.2f} over {n} repeats, {r.confidence:.0%} over "
+        f"every look: {per}); minimum effect {r.min_effect:.2f}x"
     )
     if t.decision == "above":
         return _pass(detail)

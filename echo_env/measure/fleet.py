@@ -298,6 +298,35 @@ class FleetEvidence:
         shares = self.request_shares
         return max(shares) if shares else None
 
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready summary (``summary.json``): the derived figures with the inputs."""
+        c = self.ceilings
+        return {
+            "policy": self.policy,
+            "metrics_source": self.metrics_source,
+            "router_alternates": self.router_alternates,
+            "requests_sent": self.requests_sent,
+            "fleet_hit_rate": self.fleet_hit_rate,
+            "hits": self.hits,
+            "queries": self.queries,
+            "replica_requests": list(self.replica_requests) if self.replica_requests else None,
+            "request_shares": list(self.request_shares) if self.request_shares else None,
+            "replicas": [
+                {"url": r.url, "requests": r.requests, "hit_rate": r.hit_rate, "note": r.note} for r in self.replicas
+            ],
+            "ceilings": None
+            if c is None
+            else {
+                "replicas": c.replicas,
+                "block_size": c.block_size,
+                "prompt_tokens": c.prompt_tokens,
+                "one_server": c.one_server,
+                "affinity": c.affinity,
+                "round_robin": c.round_robin,
+                "scatter": c.scatter,
+            },
+        }
+
 
 def replica_figures(url: str, before: CacheCounters | None, after: CacheCounters | None) -> ReplicaFigures:
     """One replica's figures from its counters before and after a phase.

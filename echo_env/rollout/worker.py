@@ -15,18 +15,21 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import gymnasium as gym
 import numpy as np
 
-from echo_env.serving.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
-from echo_env.errors import ConfigError, ServerUnreachableError
-from echo_env.measure.stats import summarize
-from echo_env.measure.tokens import Tokenizer, encode_prompts
 from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
+from echo_env.errors import ConfigError, ServerUnreachableError
+from echo_env.measure.figures import phase_figures
+from echo_env.measure.tokens import Tokenizer, encode_prompts
+from echo_env.serving.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
 
 log = logging.getLogger(__name__)
+
+SESSION_HEADER = "X-Session-ID"
+"""The header that carries an agent's session key (vllm-router's ``consistent_hash`` reads it)."""
 
 Batching = Literal["per_agent", "per_group", "batched"]
 PromptFormat = Literal["text", "tokens"]
@@ -203,7 +206,7 @@ class RolloutWorker:
             return ids
         return prompt
 
-    async def _request(self, prompt: Any, n: int, tag: str) -> RequestRecord:
+    async def _request(self, prompt: Any, n: int, tag: str, session: str | None = None) -> RequestRecord:
         s = self.sampling
         record = await self.client.generate(
             prompt,
@@ -216,6 +219,7 @@ class RolloutWorker:
             seed=s.seed,
             logprobs=s.logprobs,
             extra_body=dict(s.extra_body) or None,
+            headers={SESSION_HEADER: session} if session else None,
             tag=tag,
         )
         self.records.append(record)
@@ -223,11 +227,15 @@ class RolloutWorker:
             self.on_record(record)
         return record
 
-    async def complete(self, prompts: Mapping[str, Prompt]) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
+    async def complete(
+        self, prompts: Mapping[str, Prompt], sessions: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
         """Get one completion per agent, batched as configured.
 
         Args:
             prompts: Each agent's prompt (transcript text or chat messages).
+            sessions: Each agent's session key, sent as ``X-Session-ID`` (``per_agent``
+                only), so a router can keep an agent's turns on one replica.
 
         Returns:
             Each agent's completion, and the records of the requests sent.
@@ -239,7 +247,10 @@ class RolloutWorker:
         agents = list(prompts)
         results: dict[str, AgentCompletion] = {}
         if mode == "per_agent":
-            records = await asyncio.gather(*(self._request(self._wire_prompt(prompts[a]), 1, a) for a in agents))
+            sessions = sessions or {}
+            records = await asyncio.gather(
+                *(self._request(self._wire_prompt(prompts[a]), 1, a, sessions.get(a)) for a in agents)
+            )
             for agent, rec in zip(agents, records):
                 out = rec.outputs[0] if rec.ok and rec.outputs else None
                 results[agent] = AgentCompletion(
@@ -305,6 +316,25 @@ class RolloutWorker:
             err.records = list(self.records)  # type: ignore[attr-defined]
             raise err
 
+    async def _step(
+        self, adapter: _EnvAdapter, observations: Mapping[str, str], infos: Mapping[str, Any]
+    ) -> StepResult:
+        """The one step loop: prompts from observations, one batch of requests, timings in, env step."""
+        start = time.perf_counter()
+        prompts = self._prompts(observations, infos)
+        sessions = {k: str(i["session_id"]) for k, i in infos.items() if isinstance(i, Mapping) and i.get("session_id")}
+        completions, records = await self.complete(prompts, sessions)
+        self.check_reachable(records)
+        actions = {k: c.text for k, c in completions.items()}
+        next_obs, rewards, terms, step_infos = adapter.step(actions, {k: c.timing for k, c in completions.items()})
+        failures = {k: c.error or "failed" for k, c in completions.items() if c.error is not None}
+        for key, error in failures.items():
+            if key in step_infos:
+                step_infos[key]["request_error"] = error
+        wall = time.perf_counter() - start
+        log.debug("step: %d agents, %d requests, %d failed, %.3f s", len(prompts), len(records), len(failures), wall)
+        return StepResult(actions, next_obs, rewards, terms, step_infos, list(records), failures, wall)
+
     async def step(
         self,
         env: Any,
@@ -316,26 +346,15 @@ class RolloutWorker:
         Args:
             env: The env; its live agents are the keys of ``observations``.
             observations: The live agents' observations.
-            infos: Their infos (``messages`` is read for ``api=chat``).
+            infos: Their infos (``messages`` is read for ``api=chat``, ``session_id`` is sent
+                as ``X-Session-ID``).
 
         Raises:
             ServerUnreachableError: When requests could not reach the server; the
                 exception's ``records`` holds every request of this worker so far.
         """
-        start = time.perf_counter()
         live = [a for a in observations if a in getattr(env, "agents", observations)]
-        completions, records = await self.complete(self._prompts({a: observations[a] for a in live}, infos))
-        self.check_reachable(records)
-        actions = {a: c.text for a, c in completions.items()}
-        if isinstance(env, ParallelTimingWrapper):
-            env.set_request_timings({a: c.timing for a, c in completions.items()})
-        next_obs, rewards, terms, _truncs, step_infos = env.step(actions)
-        failures = {a: c.error or "failed" for a, c in completions.items() if c.error is not None}
-        for agent, error in failures.items():
-            step_infos[agent]["request_error"] = error
-        wall = time.perf_counter() - start
-        log.debug("step: %d agents, %d requests, %d failed, %.3f s", len(live), len(records), len(failures), wall)
-        return StepResult(actions, next_obs, rewards, terms, step_infos, list(records), failures, wall)
+        return await self._step(_ParallelAdapter(env), {a: observations[a] for a in live}, infos)
 
     async def run_episode(
         self, env: Any, seed: int | None = None, options: dict[str, Any] | None = None
@@ -360,56 +379,92 @@ class RolloutWorker:
         wrappers=[TimingWrapper])`` each sub-env also gets the request figures in its
         ``info["timing"]``; with other vector envs they are only in the result.
         """
-        start = time.perf_counter()
-        obs, infos = venv.reset(seed=seed)
-        keys = [str(i) for i in range(len(obs))]
-        messages = infos.get("messages")
-        per_env_infos = {k: ({"messages": messages[i]} if messages is not None else {}) for i, k in enumerate(keys)}
-        completions, records = await self.complete(self._prompts(dict(zip(keys, obs)), per_env_infos))
-        self.check_reachable(records)
-        for i, sub in enumerate(getattr(venv, "envs", [])):
-            if isinstance(sub, TimingWrapper):
-                sub.set_request_timing(completions[keys[i]].timing)
-        actions = tuple(completions[k].text for k in keys)
-        next_obs, rewards, terms, _truncs, step_infos = venv.step(actions)
-        infos_by_env = {k: _env_slice(step_infos, i) for i, k in enumerate(keys)}
-        failures = {k: c.error for k, c in completions.items() if c.error is not None}
-        return StepResult(
-            dict(zip(keys, actions)),
-            dict(zip(keys, next_obs)),
-            {k: float(rewards[i]) for i, k in enumerate(keys)},
-            {k: bool(terms[i]) for i, k in enumerate(keys)},
-            infos_by_env,
-            list(records),
-            failures,
-            time.perf_counter() - start,
-        )
+        adapter = _VectorAdapter(venv)
+        observations, infos = adapter.reset(seed)
+        return await self._step(adapter, observations, infos)
 
     async def run_gym(self, envs: Sequence[gym.Env[str, str]], seed: int | None = None) -> StepResult:
         """Reset a list of Gymnasium envs, get every reply in one batch, step each once.
 
         ``TimingWrapper`` envs get the request figures in ``info["timing"]``.
         """
-        start = time.perf_counter()
+        adapter = _GymListAdapter(envs)
+        observations, infos = adapter.reset(seed)
+        return await self._step(adapter, observations, infos)
+
+
+Timings = Mapping[str, Mapping[str, float | int | None]]
+StepOut = tuple[dict[str, str], dict[str, float], dict[str, bool], dict[str, dict[str, Any]]]
+
+
+class _EnvAdapter(Protocol):
+    """How the one step loop drives a kind of env: keys are agent ids or sub-env indices."""
+
+    def step(self, actions: dict[str, str], timings: Timings) -> StepOut: ...
+
+
+class _ParallelAdapter:
+    """A PettingZoo parallel env (timings go to a ParallelTimingWrapper)."""
+
+    def __init__(self, env: Any) -> None:
+        self.env = env
+
+    def step(self, actions: dict[str, str], timings: Timings) -> StepOut:
+        if isinstance(self.env, ParallelTimingWrapper):
+            self.env.set_request_timings(timings)
+        obs, rewards, terms, _truncs, infos = self.env.step(actions)
+        return obs, rewards, terms, infos
+
+
+class _GymListAdapter:
+    """A list of Gymnasium envs, keyed by index (timings go to each TimingWrapper)."""
+
+    def __init__(self, envs: Sequence[gym.Env[str, str]]) -> None:
+        self.envs = list(envs)
+
+    def reset(self, seed: int | None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         observations: dict[str, str] = {}
         infos: dict[str, dict[str, Any]] = {}
-        for i, e in enumerate(envs):
-            obs, info = e.reset(seed=None if seed is None else seed + i)
-            observations[str(i)], infos[str(i)] = obs, info
-        completions, records = await self.complete(self._prompts(observations, infos))
-        self.check_reachable(records)
-        rewards, terms, step_infos, actions, next_obs = {}, {}, {}, {}, {}
-        for i, e in enumerate(envs):
+        for i, e in enumerate(self.envs):
+            observations[str(i)], infos[str(i)] = e.reset(seed=None if seed is None else seed + i)
+        return observations, infos
+
+    def step(self, actions: dict[str, str], timings: Timings) -> StepOut:
+        obs, rewards, terms, infos = {}, {}, {}, {}
+        for i, e in enumerate(self.envs):
             key = str(i)
-            c = completions[key]
             if isinstance(e, TimingWrapper):
-                e.set_request_timing(c.timing)
-            obs, reward, term, _trunc, info = e.step(c.text)
-            rewards[key], terms[key], step_infos[key], actions[key] = float(reward), term, info, c.text
-            next_obs[key] = obs
-        failures = {k: c.error for k, c in completions.items() if c.error is not None}
-        wall = time.perf_counter() - start
-        return StepResult(actions, next_obs, rewards, terms, step_infos, list(records), failures, wall)
+                e.set_request_timing(timings[key])
+            obs[key], reward, terms[key], _trunc, infos[key] = e.step(actions[key])
+            rewards[key] = float(reward)
+        return obs, rewards, terms, infos
+
+
+class _VectorAdapter:
+    """A Gymnasium vector env of echo envs, keyed by index."""
+
+    def __init__(self, venv: Any) -> None:
+        self.venv = venv
+        self.keys: list[str] = []
+
+    def reset(self, seed: int | None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        obs, infos = self.venv.reset(seed=seed)
+        self.keys = [str(i) for i in range(len(obs))]
+        messages = infos.get("messages")
+        per_env = {k: ({"messages": messages[i]} if messages is not None else {}) for i, k in enumerate(self.keys)}
+        return dict(zip(self.keys, obs, strict=True)), per_env
+
+    def step(self, actions: dict[str, str], timings: Timings) -> StepOut:
+        for i, sub in enumerate(getattr(self.venv, "envs", [])):
+            if isinstance(sub, TimingWrapper):
+                sub.set_request_timing(timings[self.keys[i]])
+        next_obs, rewards, terms, _truncs, infos = self.venv.step(tuple(actions[k] for k in self.keys))
+        return (
+            dict(zip(self.keys, next_obs, strict=True)),
+            {k: float(rewards[i]) for i, k in enumerate(self.keys)},
+            {k: bool(terms[i]) for i, k in enumerate(self.keys)},
+            {k: _env_slice(infos, i) for i, k in enumerate(self.keys)},
+        )
 
 
 def _env_slice(infos: Mapping[str, Any], i: int) -> dict[str, Any]:
@@ -425,7 +480,8 @@ def summarize_rollout(steps: Sequence[StepResult], wall_s: float) -> RolloutSumm
     """Aggregate rewards and request timings over steps.
 
     Agent-steps whose request failed are counted in ``failed`` and left out of the
-    reward figures, so a flaky server does not look like a bad policy.
+    reward figures, so a flaky server does not look like a bad policy. Request figures
+    are pooled by :func:`echo_env.measure.figures.phase_figures`, as every command's are.
     """
     rewards: list[float] = []
     outcomes: list[str] = []
@@ -439,29 +495,25 @@ def summarize_rollout(steps: Sequence[StepResult], wall_s: float) -> RolloutSumm
                 continue
             rewards.append(reward)
             outcomes.append(step.infos.get(agent, {}).get("outcome", ""))
-    ok = [r for r in records if r.ok]
     graded = len(rewards)
 
     def share(kind: str) -> float | None:
         return outcomes.count(kind) / graded if graded else None
 
-    completion = sum(r.completion_tokens or 0 for r in ok)
-    cached_known = [r.cached_tokens for r in ok if r.cached_tokens is not None]
-    ttft = summarize([r.ttft_s for r in ok if r.ttft_s is not None])
-    e2e = summarize([r.e2e_s for r in ok if r.e2e_s is not None])
+    fig = phase_figures("rollout", records, wall_s, rewards=rewards)
     return RolloutSummary(
         agents=graded + failed,
         failed=failed,
-        mean_reward=float(np.mean(rewards)) if rewards else None,
+        mean_reward=fig.mean_reward,
         frac_correct=share("correct"),
         frac_wrong_word=share("wrong_word"),
         frac_format_error=share("format_error"),
-        requests=len(records),
+        requests=fig.requests,
         wall_s=wall_s,
-        requests_per_s=len(ok) / wall_s if wall_s > 0 else None,
-        completion_tokens_per_s=completion / wall_s if wall_s > 0 else None,
-        ttft_s={"p50": ttft.p50, "p90": ttft.p90, "p99": ttft.p99},
-        e2e_s={"p50": e2e.p50, "p90": e2e.p90, "p99": e2e.p99},
-        prompt_tokens=sum(r.prompt_tokens or 0 for r in ok),
-        cached_tokens=sum(cached_known) if cached_known else None,
+        requests_per_s=fig.throughput_rps,
+        completion_tokens_per_s=fig.tokens_per_s,
+        ttft_s={"p50": fig.ttft.p50, "p90": fig.ttft.p90, "p99": fig.ttft.p99},
+        e2e_s={"p50": fig.e2e.p50, "p90": fig.e2e.p90, "p99": fig.e2e.p99},
+        prompt_tokens=fig.prompt_tokens,
+        cached_tokens=fig.cached_tokens,
     )

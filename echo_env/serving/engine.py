@@ -22,16 +22,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 
 from echo_env.errors import ConfigError, EngineError
+from echo_env.interrupts import sigterm_as_interrupt
 from echo_env.serving.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir, resolve_model
 
 INSTALL_HINT = (
@@ -469,17 +469,10 @@ def serve_forever(config: EngineConfig) -> int:
         EngineError: The server could not be started.
         ModelError: The model could not be prepared or found.
     """
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    # SIGTERM would otherwise end this process without running stop(), orphaning vLLM.
-    # Only the main thread may install a handler.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     engine = EmbeddedEngine(config)
     try:
-        with engine:
+        # SIGTERM would otherwise end this process without running stop(), orphaning vLLM.
+        with sigterm_as_interrupt(), engine:
             print(f"serving {engine.served_model_name} at {engine.base_url}", flush=True)
             print(f"metrics: {engine.metrics_url}  log: {engine.log_path}  pid: {engine.pid}", flush=True)
             print("press Ctrl-C to stop", flush=True)
@@ -490,9 +483,6 @@ def serve_forever(config: EngineConfig) -> int:
     except KeyboardInterrupt:
         print("stopped", flush=True)
         return 0
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _likely_fix(log_tail: str, exit_code: int | None, config: EngineConfig) -> str:

@@ -8,18 +8,29 @@ vendored llama.cpp (Gemma 3 270M Q4_K_M, ``-np 4 -c 16384 --metrics``):
   ``/v1/completions`` request with that prompt uses, ``<bos>`` included (its length equals
   ``usage.prompt_tokens``); without it, ``<bos>`` is missing.
 - ``POST /apply-template`` turns chat messages into the prompt text the chat endpoint
-  would tokenize; that takes two requests, which the one-request tokenize shape of
-  :class:`~echo_env.serving.kinds.ServerKind` cannot express, so chat prompts are not
-  tokenized here (see :func:`apply_template_request`).
+  tokenizes; that text through ``/tokenize`` (``add_special``) gave exactly
+  ``usage.prompt_tokens`` of the chat request (45 and 45). Two requests are more than the
+  one-request tokenize shape of :class:`~echo_env.serving.kinds.ServerKind` expresses, so
+  :meth:`LlamaCppKind.tokenize_request` returns None for chat and
+  :func:`apply_template_request` gives the first step. The default GGUF has no chat
+  template: llama-server falls back to ChatML (``<|im_start|>user``), not Gemma's turns.
 - ``POST /detokenize`` takes ``{"tokens": [...]}`` and answers ``{"content": text}``.
 - ``/metrics`` exists only with ``--metrics`` (else ``501``). ``llamacpp:prompt_tokens_total``
   counts prompt tokens COMPUTED (cached ones excluded, as its HELP text says) and
-  ``llamacpp:prompt_tokens_cached_total`` the tokens reused from a slot's cache. Measured:
-  the same 506-token prompt sent twice to a fresh server moved them by +506/+0, then by
-  +1/+505. So every prompt token is in exactly one of the two, and queries are their sum.
-  The page has no labels (one model), no request counter and no TTFT histogram, and
-  writes values with six significant digits (``1.23457e+06``): past a million tokens,
-  deltas are rounded.
+  ``llamacpp:prompt_tokens_cached_total`` the tokens reused from a slot's cache, so every
+  prompt token is in exactly one of them and queries are their sum. Measured: a 500-token
+  prompt sent twice to a fresh server moved them by +500 computed / +0 cached, then by
+  +5 / +495; a burst of eight 503-token prompts after a cold one, +1537 / +2487 (three
+  requests missed); the same burst again, +40 / +3984. The page has no labels (one
+  model), no request counter and no TTFT histogram; its source writes values with the
+  C++ stream default of six significant digits (``1.23457e+06``), so past a million
+  tokens counter deltas are rounded.
+- Hits: ``usage.prompt_tokens_details.cached_tokens`` equals ``timings.cache_n`` and the
+  counter delta. At most ``P - 1`` (the last token is computed again for its logits),
+  and without ``--swa-full`` a few tokens less: Gemma 3's sliding-window cache can only be
+  rolled back to a checkpoint (a repeated 500-token prompt hit 495; with ``--swa-full``
+  499). Each slot caches only its own last request: with ``-np 4``, a burst after one
+  cold request missed in the 3 empty slots and hit in the rest.
 - ``/props`` has ``total_slots``, ``build_info``, ``model_path``, ``endpoint_metrics`` and
   ``default_generation_settings``; it does not say whether ``--no-cache-prompt`` is set.
 """
