@@ -1,16 +1,18 @@
 """What the client costs: sustained requests/s and client CPU per request, against a stand-in server.
 
 The server here is a STAND-IN (``standin_server.py``): a minimal streaming
-OpenAI-compatible endpoint that answers instantly with 16 streamed tokens. It is used
-only to isolate the client's cost; it says nothing about any inference engine. Its own
-CPU per request is reported too, to show it is not the bottleneck.
+OpenAI-compatible endpoint that answers at once with 16 tokens, streamed as a real server
+streams them: one event per token, each written on its own turn of the server's loop, so
+a client reads a request's tokens in many small pieces. It is used only to isolate the
+client's cost; it says nothing about any inference engine. Its own CPU per request is
+reported too, to show it is not the bottleneck.
 
 Clients, each in a fresh process, at the same concurrency (requests in flight), on the
 same prompts (the echo env's real ~2 KB transcripts), 16 streamed tokens per request:
 
 - ``worker``: this package's ``RolloutWorker`` over ``LLMClient`` as shipped
   (``transport="sse"``: aiohttp, a pool sized to the concurrency, server-sent events
-  parsed by ``echo_env.serving.client.SSEDecoder``);
+  parsed by ``echo_env.serving.sse.SSEDecoder``);
 - ``worker+openai``: the same worker with ``transport="openai"``: generation through the
   ``openai`` SDK's streaming client and its default httpx transport (the shipped path
   before this benchmark chose the other);
@@ -28,6 +30,8 @@ load falls on every client alike.
 
 Full: concurrency 64, 256, 1024; max(1024, 3 x concurrency) requests; 2 repeats (~12 min).
 ``--quick``: concurrency 64 and 256, 256 requests, 1 repeat (~2 min).
+``--all-at-once``: the stand-in writes each answer in one piece instead (what a client
+that pays per read is flattered by).
 """
 
 from __future__ import annotations
@@ -69,10 +73,11 @@ TOKENS = 16
 
 
 @contextlib.contextmanager
-def standin_server() -> Iterator[tuple[str, int]]:
+def standin_server(all_at_once: bool = False) -> Iterator[tuple[str, int]]:
     """Start ``standin_server.py`` on a free port; yield (root URL, pid); stop it."""
     proc = subprocess.Popen(
-        [sys.executable, str(BENCH_DIR / "standin_server.py"), "--port", "0"],
+        [sys.executable, str(BENCH_DIR / "standin_server.py"), "--port", "0"]
+        + (["--all-at-once"] if all_at_once else []),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -109,10 +114,10 @@ def _prompts(path: Path, n: int) -> dict[str, str]:
 async def _trial_worker(variant: str, url: str, prompts: dict[str, str], concurrency: int) -> tuple[int, float, float]:
     import openai
 
-    from echo_env.serving.client import ClientConfig, LLMClient
     from echo_env.rollout.worker import RolloutWorker, SamplingConfig
+    from echo_env.serving.client import ClientConfig, LLMClient, Transport
 
-    transport = "sse" if variant == "worker" else "openai"
+    transport: Transport = "sse" if variant == "worker" else "openai"
     config = ClientConfig(
         base_url=f"{url}/v1", model=MODEL, max_concurrency=concurrency, timeout_s=600, transport=transport
     )
@@ -194,6 +199,22 @@ def _child(client: str, url: str, prompts: Path, concurrency: int, requests: int
 # ----- main ------------------------------------------------------------------------------
 
 
+def _ratios_by_repeat(
+    rows: Sequence[dict[str, Any]], concurrencies: Sequence[int], repeats: int
+) -> dict[int, list[float]]:
+    """The worker's req/s over vLLM's client's in each repeat: the goal is >= 1 in every one, not in the median."""
+    out: dict[int, list[float]] = {}
+    for c in concurrencies:
+        ratios = []
+        for rep in range(repeats):
+            mine = {r["client"]: r["ok"] / r["wall_s"] for r in rows if r["concurrency"] == c and r["repeat"] == rep}
+            if "worker" in mine and mine.get("vllm-bench"):
+                ratios.append(mine["worker"] / mine["vllm-bench"])
+        if ratios:
+            out[c] = ratios
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every client at every concurrency, print the ratios, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -201,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", help="requests in flight (default 64 256 1024)")
     parser.add_argument("--repeats", type=int, help="repeats (default 2; quick 1)")
     parser.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
+    parser.add_argument("--all-at-once", action="store_true", help="the stand-in writes each answer in one piece")
     parser.add_argument("--trial", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)
@@ -224,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = resolve_model(None)  # vLLM's client needs a tokenizer to size prompts
     load_tokenizer(tokenizer)
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp, standin_server() as (url, server_pid):
+    with tempfile.TemporaryDirectory() as tmp, standin_server(args.all_at_once) as (url, server_pid):
         prompts = Path(tmp) / "prompts.jsonl"
         env = parallel_env(batch_size=128, group_size=8)
         observations, _ = env.reset(seed=0)
@@ -276,18 +298,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         for s in summary
     ]
-    print(f"\nclient cost against the STAND-IN server ({TOKENS} streamed tokens/request, medians of {repeats} run(s))")
+    pacing = "each answer written whole" if args.all_at_once else "one event per token, one per loop turn"
+    print(
+        f"\nclient cost against the STAND-IN server ({TOKENS} streamed tokens/request, {pacing}; "
+        f"medians of {repeats} run(s))"
+    )
     print(table(headers, body))
+    by_repeat = _ratios_by_repeat(rows, concurrencies, repeats)
+    if by_repeat:
+        print("\nworker vs vllm-bench, req/s ratio in each repeat:")
+        for c, ratios in by_repeat.items():
+            print(f"  {c:>5} in flight: " + "  ".join(f"{r:.2f}x" for r in ratios))
     path = write_result(
         NAME,
         args.quick,
         {
-            "what": "client throughput and CPU per request against a stand-in server that answers instantly "
-            "(stand-in used only to isolate client cost)",
+            "what": "client throughput and CPU per request against a stand-in server that answers at once, "
+            "streaming one event per token (stand-in used only to isolate client cost)",
+            "worker_vs_vllm_bench_by_repeat": {str(c): r for c, r in by_repeat.items()},
             "settings": {
                 "concurrency": concurrencies,
                 "requests": {str(c): n_requests(c) for c in concurrencies},
                 "streamed_tokens": TOKENS,
+                "standin_pacing": pacing,
                 "repeats": repeats,
                 "prompts": "echo env transcripts (~520 tokens, ~2 KB)",
             },

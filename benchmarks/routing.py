@@ -59,7 +59,7 @@ from echo_env.measure.fleet import (
     router_worker_requests,
 )
 from echo_env.measure.stats import summarize
-from echo_env.measure.tokens import encode_prompts
+from echo_env.serving.tokenizer import encode_prompts
 from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.serving.engine import group_members
 from echo_env.serving.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig, mem_available_gib
@@ -386,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, help="only these workloads")
     parser.add_argument("--policies", nargs="+", help="only these policy runs, by label (e.g. round_robin random)")
     parser.add_argument("--turns", type=int, help="turns per multi_turn session")
+    parser.add_argument("--name", help="result file name (default: routing, or routing-<workloads> for a part)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.turns:
@@ -399,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = tuple(known[p.replace(" ", "")] for p in args.policies)
     workloads = tuple(args.workloads or WORKLOADS)
     # A partial sweep writes a file of its own, so it never replaces the whole sweep's.
-    name = NAME if workloads == WORKLOADS and not args.policies else f"{NAME}-{'-'.join(workloads)}"
+    name = args.name or (NAME if workloads == WORKLOADS and not args.policies else f"{NAME}-{'-'.join(workloads)}")
 
     from echo_env.serving.model import load_tokenizer
 

@@ -60,7 +60,7 @@ from common import (
 )
 
 from echo_env.cachetest.config import PrefixTestConfig
-from echo_env.cachetest.runner import run_prefix_test
+from echo_env.commands.test import run_prefix_test
 from echo_env.cachetest.workload import build_workload, control_tag
 from echo_env.config import build
 from echo_env.measure.figures import PhaseFigures, pool

@@ -72,7 +72,7 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
 def cmd_test(args: Sequence[str]) -> int:
     """``echo-prefix test``: the prefix-cache test; exit 0 PASS, 1 FAIL, 2 UNKNOWN."""
     from echo_env.cachetest.config import PrefixTestConfig
-    from echo_env.cachetest.runner import run_prefix_test
+    from echo_env.commands.test import run_prefix_test
     from echo_env.report.console import format_console
 
     config = parse_overrides(PrefixTestConfig, args)
@@ -84,7 +84,7 @@ def cmd_test(args: Sequence[str]) -> int:
 
 def cmd_rollout(args: Sequence[str]) -> int:
     """``echo-prefix rollout``: run episodes and print a summary table."""
-    from echo_env.rollout.command import RolloutConfig, run_rollout
+    from echo_env.commands.rollout import RolloutConfig, run_rollout
 
     config = parse_overrides(RolloutConfig, args)
     _setup_logging(config.debug)
@@ -133,7 +133,7 @@ def _config_class(name: str) -> type[Any] | None:
 
         return PrefixTestConfig
     if name == "rollout":
-        from echo_env.rollout.command import RolloutConfig
+        from echo_env.commands.rollout import RolloutConfig
 
         return RolloutConfig
     if name == "train":

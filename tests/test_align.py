@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from echo_env.cachetest.align import align_system_prompt, prefix_geometry
 from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples, worked_example
 from echo_env.errors import ConfigError
-from echo_env.measure.tokens import encode_prompts, plan_tokens
+from echo_env.measure.tokens import plan_tokens
+from echo_env.serving.tokenizer import encode_prompts
 
 BOS = 2
 

@@ -34,7 +34,7 @@ from echo_env.errors import ConfigError, ServerUnreachableError
 from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.results import EXIT_CODES
-from echo_env.cachetest.runner import run_prefix_test
+from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
 from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
@@ -117,7 +117,7 @@ def test_bad_config_value_is_one_line_naming_the_fix(
 
 def test_config_classes_refuse_bad_values_before_anything_starts() -> None:
     """Without base_url, a bad value must fail in the config, not after a minute of engine start-up."""
-    from echo_env.rollout.command import RolloutConfig
+    from echo_env.commands.rollout import RolloutConfig
 
     for kwargs in ({"timeout_s": 0}, {"temperature": 11.0}, {"max_tokens": 0}, {"group_size": 0}):
         with pytest.raises(ConfigError):

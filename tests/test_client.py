@@ -1,23 +1,27 @@
-"""The client's handling of servers that are absent or are not OpenAI-compatible (no engine needed)."""
+"""The client: servers that are absent or not OpenAI-compatible, the event-stream parser, and what
+a request keeps and sends (token ids, gaps, headers, proxy settings). No engine needed."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import http.server
+import json
 import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echo_env.serving.client import ClientConfig, LLMClient, SSEDecoder
 from echo_env.errors import ConfigError, ServerResponseError, ServerUnreachableError
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.serving.sse import SSEDecoder
 
 
 def _run(coro: Any) -> Any:
@@ -52,12 +56,19 @@ def test_dead_port_ends_in_project_error_quickly() -> None:
 
 
 @contextlib.contextmanager
-def _serve(method: str, content_type: str, body: bytes, status: int = 200) -> Iterator[str]:
-    """A local HTTP server answering every ``method`` request with ``body``; yields its /v1 URL."""
+def _serve(
+    method: str, content_type: str, body: bytes, status: int = 200, seen: list[dict[str, str]] | None = None
+) -> Iterator[str]:
+    """A local HTTP server answering every ``method`` request with ``body``; yields its /v1 URL.
+
+    With ``seen``, each request's path and headers (names lower-cased) are appended to it.
+    """
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def answer(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if seen is not None:
+                seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -158,3 +169,116 @@ def test_an_error_event_after_the_header_fails_the_request_with_the_servers_mess
 def test_transport_must_be_known() -> None:
     with pytest.raises(ConfigError, match="transport must be sse or openai"):
         ClientConfig(base_url="http://x/v1", transport="grpc")  # type: ignore[arg-type]
+
+
+# ----- what a request keeps and sends ---------------------------------------------------------
+
+
+def _sse(*chunks: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def _token(text: str, token_id: int, logprob: float, finish: str | None = None, **more: Any) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "token_ids": [token_id], "logprobs": {"token_logprobs": [logprob]}}
+    return {"choices": [{**choice, "finish_reason": finish, **more}]}
+
+
+USAGE = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3, "prompt_tokens_details": None}}
+STREAM = _sse(
+    _token(" Echo", 10, -0.1, prompt_token_ids=[1, 2, 3]),
+    _token(":", 11, -0.2),
+    _token(" apple", 12, -0.3, "stop"),
+    USAGE,
+)
+"""A vLLM-style completions stream with ``return_token_ids`` and ``logprobs`` on."""
+
+
+def _generate(url: str, transport: str = "sse", prompt: Any = "hi", **kwargs: Any) -> RequestRecord:
+    async def go() -> RequestRecord:
+        config = ClientConfig(base_url=url, model="m", max_retries=0, transport=transport)  # type: ignore[arg-type]
+        async with LLMClient(config) as client:
+            return await client.generate(prompt, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_token_ids_and_logprobs_are_kept_when_the_request_asks_for_them() -> None:
+    with _serve("POST", "text/event-stream", STREAM) as url:
+        asked = _generate(url, logprobs=1)
+        by_extra = _generate(url, extra_body={"return_token_ids": True})
+        forced = _generate(url, want_tokens=True)
+        plain = _generate(url)
+        refused = _generate(url, logprobs=1, want_tokens=False)
+    for record in (asked, by_extra, forced):
+        out = record.outputs[0]
+        assert record.ok and out.text == " Echo: apple"
+        assert out.token_ids == [10, 11, 12] and out.logprobs == [-0.1, -0.2, -0.3]
+        assert out.prompt_token_ids == [1, 2, 3]
+    for record in (plain, refused):
+        out = record.outputs[0]
+        assert record.ok and out.text == " Echo: apple" and out.chunks == 3
+        assert out.token_ids is None and out.logprobs is None and out.prompt_token_ids is None
+
+
+def test_gaps_between_tokens_are_kept_unless_no_one_wants_them() -> None:
+    with _serve("POST", "text/event-stream", STREAM) as url:
+        with_itl = _generate(url)
+        without = _generate(url, want_itl=False)
+    assert len(with_itl.outputs[0].itl_s) == 2 and all(gap >= 0 for gap in with_itl.itl_s)
+    assert without.outputs[0].itl_s == [] and without.itl_s == []
+    for record in (with_itl, without):  # what the prefix-cache test needs is there either way
+        assert record.ok and record.ttft_s is not None and record.e2e_s is not None
+        assert record.outputs[0].finish_reason == "stop"
+        assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (3, 3, None)
+
+
+def test_chat_deltas_are_joined_into_the_text() -> None:
+    deltas = [{"role": "assistant", "content": ""}, {"content": " Echo"}, {}, {"content": ": apple"}]
+    body = _sse(*({"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas), USAGE)
+    with _serve("POST", "text/event-stream", body) as url:
+        record = _generate(url, prompt=[{"role": "user", "content": "hi"}], api="chat")
+    assert record.ok and record.outputs[0].text == " Echo: apple" and record.outputs[0].chunks == 2
+
+
+def test_a_text_that_is_not_a_string_is_a_malformed_response() -> None:
+    body = _sse({"choices": [{"index": 0, "text": 42, "finish_reason": None}]}, USAGE)
+    with _serve("POST", "text/event-stream", body) as url:
+        record = _generate(url)
+    assert not record.ok and record.error is not None and record.error.startswith("malformed response: bad chunk")
+
+
+@pytest.mark.parametrize("transport", ["sse", "openai"])
+def test_extra_headers_go_with_their_request_only(transport: str) -> None:
+    seen: list[dict[str, str]] = []
+    with _serve("POST", "text/event-stream", STREAM, seen=seen) as url:
+        first = _generate(url, transport, headers={"X-Session-ID": "agent-7"})
+        second = _generate(url, transport)
+    assert first.ok and second.ok, (first.error, second.error)
+    assert [r.get("x-session-id") for r in seen] == ["agent-7", None]
+    assert all(r["authorization"] == "Bearer EMPTY" for r in seen)  # the client's own headers stay
+
+
+def test_proxy_settings_from_the_environment_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HTTP_PROXY`` is read once per client; requests go through the proxy, as ``trust_env`` did."""
+    seen: list[dict[str, str]] = []
+    with _serve("POST", "text/event-stream", STREAM, seen=seen) as proxy:
+        for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.removesuffix("/v1"))
+        monkeypatch.setenv("http_proxy", proxy.removesuffix("/v1"))
+        record = _generate("http://llm.invalid:8000/v1")
+    assert record.ok, record.error
+    assert [r["path"] for r in seen] == ["http://llm.invalid:8000/v1/completions"]
+
+
+def test_a_netrc_entry_for_the_server_does_not_break_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client sends its own Authorization header; a ~/.netrc login for the host must not clash with it."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    seen: list[dict[str, str]] = []
+    with _serve("POST", "text/event-stream", STREAM, seen=seen) as url:
+        record = _generate(url)
+    assert record.ok, record.error
+    assert seen[0]["authorization"] == "Bearer EMPTY"

@@ -35,7 +35,7 @@ from echo_env.serving.engine import EmbeddedEngine, EngineConfig, group_members
 from echo_env.errors import ServerUnreachableError
 from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.cachetest.config import PrefixTestConfig
-from echo_env.cachetest.runner import run_prefix_test
+from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
 from echo_env.envs.task import EchoTask
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
@@ -164,6 +164,127 @@ def test_sigterm_to_the_test_command_leaves_partial_results(tmp_path: Path) -> N
     assert summary["verdict"] == "UNKNOWN" and summary["partial"] is True
     assert "interrupted" in summary["reason"]
     assert _lines(out / "requests.jsonl")
+
+
+# ----- SIGTERM reaches a program in async or sync code: cleanup runs, no stray traceback ------
+
+# What the child programs share: requests kept in flight against the stand-in, a task that
+# keeps the CPU busy (where a signal raised "in whatever frame runs" used to land), and a
+# line printed from each cleanup step so the test can see that it ran.
+_CHILD_PRELUDE = """
+import asyncio, sys, time
+from echo_env.interrupts import run_main, sigterm_as_interrupt
+from echo_env.serving.client import ClientConfig, LLMClient
+
+async def spin():
+    while True:
+        sum(range(20000))
+        await asyncio.sleep(0)
+
+async def requests(url):
+    async with LLMClient(ClientConfig(base_url=url, model="fake-model", max_retries=0)) as client:
+        try:
+            busy = asyncio.create_task(spin())
+            calls = [client.generate("User: Please echo the following word: apple", max_tokens=8) for _ in range(8)]
+            print("READY", flush=True)
+            await asyncio.gather(*calls)
+            busy.cancel()
+        finally:
+            print("CLEANUP", flush=True)
+"""
+
+
+def _sigterm_child(fake: FakeOpenAIServer, body: str) -> tuple[int, str, str]:
+    """Run ``_CHILD_PRELUDE + body`` with the stand-in's URL; SIGTERM it once it is busy."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_PRELUDE + body, fake.base_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "READY", proc.communicate()
+        _wait_for(lambda: fake.streams_open >= 1, 30, "requests in flight", proc)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, "READY\n" + out, err
+
+
+def _assert_clean_interrupt(status: int, out: str, err: str) -> None:
+    assert status == 2, (out, err)
+    assert out.split() == ["READY", "CLEANUP", "INTERRUPTED"], (out, err)
+    assert "Traceback" not in err and "never retrieved" not in err, err
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_cancels_the_main_coroutine_and_its_cleanup_runs() -> None:
+    """``run_main``: SIGTERM cancels the main task like Ctrl-C; the caller gets KeyboardInterrupt."""
+    body = """
+try:
+    run_main(lambda: requests(sys.argv[1]))
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    sys.exit(2)
+"""
+    with FakeOpenAIServer() as fake:
+        fake.chunk_delay_s = 0.5  # keeps the requests in flight
+        status, out, err = _sigterm_child(fake, body)
+        _wait_for(lambda: fake.connections_open == 0, 10, "the client's connections to close")
+    _assert_clean_interrupt(status, out, err)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_in_an_event_loop_run_by_other_code_lands_outside_every_task() -> None:
+    """``sigterm_as_interrupt`` around a plain ``asyncio.run``: the interrupt comes from the loop, not a task."""
+    body = """
+try:
+    with sigterm_as_interrupt():
+        asyncio.run(requests(sys.argv[1]))
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+    sys.exit(2)
+"""
+    with FakeOpenAIServer() as fake:
+        fake.chunk_delay_s = 0.5
+        status, out, err = _sigterm_child(fake, body)
+    _assert_clean_interrupt(status, out, err)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_in_synchronous_code_is_a_keyboard_interrupt() -> None:
+    """``sigterm_as_interrupt`` around blocking code (an engine starting, ``serve``): finally blocks run."""
+    script = """
+import signal, sys, time
+from echo_env.interrupts import sigterm_as_interrupt
+try:
+    with sigterm_as_interrupt():
+        try:
+            print("READY", flush=True)
+            time.sleep(60)
+        finally:
+            print("CLEANUP", flush=True)
+except KeyboardInterrupt:
+    print("INTERRUPTED", flush=True)
+print("restored" if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else "not restored", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "READY"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.split() == ["CLEANUP", "INTERRUPTED", "restored"], (out, err)
 
 
 # ----- Ctrl-C on the command with its own embedded engine ----------------------------------

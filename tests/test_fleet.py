@@ -523,3 +523,8 @@ def test_fleet_evidence_summary_carries_the_derived_figures() -> None:
     assert out["fleet_hit_rate"] == pytest.approx(0.45)
     assert out["request_shares"] == pytest.approx([0.25, 0.75])
     assert out["ceilings"]["affinity"] == 0.80 and out["replicas"][1]["requests"] == 30
+
+
+def test_replicas_enable_the_render_endpoint_cache_aware_needs() -> None:
+    assert "--enable-scale-out" in FleetConfig().engine_config().extra_args
+    assert "--enable-scale-out" not in FleetConfig(scale_out=False).engine_config().extra_args

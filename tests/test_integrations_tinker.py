@@ -176,7 +176,8 @@ def test_each_turns_observation_extends_the_last_one_token_for_token(tokenizer: 
     env = EchoEnv("apple", tokenizer, later_words=("forest", "candle"))
     ob, _ = run(env.initial_observation())
     tokens = ob.to_ints()
-    for word, reply in (("apple", " Echo: apple\n"), ("forest", " Echo: forst\n"), ("candle", " Echo: candle\n")):
+    # The second reply ends in a "\n\n" token, which a server stopping at "\n" sends whole.
+    for word, reply in (("apple", " Echo: apple\n"), ("forest", " Echo: forst\n\n"), ("candle", " Echo: candle\n")):
         action = tokenizer.encode(reply, add_special_tokens=False)
         result = run(env.step(action))
         assert result.logs["word"] == word
@@ -190,7 +191,7 @@ def test_each_turns_observation_extends_the_last_one_token_for_token(tokenizer: 
     text = tokenizer.decode(tokens)
     assert text.endswith(
         "Assistant: Echo: apple\nUser: Correct! Echo matched. Please echo the following word: forest\n"
-        "Assistant: Echo: forst\nUser: Incorrect. Expected 'Echo: forest' but the echoed word was 'forst'. "
+        "Assistant: Echo: forst\n\nUser: Incorrect. Expected 'Echo: forest' but the echoed word was 'forst'. "
         "Please echo the following word: candle\nAssistant:"
     )
 
@@ -296,7 +297,9 @@ def test_multi_turn_rollouts_against_the_engine_reuse_the_history(engine: Any, t
         assert all(t.reward in (1.0, 0.0, -1.0) for t in traj.transitions)
         (datum,) = trajectory_to_data(traj, 1.0)
         assert datum.model_input.length > traj.transitions[-1].ob.length
-        # Each later turn's prompt is the earlier prompt plus the reply: at least the
-        # earlier prompt's whole blocks are served from the cache.
+        # Each later turn's prompt is the earlier prompt plus the sampled tokens: every whole
+        # block of those is served from the cache (128 tokens: vLLM's block on CPU; a
+        # smaller block only raises the count).
         for before, after in zip(traj.transitions, traj.transitions[1:]):
-            assert after.ac.prompt_cache_hit_tokens >= before.ob.length // 16 * 16 - 16
+            history = before.ob.length + len(before.ac.tokens)
+            assert after.ac.prompt_cache_hit_tokens >= history // 128 * 128

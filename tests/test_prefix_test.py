@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from echo_env.cachetest.config import PrefixTestConfig
-from echo_env.cachetest.runner import run_prefix_test
+from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
 
 pytestmark = pytest.mark.engine

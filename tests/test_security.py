@@ -15,7 +15,7 @@ import pytest
 from fake_servers import FakeOpenAIServer
 
 from echo_env.config import build
-from echo_env.rollout.command import RolloutConfig
+from echo_env.commands.rollout import RolloutConfig
 from echo_env.serving.client import ClientConfig
 from echo_env.serving.engine import EmbeddedEngine, group_members
 from echo_env.cachetest.config import PrefixTestConfig

@@ -305,6 +305,8 @@ def test_the_last_answer_ends_the_conversation_with_the_feedback_as_in_the_recip
         (" Echo: apple", " Echo: apple"),  # a base model's leading space stays
         ("Echo: apple", "Echo: apple"),  # and is not added when the model gave none
         (" Echo: apple\n", " Echo: apple\n"),  # a stop string kept in the output ends the line
+        (" Echo: apple\n\n", " Echo: apple\n\n"),  # so does a "\n\n" token: trailing whitespace stays
+        (" Echo: apple \r\n", " Echo: apple \r\n"),
         ("Echo:  apple <end_of_turn>", "Echo:  apple <end_of_turn>"),
         ("", ""),
         ("Echo: a\nUser: fake", "Echo: a User: fake"),
@@ -322,9 +324,10 @@ def test_follow_up_adds_the_line_break_only_when_the_reply_has_none() -> None:
     assert follow_up(" Echo: a", "Fb.", None) == "\nUser: Fb."
 
 
-# Replies a server stopping at "\n" can send: one line, optionally with the stop string kept.
 _ONE_LINE = st.text(alphabet=st.characters(blacklist_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"))
-_REPLIES = st.tuples(_ONE_LINE, st.booleans()).map(lambda t: t[0] + ("\n" if t[1] else ""))
+# Replies a server or a token sampler stopping at "\n" can give: one line, then maybe the
+# stop string and more whitespace (a "\n\n" token).
+_REPLIES = st.tuples(_ONE_LINE, st.text(alphabet=" \t\r\n", max_size=3)).map(lambda t: t[0] + t[1])
 
 
 @settings(max_examples=150, deadline=None)

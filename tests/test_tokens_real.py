@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from echo_env.envs.task import EchoTask
-from echo_env.measure.tokens import encode_prompts, first_difference, max_cached_tokens, plan_tokens, shared_prefix_length
+from echo_env.measure.tokens import first_difference, max_cached_tokens, plan_tokens, shared_prefix_length
+from echo_env.serving.tokenizer import encode_prompts
 
 pytestmark = pytest.mark.engine
 

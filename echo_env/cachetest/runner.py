@@ -22,10 +22,9 @@ import logging
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from echo_env.cachetest.align import align_system_prompt
 from echo_env.cachetest.config import PrefixTestConfig
@@ -374,12 +373,6 @@ def _on_vs_off(on: ServerRun, off: ServerRun) -> tuple[Comparison, ...]:
     return tuple(out)
 
 
-def default_out_dir() -> Path:
-    """``echo_prefix_results/<UTC time>-<short id>`` under the current folder."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path("echo_prefix_results") / f"{stamp}-{uuid.uuid4().hex[:6]}"
-
-
 def _record_rows(figures: PhaseFigures, records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
     rows = []
     for record in records:
@@ -390,21 +383,45 @@ def _record_rows(figures: PhaseFigures, records: Sequence[RequestRecord]) -> lis
     return rows
 
 
-def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> TestResult:
-    """Run the whole test and write its results; the typed result is returned.
+class ResultSink(Protocol):
+    """Where a run's records and summary go as it runs (the report's ``RunWriter``, or nothing)."""
 
-    Whatever happens, ``summary.json`` and the records measured so far are on disk in
-    ``out_dir``; an error mid-run gives verdict UNKNOWN with ``partial: true`` (and a
-    Ctrl-C is raised again once the files are written).
+    def append_records(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Keep one phase's request records."""
+        ...
+
+    def write_summary(self, result: TestResult) -> Any:
+        """Keep the summary so far (called after every phase)."""
+        ...
+
+    def finish(self, result: TestResult) -> Any:
+        """Keep the final summary and whatever is derived from it."""
+        ...
+
+
+class NullSink:
+    """A sink that keeps nothing (for callers that only want the returned result)."""
+
+    def append_records(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        return 0
+
+    def write_summary(self, result: TestResult) -> None:
+        return None
+
+    def finish(self, result: TestResult) -> None:
+        return None
+
+
+def run_phases_and_judge(config: PrefixTestConfig, sink: ResultSink, out_dir: str | None = None) -> TestResult:
+    """Run the whole test, feeding ``sink`` as it goes; the typed result is returned.
+
+    Whatever happens, the sink has the records measured so far and a summary; an error
+    mid-run gives verdict UNKNOWN with ``partial: true``. A Ctrl-C is raised again once the
+    sink is finished, and so is an error that struck before anything was measured (its
+    message is the one line a user needs).
     """
-    from echo_env.report.files import RunWriter
-
-    out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
-    writer = RunWriter(out_dir)
-    started = dt.datetime.now(dt.timezone.utc)
-    result = TestResult(
-        config=config.public(), rules=config.rules, started_at=started.isoformat(), out_dir=str(out_dir)
-    )
+    started = dt.datetime.now(dt.UTC)
+    result = TestResult(config=config.public(), rules=config.rules, started_at=started.isoformat(), out_dir=out_dir)
     states: list[_State] = []
     clock = {"healthy": 0.0}
 
@@ -417,10 +434,10 @@ def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> 
             result.on_vs_off = _on_vs_off(result.runs[0], result.runs[1])
 
     def hook(figures: PhaseFigures, records: Sequence[RequestRecord]) -> None:
-        writer.append_records(_record_rows(figures, records))
+        sink.append_records(_record_rows(figures, records))
         refresh()
         result.partial = True
-        writer.write_summary(result)
+        sink.write_summary(result)
 
     raised: BaseException | None = None
     try:
@@ -438,11 +455,10 @@ def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> 
     if result.error is not None:
         refresh(result.error)
         result.partial = True
-    finished = dt.datetime.now(dt.timezone.utc)
+    finished = dt.datetime.now(dt.UTC)
     result.finished_at = finished.isoformat()
     result.duration_s = (finished - started).total_seconds()
-    writer.finish(result)
-    _log_wandb(config, result)
+    sink.finish(result)
     if raised is not None:
         raise raised
     return result
@@ -460,26 +476,6 @@ async def _run_all(config: PrefixTestConfig, states: list[_State], clock: dict[s
             if label == "cache_on":
                 clock["healthy"] = time.perf_counter()
             await _measure_server(config, state, server, run_id, hook)
-
-
-def _log_wandb(config: PrefixTestConfig, result: TestResult) -> None:
-    if not config.wandb_project:
-        return
-    try:
-        import wandb  # type: ignore[import-not-found]
-    except ImportError:
-        log.warning("wandb_project is set but wandb is not installed: pip install wandb")
-        return
-    run = wandb.init(project=config.wandb_project, name=config.wandb_name, config=result.config)
-    flat: dict[str, Any] = {"verdict": result.verdict}
-    main = result.main
-    if main is not None:
-        for p in main.pooled:
-            flat[f"time/ttft_p50_{p.name}"] = p.ttft.p50
-            flat[f"throughput/{p.name}_rps"] = p.throughput_rps
-            flat[f"hit_rate/{p.name}"] = p.hit.value
-    run.log(flat)
-    run.finish()
 
 
 def replace_server(config: PrefixTestConfig, **server: Any) -> PrefixTestConfig:

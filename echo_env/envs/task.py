@@ -182,17 +182,17 @@ _LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def transcript_reply(reply: str) -> str:
-    """A reply as the plain-text transcript shows it: as generated, on one line.
+    """A reply as the plain-text transcript shows it: as generated, text on one line.
 
-    A final ``"\\n"`` (the stop string, when a server keeps it in the output) stays and
-    ends the reply's line; every other line break becomes a space, so a reply cannot
-    start a line of its own and fake a ``User:`` turn. A reply from a server that stops
-    at ``"\\n"`` has no other line break, so it is shown exactly as generated, leading
-    space included.
+    The reply's trailing whitespace stays as it is: a final ``"\\n"`` (the stop string,
+    when a server or a token sampler keeps it in the output, or a ``"\\n\\n"`` token)
+    ends the reply's line. Every line break before the reply's last visible character
+    becomes a space, so a reply cannot start a line of its own and fake a ``User:``
+    turn. A reply from a server that stops at ``"\\n"`` has no such line break, so it is
+    shown exactly as generated, leading space included.
     """
-    if reply.endswith("\n"):
-        return _LINE_BREAK.sub(" ", reply[:-1]) + "\n"
-    return _LINE_BREAK.sub(" ", reply)
+    body = reply.rstrip()
+    return _LINE_BREAK.sub(" ", body) + reply[len(body) :]
 
 
 def env_turn(feedback: str, next_word: str | None) -> str:

@@ -118,13 +118,14 @@ class EchoEnv(Env):
         """The reply an action stands for.
 
         Transcript form: the decoded tokens up to and including the first line break
-        (where sampling stopped; any text after it is dropped). Chat form: the
-        renderer's parsed message text.
+        and the whitespace right after it (where sampling stopped, e.g. on a ``"\\n\\n"``
+        token; any text after it is dropped). Chat form: the renderer's parsed message
+        text.
         """
         if self.renderer is None:
             text: str = self.tokenizer.decode(list(action), skip_special_tokens=True)
-            line, newline, _rest = text.partition("\n")
-            return line + newline
+            line, newline, rest = text.partition("\n")
+            return line + newline + rest[: len(rest) - len(rest.lstrip())]
         message, _termination = self.renderer.parse_response(list(action))
         return renderers.get_text_content(message)
 

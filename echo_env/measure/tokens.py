@@ -4,7 +4,7 @@ A paged prefix cache (vLLM, SGLang) reuses KV blocks of ``block_size`` tokens, a
 full blocks (llama.cpp reuses single tokens: a block size of 1). vLLM also always
 recomputes the last prompt token, so a prompt of ``P``
 tokens can take at most ``B * floor((P - 1) / B)`` tokens from the cache. The functions
-here are pure; :func:`encode_prompts` is the one place a tokenizer is called.
+here are pure; :mod:`echo_env.serving.tokenizer` is where a tokenizer is called.
 
 :mod:`echo_env.cachetest.align` uses this arithmetic the other way round, to move the
 end of the task's shared prefix just past a block boundary.
@@ -14,38 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from echo_env.errors import ConfigError
 
 TokenIds = Sequence[int]
-
-
-class Tokenizer(Protocol):
-    """The part of a ``transformers`` tokenizer this module uses."""
-
-    def __call__(self, text: str, add_special_tokens: bool = ...) -> Any: ...
-
-    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
-
-
-def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[dict[str, str]]]) -> list[list[int]]:
-    """Token ids of each prompt as a vLLM server would build them.
-
-    A string is a plain completion prompt (the tokenizer adds its special tokens, such as
-    Gemma's ``<bos>``, as vLLM's ``/v1/completions`` does); a list of messages goes through
-    the tokenizer's chat template with the generation prompt, as ``/v1/chat/completions``.
-    """
-    out: list[list[int]] = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        else:
-            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        out.append([int(t) for t in ids])
-    return out
 
 
 def common_prefix_length(a: TokenIds, b: TokenIds) -> int:

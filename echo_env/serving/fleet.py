@@ -60,11 +60,11 @@ SESSION_POLICIES = frozenset({"consistent_hash", "sticky_least_loaded"})
 SESSION_HEADER = "X-Session-ID"
 """The header vllm-router's ``consistent_hash`` and ``sticky_least_loaded`` read first (case-insensitive).
 
-After it: ``X-User-ID``, ``X-Tenant-ID``, ``X-Correlation-ID``, ``X-Request-ID``, ``X-Trace-ID``;
-then the body fields ``session_params.session_id``, ``user``, ``session_id``, ``user_id``."""
-
-SESSION_BODY_FIELD = "user"
-"""The OpenAI request field vllm-router reads as a session key when no session header is sent."""
+After it come ``X-User-ID``, ``X-Tenant-ID``, ``X-Correlation-ID``, ``X-Request-ID`` and ``X-Trace-ID``.
+Its docs also list body fields (``session_params.session_id``, ``user``...), but for ``/v1/completions``
+0.1.17 hashed the prompt text instead (measured: 16 requests with 16 different ``user`` values and one
+prompt all went to one replica), so send the header. Without any key, identical prompts meet on one
+replica and a conversation's turns (different prompts) scatter."""
 
 ROUTER_INSTALL_HINT = "pip install vllm-router==0.1.17 (or pip install 'echo-prefix-env[fleet]')"
 """How to install the router."""
@@ -103,6 +103,10 @@ class FleetConfig:
     """Where the model, logs and caches go; ``None`` means the package's cache folder."""
     cpu_binds: tuple[str, ...] | None = None
     """``VLLM_CPU_OMP_THREADS_BIND`` per replica (``("0", "1")``); ``None`` splits this process's cores evenly."""
+    scale_out: bool = True
+    """Start the replicas with ``--enable-scale-out``: vllm-router's ``cache_aware`` tokenizes each request
+    through a replica's ``POST /v1/completions/render``, which vLLM 0.32 answers 403 without it (and the
+    router then spreads requests as round_robin would)."""
     extra_args: tuple[str, ...] = ()
     """More ``vllm`` arguments for every replica."""
     router_args: tuple[str, ...] = ()
@@ -155,7 +159,7 @@ class FleetConfig:
             startup_timeout_s=self.startup_timeout_s,
             cache_dir=self.cache_dir,
             served_model_name=self.served_model_name,
-            extra_args=self.extra_args,
+            extra_args=(*(("--enable-scale-out",) if self.scale_out else ()), *self.extra_args),
             dev_mode=self.dev_mode,
         )
 
