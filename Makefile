@@ -51,6 +51,7 @@ $(STAMP_FLEET): $(STAMP_CORE)
 	touch $@
 
 $(LLAMA_SERVER): | $(STAMP_CORE)
+	$(PIP) install -q -e '.[llamacpp]'
 	$(PY) -m echo_env.serving.llamacpp_build
 
 install: $(STAMP_CORE)
@@ -76,8 +77,11 @@ lint: $(STAMP_CORE)
 # `echo-prefix train steps=2` included, then every benchmark in --quick mode (results in
 # .cache/bench-results, so the committed ones stay as they are). The REQUIRE variables
 # turn a missing part into an error instead of skipped tests.
+# The fleet tests run in a pytest of their own: two replicas (13 GB) must not share the
+# machine with the session's engine (6.5 GB).
 test: $(STAMP_ENGINE) $(STAMP_RL) $(STAMP_FLEET) $(LLAMA_SERVER) lint
-	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 ECHO_ENV_REQUIRE_FLEET=1 $(PY) -m pytest -q $(ARGS)
+	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 $(PY) -m pytest -q -m "not fleet" $(ARGS)
+	ECHO_ENV_REQUIRE_FLEET=1 $(PY) -m pytest -q -m fleet $(ARGS)
 	ECHO_ENV_BENCH_RESULTS=$(ECHO_ENV_CACHE)/bench-results $(PY) benchmarks/run_all.py --quick
 
 # Kept for old habits: the same as test.

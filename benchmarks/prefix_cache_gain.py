@@ -57,11 +57,11 @@ from tqdm.auto import tqdm
 from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples
 from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.tokens import plan_tokens, shared_prefix_length
-from echo_env.serving.tokenizer import encode_prompts
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 from echo_env.serving.client import ClientConfig, LLMClient
 from echo_env.serving.info import ServerFacts
 from echo_env.serving.target import OpenServer, ServerTarget, open_target
+from echo_env.serving.tokenizer import encode_prompts
 
 NAME = "prefix_cache_gain"
 

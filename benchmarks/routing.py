@@ -19,6 +19,12 @@ vllm-router's ``consistent_hash`` hashes (the other policies ignore it);
 so identical prompts still meet on one replica. (The OpenAI ``user`` body field, which
 vllm-router's docs list as a key, was not honoured for ``/v1/completions`` in 0.1.17.)
 
+The replicas run with ``--enable-scale-out`` (``FleetConfig.scale_out``): ``cache_aware``
+tokenizes each request through a replica's ``POST /v1/completions/render``, which vLLM
+0.32 refuses (403) otherwise, and the router then spreads requests as round_robin does.
+``results/routing.json`` was taken before that switch (its cache_aware rows are that
+fallback); ``results/routing-scale-out.json`` has cache_aware with the endpoint on.
+
 Each replica's own ``/metrics`` is read before and after every phase (the router's
 ``/metrics`` answers for one replica per call). Figures: the fleet
 hit rate against the workload's three ceilings (one server, affinity, scatter; see
@@ -26,7 +32,7 @@ hit rate against the workload's three ceilings (one server, affinity, scatter; s
 requests per second, the routing verdict, and each policy's ratios against round_robin
 on the same workload.
 
-Full mode: 8 groups x 4 agents (32 requests), 8 sessions x 7 turns, six policy runs
+Full mode: 8 groups x 4 agents (32 requests), 8 sessions x 10 turns, six policy runs
 (about 25 minutes on a busy 2-core machine, the fleet start included). ``--quick``: 4 x 4
 agents, 4 sessions x 2 turns, three policies. The machine is shared: compare policies by
 their ratios to round_robin on the same workload, not by absolute times.
@@ -59,11 +65,11 @@ from echo_env.measure.fleet import (
     router_worker_requests,
 )
 from echo_env.measure.stats import summarize
-from echo_env.serving.tokenizer import encode_prompts
 from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.serving.engine import group_members
 from echo_env.serving.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig, mem_available_gib
 from echo_env.serving.metrics import CacheCounters, MetricsReader, parse_prometheus
+from echo_env.serving.tokenizer import encode_prompts
 
 NAME = "routing"
 MAX_TOKENS = 8
@@ -110,8 +116,9 @@ class Sizes:
 
 
 # Echo turns add ~21 tokens each, so a session fills a 128-token block of its own only
-# after about 6 turns: fewer turns cannot show session affinity on a CPU (see the ceilings).
-FULL = Sizes(groups=8, group_size=4, sessions=8, turns=7, group_examples=24)
+# after about 6 turns and a later turn can hit it from the 8th on: with 7 turns affinity
+# and scatter tie (0.848 both); with 10 they part (0.873 vs 0.855).
+FULL = Sizes(groups=8, group_size=4, sessions=8, turns=10, group_examples=24)
 QUICK = Sizes(groups=4, group_size=4, sessions=4, turns=2, group_examples=24)
 
 
@@ -226,31 +233,18 @@ def _router_counts(url: str) -> dict[str, float]:
     return {}
 
 
-def keyed_client(config: ClientConfig, key: str) -> LLMClient:
-    """A client whose every request carries ``X-Session-ID: key``.
-
-    LLMClient takes no per-request headers yet, so each session key gets a client of its
-    own with the header added to the client's.
-    """
-    client = LLMClient(config)
-    client._headers = {**client._headers, SESSION_HEADER: key}
-    return client
-
-
 async def _send(config: ClientConfig, batch: Sequence[Request], keyed: bool) -> list[RequestRecord]:
-    async with contextlib.AsyncExitStack() as stack:
-        if keyed:
-            clients = {r.group: keyed_client(config, r.group) for r in batch}
-        else:
-            clients = {r.group: LLMClient(config) for r in batch[:1]}
-        for c in clients.values():
-            await stack.enter_async_context(c)
-        shared = next(iter(clients.values()))
+    async with LLMClient(config) as client:
         return list(
             await asyncio.gather(
                 *(
-                    clients.get(r.group, shared).generate(
-                        r.prompt, max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"], tag=r.group
+                    client.generate(
+                        r.prompt,
+                        max_tokens=MAX_TOKENS,
+                        temperature=0.0,
+                        stop=["\n"],
+                        headers={SESSION_HEADER: r.group} if keyed else None,
+                        tag=r.group,
                     )
                     for r in batch
                 )

@@ -60,8 +60,8 @@ from common import (
 )
 
 from echo_env.cachetest.config import PrefixTestConfig
-from echo_env.commands.test import run_prefix_test
 from echo_env.cachetest.workload import build_workload, control_tag
+from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
 from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.stats import RatioCI, bootstrap_ratio_ci
@@ -90,8 +90,8 @@ class Outcome:
     """``old`` or ``new``."""
     position: int
     """Where it ran in the sequence (0 first)."""
-    time_to_verdict_s: float
-    """From a healthy engine to the verdict."""
+    time_to_verdict_s: float | None
+    """From a healthy engine to the verdict (None: the run stopped before one)."""
     wall_s: float
     """The whole call (for the new design: writing its files and plots included)."""
     sending_s: float
@@ -263,7 +263,7 @@ def new_design(server: OpenServer, out_dir: Path) -> Outcome:
     return Outcome(
         design="new",
         position=-1,
-        time_to_verdict_s=result.time_to_verdict_s if result.time_to_verdict_s is not None else wall,
+        time_to_verdict_s=result.time_to_verdict_s,
         wall_s=wall,
         sending_s=sum(p.wall_s for p in run.phases) if run else 0.0,
         requests=sum(p.requests for p in run.phases) if run else 0,
@@ -301,9 +301,9 @@ def measure_all(order: Sequence[str], base_url: str | None) -> tuple[list[Outcom
             outcome = dataclasses.replace(outcome, position=position)
             outcomes.append(outcome)
             print(
-                f"{design}: {outcome.verdict} after {outcome.time_to_verdict_s:.1f} s ({outcome.requests} requests, "
-                f"{outcome.repeats} TTFT repeats; load {outcome.load_avg_start:.1f} -> {outcome.load_avg_end:.1f}): "
-                f"{outcome.reason}",
+                f"{design}: {outcome.verdict} after {fmt(outcome.time_to_verdict_s, 1)} s ({outcome.requests} "
+                f"requests, {outcome.repeats} TTFT repeats; load {outcome.load_avg_start:.1f} -> "
+                f"{outcome.load_avg_end:.1f}): {outcome.reason}",
                 flush=True,
             )
     return outcomes, facts

@@ -14,6 +14,9 @@ import gymnasium
 import pettingzoo
 
 from echo_env.envs.gym_env import EchoPrefixEnv
+from echo_env.envs.parallel import EchoPrefixParallelEnv, agent_group, agent_id, env, parallel_env, raw_env
+from echo_env.envs.task import EchoTask, Grade, default_system_prompt, default_words, grade, user_turn
+from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 from echo_env.errors import (
     ConfigError,
     EchoEnvError,
@@ -24,9 +27,6 @@ from echo_env.errors import (
     ServerResponseError,
     ServerUnreachableError,
 )
-from echo_env.envs.parallel import EchoPrefixParallelEnv, agent_group, agent_id, env, parallel_env, raw_env
-from echo_env.envs.task import EchoTask, Grade, default_system_prompt, default_words, grade, user_turn
-from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 
 __version__ = "0.1.0"
 

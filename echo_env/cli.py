@@ -8,16 +8,14 @@ Errors a user can meet print one line naming the fix and exit with status 2;
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from types import FrameType
 from typing import Any
 
 from echo_env.config import describe, parse_overrides
 from echo_env.errors import ConfigError, EchoEnvError
+from echo_env.interrupts import sigterm_as_interrupt
 
 log = logging.getLogger("echo_env")
 
@@ -160,10 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     debug = any(a.replace(" ", "").lower() in ("debug=true", "debug=1", "--debug") for a in rest)
     rest = [a for a in rest if a != "--debug"] + (["debug=true"] if "--debug" in rest else [])
-    previous = _sigterm_as_interrupt()
-    _quiet_interrupted_tasks()
     try:
-        return COMMANDS[name][0](rest)
+        # SIGTERM (kill, timeout, a cancelled CI job) ends the command the Ctrl-C way.
+        with sigterm_as_interrupt():
+            return COMMANDS[name][0](rest)
     except EchoEnvError as exc:
         if debug:
             raise
@@ -182,43 +180,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-class _DropInterrupts(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" report of a KeyboardInterrupt.
-
-    A SIGTERM turned KeyboardInterrupt can land inside one of the request tasks; the
-    interrupt still ends the command the Ctrl-C way, but the task keeps the exception and
-    asyncio prints it with a traceback when the task is collected, after the one-line
-    "interrupted" message.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, KeyboardInterrupt)
-
-
-def _quiet_interrupted_tasks() -> None:
-    logger = logging.getLogger("asyncio")
-    if not any(isinstance(f, _DropInterrupts) for f in logger.filters):
-        logger.addFilter(_DropInterrupts())
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def _sigterm_as_interrupt() -> Any:
-    """Make SIGTERM (``kill``, ``timeout``, a CI job cancelled) act like Ctrl-C.
-
-    By default SIGTERM ends Python at once, skipping ``finally`` blocks: the embedded
-    engine, in a session of its own, would be orphaned and the partial results unwritten.
-    As a KeyboardInterrupt it takes the same way out as Ctrl-C. Returns the previous
-    handler, or None when not on the main thread (where handlers cannot be set).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _on_sigterm)

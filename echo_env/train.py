@@ -113,7 +113,7 @@ class TrainConfig:
 
 def default_out_dir() -> Path:
     """``echo_prefix_results/train-<UTC time>-<short id>`` under the current folder."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     return Path("echo_prefix_results") / f"train-{stamp}-{uuid.uuid4().hex[:6]}"
 
 

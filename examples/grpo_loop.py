@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from echo_env import ParallelTimingWrapper, agent_group, parallel_env
-from echo_env.serving.client import ClientConfig, LLMClient
 from echo_env.config import parse_overrides
 from echo_env.errors import ConfigError, EchoEnvError
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient
 
 
 @dataclass(frozen=True)

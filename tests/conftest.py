@@ -31,7 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "faults: kills, stalls, restarts or loads servers of its own (slow; `make test` runs them)"
     )
     config.addinivalue_line("markers", "llamacpp: needs llama.cpp's llama-server (built by `make llama-server`)")
-    config.addinivalue_line("markers", "fleet: starts two vLLM replicas behind vllm-router (about 13 GB)")
+    config.addinivalue_line("markers", "fleet: starts two vLLM replicas behind vllm-router (about 10 GB)")
 
 
 def _missing(module: str) -> bool:
@@ -82,7 +82,10 @@ if os.environ.get("ECHO_ENV_REQUIRE_FLEET") == "1":
     import shutil
     import sys
 
-    if shutil.which("vllm-router", path=os.path.dirname(sys.executable)) is None and shutil.which("vllm-router") is None:
+    if (
+        shutil.which("vllm-router", path=os.path.dirname(sys.executable)) is None
+        and shutil.which("vllm-router") is None
+    ):
         raise pytest.UsageError("ECHO_ENV_REQUIRE_FLEET=1 but vllm-router is not installed: run `make install-fleet`")
 
 

@@ -28,16 +28,16 @@ import gymnasium
 import pytest
 from fake_servers import BLOCK_SIZE, MODEL, FakeOpenAIServer, echo_reply
 
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.serving.engine import find_free_port
-from echo_env.errors import ConfigError, ServerUnreachableError
-from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.results import EXIT_CODES
 from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
-from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
+from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
+from echo_env.errors import ConfigError
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
+from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.serving.engine import find_free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from echo_env.envs.task import EchoTask, grade
+from echo_env.errors import ConfigError, EngineError
 from echo_env.serving.engine import (
     HOST,
     EmbeddedEngine,
@@ -23,9 +25,7 @@ from echo_env.serving.engine import (
     find_free_port,
     group_members,
 )
-from echo_env.errors import ConfigError, EngineError
 from echo_env.serving.model import DEFAULT_SERVED_MODEL_NAME
-from echo_env.envs.task import EchoTask, grade
 
 
 def _get(url: str) -> tuple[int, str]:

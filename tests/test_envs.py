@@ -422,9 +422,10 @@ def test_session_id_is_stable_over_an_episode_and_new_for_the_next() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"turns": 0}, "turns must be a positive integer"),
-        ({"turns": -2}, "turns must be a positive integer"),
-        ({"turns": 1.5}, "turns must be a positive integer"),
+        ({"turns": 0}, "turns must be at least 1"),
+        ({"turns": -2}, "turns must be at least 1"),
+        ({"turns": 1.5}, "turns must be a whole number"),
+        ({"max_turns": 0}, "max_turns must be at least 1"),
         ({"turns": 3, "task": EchoTask(words=("alpha", "beta"))}, "lower turns to at most 2"),
         ({"turns": MAX_EPISODE_STEPS, "max_turns": 2}, "lower turns or max_turns"),
     ],

@@ -30,16 +30,16 @@ from typing import Any
 import pytest
 from fake_servers import FakeOpenAIServer
 
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.serving.engine import EmbeddedEngine, EngineConfig, group_members
-from echo_env.errors import ServerUnreachableError
-from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
+from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.envs.task import EchoTask
-from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
 from echo_env.envs.wrappers import ParallelTimingWrapper
+from echo_env.errors import ServerUnreachableError
+from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
+from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.serving.engine import EmbeddedEngine, EngineConfig, group_members
 
 pytestmark = pytest.mark.faults
 
@@ -122,11 +122,11 @@ def test_counters_reset_mid_phase_make_that_phase_unknown(tmp_path: Path, monkey
     calls = {"n": 0}
     with FakeOpenAIServer() as fake:
 
-        async def complete(self: RolloutWorker, prompts: Any) -> Any:
+        async def complete(self: RolloutWorker, prompts: Any, sessions: Any = None) -> Any:
             calls["n"] += 1
             if calls["n"] == 2:  # cold, then warm
                 fake.restart_counters()
-            return await original(self, prompts)
+            return await original(self, prompts, sessions)
 
         monkeypatch.setattr(RolloutWorker, "complete", complete)
         config = build(
@@ -436,12 +436,12 @@ def test_restart_mid_run_gives_no_negative_delta_and_an_unknown_hit_rate(
     original = RolloutWorker.complete
     calls = {"n": 0}
 
-    async def complete(self: RolloutWorker, prompts: Any) -> Any:
+    async def complete(self: RolloutWorker, prompts: Any, sessions: Any = None) -> Any:
         calls["n"] += 1
         if calls["n"] == 2:  # cold, then warm: restart at the same address
             own_engine.stop()
             own_engine.start()
-        return await original(self, prompts)
+        return await original(self, prompts, sessions)
 
     monkeypatch.setattr(RolloutWorker, "complete", complete)
     config = build(

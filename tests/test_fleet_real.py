@@ -24,10 +24,10 @@ from echo_env.measure.fleet import (
     scrapes_alternate,
 )
 from echo_env.measure.tokens import shared_prefix_length
-from echo_env.serving.tokenizer import encode_prompts
 from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.serving.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig
 from echo_env.serving.metrics import CacheCounters, MetricsReader, fetch_metrics, parse_prometheus, read_counters
+from echo_env.serving.tokenizer import encode_prompts
 
 pytestmark = pytest.mark.fleet
 

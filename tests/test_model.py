@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from echo_env.envs.task import EchoTask
 from echo_env.errors import ModelError
 from echo_env.serving.model import (
     BOS_TOKEN_ID,
@@ -27,7 +28,6 @@ from echo_env.serving.model import (
     prepare_default_model,
     resolve_model,
 )
-from echo_env.envs.task import EchoTask
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_cache_on_vs_off_with_a_baseline_server(engine: Any, engine_off: Any, tm
     )
     result = run_prefix_test(config, show_progress=False)
     assert result.verdict == "PASS", result.decision.reason
-    on, off = result.runs
+    _, off = result.runs
     assert off.label == "cache_off" and off.decision.verdict == "FAIL"
     # With caching off vLLM counts no lookups at all: the rate is 0 or unknown, never a hit.
     assert not _pooled(result, "warm", run=1).hit.value

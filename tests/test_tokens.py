@@ -7,17 +7,17 @@ from typing import Any
 
 import pytest
 
-from echo_env.errors import ConfigError
 from echo_env.envs.task import EchoTask
+from echo_env.errors import ConfigError
 from echo_env.measure.tokens import (
     FirstDifference,
     common_prefix_length,
-    encode_prompts,
     first_difference,
     max_cached_tokens,
     plan_tokens,
     shared_prefix_length,
 )
+from echo_env.serving.tokenizer import encode_prompts
 
 BOS = 2
 

@@ -271,6 +271,20 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "control_baseline",
         "no uncached baseline",
     ),
+    (
+        "a later turn that does not reuse the conversation",
+        with_(turns=(phase("turn1", rate=0.30, reported=0.30, ceiling=0.95),)),
+        "FAIL",
+        "history_reuse",
+        "history not reused: turn1 hit 0.30 of a 0.95 ceiling",
+    ),
+    (
+        "multi-turn episodes reusing their history",
+        with_(turns=(phase("turn1", rate=0.95, reported=0.95, ceiling=0.96),)),
+        "PASS",
+        "pass",
+        "prefix caching works",
+    ),
     ("too few repeats", with_(ttft=ttft((9.0, 10.0))), "UNKNOWN", "ttft_gain", "too few TTFT repeats"),
     ("no repeat finished", with_(ttft=None), "UNKNOWN", "ttft_gain", "too few TTFT repeats"),
     (

@@ -29,6 +29,8 @@ class PrefixTestConfig:
     """Sampling temperature."""
     seed: int = 0
     """Seeds the words and sampling."""
+    turns: int = 1
+    """Words per agent in one conversation; turns > 1 measures history reuse on each later turn."""
     ttft_burst: int = 8
     """Requests in each small warm and control burst of a TTFT repeat."""
     min_repeats: int = 3
@@ -67,7 +69,7 @@ class PrefixTestConfig:
     """Show tracebacks and per-phase timing logs."""
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "group_size", "ttft_burst", "max_repeats"):
+        for key in ("batch_size", "group_size", "ttft_burst", "max_repeats", "turns"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.batch_size * self.group_size < 2:

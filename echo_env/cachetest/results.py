@@ -194,6 +194,8 @@ class Evidence:
     """The TTFT comparison over repeats."""
     other_phases: tuple[PhaseFigures, ...] = ()
     """Phases that feed the verdict only through their failures (cold, warm_single)."""
+    turns: tuple[PhaseFigures, ...] = ()
+    """Later turns of multi-turn episodes (``turn1``, ``turn2``...): history reuse against its ceiling."""
     run_error: str | None = None
     """Why the run stopped early (None: it finished)."""
 

@@ -16,7 +16,6 @@ disk as it ends, so a run that dies keeps what it measured.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import statistics
@@ -41,6 +40,7 @@ from echo_env.cachetest.results import (
 from echo_env.cachetest.verdict import decide
 from echo_env.cachetest.workload import Prompt, Workload, all_prompts, build_workload, key_of, run_tag
 from echo_env.errors import ConfigError, EchoEnvError, ServerUnreachableError
+from echo_env.interrupts import run_main
 from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.phase import CounterProbe, measure_phase
 from echo_env.measure.stats import EffectDecision, sequential_decision
@@ -126,6 +126,8 @@ class _Run:
         unit = self.facts.block_size
         if unit is None or not self.ids:
             return None
+        if any(key_of(p) not in self.ids for p in prompts):
+            return None
         seqs = [self.ids[key_of(p)] for p in prompts]
         return plan_tokens(seqs, unit, warm=self.sent, extra_cold=extra_cold)
 
@@ -136,12 +138,13 @@ class _Run:
         repeat: int | None = None,
         extra_cold: int = 0,
         grade: Callable[[dict[str, Any]], list[float]] | None = None,
+        sessions: dict[str, str] | None = None,
     ) -> PhaseFigures:
         plan = self.plan(list(prompts.values()), extra_cold)
         done: dict[str, Any] = {}
 
         async def send() -> list[RequestRecord]:
-            completions, records = await self.worker.complete(prompts)
+            completions, records = await self.worker.complete(prompts, sessions)
             done.update(completions)
             return records
 
@@ -155,7 +158,7 @@ class _Run:
             rewards=(lambda _records: grade(done)) if grade else None,
         )
         if self.ids:
-            self.sent.extend(self.ids[key_of(p)] for p in prompts.values())
+            self.sent.extend(self.ids[key_of(p)] for p in prompts.values() if key_of(p) in self.ids)
         self.state.phases.append(measured.figures)
         self.on_phase(measured.figures, measured.records)
         _check_reachable(measured.records)
@@ -201,6 +204,22 @@ async def _ttft_repeats(run: _Run, work: Workload) -> None:
             break
 
 
+async def _later_turns(run: _Run, work: Workload, grade: _Grader) -> None:
+    """Each later turn of the episodes: every live agent's conversation so far, all in flight."""
+    for turn in range(1, run.config.turns):
+        if not grade.observations:
+            return
+        if run.config.api == "chat":
+            prompts: dict[str, Prompt] = {a: grade.infos[a]["messages"] for a in grade.observations}
+        else:
+            prompts = dict(grade.observations)
+        tokenized = await tokenize_prompts(run.facts, list(prompts.values()))
+        if tokenized is not None and run.ids:
+            run.ids.update({key_of(p): ids for p, ids in zip(prompts.values(), tokenized.ids, strict=True)})
+        sessions = {a: str(grade.infos[a].get("session_id", "")) for a in prompts}
+        await run.phase(f"turn{turn}", prompts, grade=grade, sessions=sessions)
+
+
 async def _prefix_evidence(facts: ServerFacts, ids: list[list[int]], by: str) -> PrefixEvidence | None:
     unit = facts.block_size
     if unit is None or not ids:
@@ -226,20 +245,30 @@ async def _prefix_evidence(facts: ServerFacts, ids: list[list[int]], by: str) ->
     )
 
 
-def _grader(work: Workload) -> Callable[[dict[str, Any]], list[float]]:
-    """Grades the hit-rate burst's agents in the env (the cold agent's reply with them)."""
-    replies: dict[str, Any] = {}
+class _Grader:
+    """Steps the env with a turn's replies once every live agent has one; keeps what it returned."""
 
-    def grade(done: dict[str, Any]) -> list[float]:
-        replies.update(done)
-        if len(replies) < len(work.prompts):
+    def __init__(self, work: Workload) -> None:
+        self.work = work
+        self.replies: dict[str, Any] = {}
+        self.expected = len(work.prompts)
+        self.observations: dict[str, str] = {}
+        self.infos: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, done: dict[str, Any]) -> list[float]:
+        self.replies.update(done)
+        if len(self.replies) < self.expected:
             return []
-        work.env.set_request_timings({a: c.timing for a, c in replies.items()})
-        _, rewards, _, _, _ = work.env.step({a: c.text for a, c in replies.items()})
+        env = self.work.env
+        env.set_request_timings({a: c.timing for a, c in self.replies.items()})
+        obs, rewards, _, _, infos = env.step({a: c.text for a, c in self.replies.items()})
+        graded = [rewards[a] for a, c in self.replies.items() if c.error is None]
+        live = set(env.agents)
+        self.observations = {a: o for a, o in obs.items() if a in live}
+        self.infos = {a: i for a, i in infos.items() if a in live}
+        self.replies, self.expected = {}, len(live)
         # A failed request's empty reply is graded too; it says nothing about the model.
-        return [rewards[a] for a, c in replies.items() if c.error is None]
-
-    return grade
+        return graded
 
 
 async def _measure_server(
@@ -276,12 +305,13 @@ async def _measure_server(
             workload_ids = [run.ids[key_of(p)] for p in work.prompts.values()]
             state.prefix = await _prefix_evidence(facts, workload_ids, tokenized.by)
         slots = facts.granularity.slots if facts.granularity else None
-        grade = _grader(work)
+        grade = _Grader(work)
         try:
             await run.phase("cold", work.cold, grade=grade)
             await run.phase("warm", work.warm, extra_cold=max(0, (slots or 1) - 1), grade=grade)
             first, prompt = next(iter(work.cold.items()))
             await run.phase("warm_single", {f"{first}-again": prompt})
+            await _later_turns(run, work, grade)
             await _ttft_repeats(run, work)
         except _ShortOfEvidence as short:
             log.warning("stopping: the %s phase lost more requests than max_failed_fraction allows", short)
@@ -313,7 +343,8 @@ def judge(config: PrefixTestConfig, state: _State, run_error: str | None = None)
     """One server's evidence, verdict and figures from what it measured (None: not even its facts)."""
     if state.facts is None:
         return None
-    names = ("cold", "warm", "warm_single", "ttft_warm", "ttft_control")
+    turn_names = sorted({p.name for p in state.phases if p.name.startswith("turn")}, key=lambda n: int(n[4:]))
+    names = ("cold", "warm", "warm_single", *turn_names, "ttft_warm", "ttft_control")
     pooled = {n: pool(n, state.named(n), state.label) for n in names if state.named(n)}
     ci = None
     decision: EffectDecision = "undecided"
@@ -330,6 +361,7 @@ def judge(config: PrefixTestConfig, state: _State, run_error: str | None = None)
         ttft_warm=pooled.get("ttft_warm"),
         ttft=ttft,
         other_phases=tuple(pooled[n] for n in ("cold", "warm_single") if n in pooled),
+        turns=tuple(pooled[n] for n in turn_names),
         run_error=run_error,
     )
     return ServerRun(
@@ -441,7 +473,7 @@ def run_phases_and_judge(config: PrefixTestConfig, sink: ResultSink, out_dir: st
 
     raised: BaseException | None = None
     try:
-        asyncio.run(_run_all(config, states, clock, hook))
+        run_main(lambda: _run_all(config, states, clock, hook))
         refresh()
         result.partial = False
     except KeyboardInterrupt as exc:

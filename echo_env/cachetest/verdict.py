@@ -20,7 +20,8 @@ The order, and why:
 11. hits are not zero;
 12. hits reach the ceiling;
 13. the control phase stays within its own ceiling;
-14. warm TTFT beats control TTFT by the minimum effect, over independent repeats.
+14. later turns of multi-turn episodes reuse the conversation so far;
+15. warm TTFT beats control TTFT by the minimum effect, over independent repeats.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def check_prefix_shared(e: Evidence, r: Rules) -> _Step:
 
 
 def _verdict_phases(e: Evidence) -> list[PhaseFigures]:
-    return [p for p in (*e.other_phases, e.warm, e.ttft_warm, e.control) if p is not None]
+    return [p for p in (*e.other_phases, e.warm, *e.turns, e.ttft_warm, e.control) if p is not None]
 
 
 def check_phases_complete(e: Evidence, r: Rules) -> _Step:
@@ -234,7 +235,8 @@ def check_hits_nonzero(e: Evidence, r: Rules) -> _Step:
     if h.value == 0:
         return _fail(
             f"warm hit rate 0 ({h.source})",
-            "hits at zero: the server computed every prompt token although the prefix repeats",
+            "hits at zero: the server computed every prompt token although the prefix repeats; is caching off? "
+            f"({e.server.caching_disabled_fix})",
         )
     return _pass(f"warm hit rate {h.value:.3f} ({h.source})")
 
@@ -268,6 +270,27 @@ def check_control_baseline(e: Evidence, r: Rules) -> _Step:
             "sending the same prompts?",
         )
     return _pass(detail)
+
+
+def check_history_reuse(e: Evidence, r: Rules) -> _Step:
+    if not e.turns:
+        return _Step("skip", "single-turn episodes")
+    details, short = [], []
+    for p in e.turns:
+        h = p.hit
+        if h.value is None or h.ceiling is None:
+            return _unknown(f"{p.name}: no hit rate or ceiling", f"cannot judge history reuse on {p.name}: no hit rate")
+        details.append(f"{p.name} {h.value:.3f} of {h.ceiling:.3f}")
+        if h.value < r.hit_fraction * h.ceiling:
+            short.append((p.name, h.value, h.ceiling))
+    if short:
+        name, value, ceiling = short[0]
+        return _fail(
+            "; ".join(details),
+            f"history not reused: {name} hit {value:.2f} of a {ceiling:.2f} ceiling (the previous turn's prompt and "
+            "answer); the cache may drop finished requests' blocks, or something in the history changes",
+        )
+    return _pass("; ".join(details))
 
 
 def check_ttft_gain(e: Evidence, r: Rules) -> _Step:
@@ -315,6 +338,7 @@ CHECKS: tuple[tuple[str, str, CheckFn], ...] = (
     ("hits_nonzero", "the cache hits", check_hits_nonzero),
     ("hits_reach_ceiling", "hits reach the ceiling", check_hits_reach_ceiling),
     ("control_baseline", "the control phase hits only what it shares", check_control_baseline),
+    ("history_reuse", "later turns reuse the conversation so far", check_history_reuse),
     ("ttft_gain", "warm TTFT below control TTFT, over repeats", check_ttft_gain),
 )
 """Every check: (id, title, function), in the order they decide."""

@@ -109,7 +109,7 @@ def build_workload(config: PrefixTestConfig, tag: str, system_prompt: str | None
     """
     task = EchoTask(run_tag=run_tag(tag)) if system_prompt is None else EchoTask(system_prompt, run_tag=run_tag(tag))
     env = ParallelTimingWrapper(
-        EchoPrefixParallelEnv(batch_size=config.batch_size, group_size=config.group_size, task=task)
+        EchoPrefixParallelEnv(batch_size=config.batch_size, group_size=config.group_size, turns=config.turns, task=task)
     )
     observations, infos = env.reset(seed=config.seed)
     prompts: dict[str, Prompt] = {}

@@ -34,13 +34,15 @@ def check_turns(task: EchoTask, turns: object, max_turns: object) -> None:
     """Make sure ``turns`` and ``max_turns`` are usable together with ``task``.
 
     Raises:
-        ConfigError: Either is not a positive integer, the task has fewer distinct words
+        ConfigError: Either is not a whole number of at least 1, the task has fewer distinct words
             than ``turns`` (an episode's words differ from each other), or an episode
             could take more than :data:`MAX_EPISODE_STEPS` steps.
     """
     for name, value in (("turns", turns), ("max_turns", max_turns)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer (at least 1), got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
     assert isinstance(turns, int) and isinstance(max_turns, int)
     distinct = len(set(task.words))
     if turns > distinct:

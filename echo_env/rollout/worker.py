@@ -23,8 +23,8 @@ import numpy as np
 from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 from echo_env.errors import ConfigError, ServerUnreachableError
 from echo_env.measure.figures import phase_figures
-from echo_env.serving.tokenizer import Tokenizer, encode_prompts
 from echo_env.serving.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
+from echo_env.serving.tokenizer import Tokenizer, encode_prompts
 
 log = logging.getLogger(__name__)
 

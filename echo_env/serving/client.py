@@ -299,7 +299,7 @@ class LLMClient:
                 self._url + "/models", headers=self._auth, timeout=timeout, proxy=proxy, proxy_auth=proxy_auth
             ) as resp:
                 status, body = resp.status, await resp.text(errors="replace")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             raise ServerUnreachableError(
                 f"no server answers at base_url={url} ({reason}): start one, or leave base_url unset to use the "
@@ -441,7 +441,7 @@ class LLMClient:
             except _Failed as exc:
                 record.error, record.status = str(exc), exc.status
                 retry = exc.retryable
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 got_text = any(out.chunks for out in record.outputs)
                 record.error = f"timed out after {cfg.timeout_s:g} s" + (" mid-stream" if got_text else "")
                 record.status = None

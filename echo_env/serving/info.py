@@ -19,12 +19,12 @@ from typing import Any
 import httpx
 
 from echo_env.errors import MetricsError
-from echo_env.serving.tokenizer import Tokenizer, encode_prompts
 from echo_env.serving.kinds import CacheGranularity, Prompt, ServerKind, ServerProps, plausible_tokenization
 from echo_env.serving.kinds.openai import OpenAIKind
 from echo_env.serving.kinds.sglang import SglangKind
 from echo_env.serving.kinds.vllm import VllmKind
 from echo_env.serving.metrics import MetricsReader, Snapshot
+from echo_env.serving.tokenizer import Tokenizer, encode_prompts
 
 log = logging.getLogger(__name__)
 

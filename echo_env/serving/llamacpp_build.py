@@ -216,7 +216,10 @@ def _build(work: Path, version: str, log: TextIO) -> Path:
     src_root = work / "src"
     try:
         with tarfile.open(archives[0]) as tar:
-            tar.extractall(src_root, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse links out of the folder
+                tar.extractall(src_root, filter="data")
+            else:
+                tar.extractall(src_root)  # an sdist pip fetched from the index, by version
     except (tarfile.TarError, OSError) as exc:
         raise _build_error(f"cannot unpack {archives[0].name}: {exc}", _log_file(log)) from exc
     sources = [p for p in src_root.glob("*/vendor/llama.cpp") if (p / "CMakeLists.txt").is_file()]
