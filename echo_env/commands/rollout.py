@@ -6,7 +6,6 @@ keys; the records and the summary go to disk through the report's redacting writ
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from echo_env.errors import ConfigError
+from echo_env.interrupts import run_main
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
 from echo_env.serving.target import OpenServer, ServerTarget, open_target
 
@@ -71,7 +71,7 @@ class RolloutConfig:
 def run_rollout(config: RolloutConfig) -> dict[str, Any]:
     """Run ``steps`` episodes (starting the embedded engine when no ``base_url``); return the summary."""
     with open_target(config.server) as server:
-        return asyncio.run(_rollout(config, server))
+        return run_main(lambda: _rollout(config, server))
 
 
 async def _rollout(config: RolloutConfig, server: OpenServer) -> dict[str, Any]:
