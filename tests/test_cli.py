@@ -67,8 +67,7 @@ def test_command_line_compare_without_cache_restarts_the_embedded_engine(tmp_pat
         "compare_without_cache=true",
         "batch_size=4",
         "group_size=4",
-        "max_repeats=2",
-        "min_repeats=2",
+        "max_repeats=4",
         f"out_dir={out}",
     ]
     proc = subprocess.run(
