@@ -27,6 +27,10 @@ SCRIPTS = (
 )
 """Every benchmark, in priority order."""
 
+NOT_IN_QUICK = ("time_to_verdict", "routing")
+"""Left out of ``--quick`` (the CI gate) until a quick run of each has been seen through on
+this machine; ``--only`` still runs them."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the scripts (all, or those named), print one status line each."""
@@ -34,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="each script's --quick mode (a few minutes each)")
     parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="run only these")
     args = parser.parse_args(argv)
-    chosen = args.only or list(SCRIPTS)
+    chosen = args.only or [s for s in SCRIPTS if not (args.quick and s in NOT_IN_QUICK)]
     status: list[tuple[str, int, float]] = []
     for name in chosen:
         cmd = [sys.executable, str(BENCH_DIR / f"{name}.py"), *(["--quick"] if args.quick else [])]

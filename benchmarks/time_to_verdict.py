@@ -98,6 +98,8 @@ class Outcome:
     """The phases' own wall time (requests in flight), summed."""
     requests: int
     """Requests sent."""
+    failed: int
+    """Requests that failed (a timeout included): their TTFTs are missing from the verdict."""
     repeats: int
     """TTFT repeats run."""
     verdict: str
@@ -218,6 +220,7 @@ async def old_design(config: PrefixTestConfig, server: OpenServer, log: Callable
             ):
                 measured = await measure_burst(name, worker, prompts, probe, plan=plans[name], repeat=repeat, log=log)
                 phases.append(measured.figures)
+                log(f"  old #{repeat} {name}: {measured.figures.requests} requests in {measured.figures.wall_s:.1f} s")
     warm_all = pool("warm", [p for p in phases if p.name == "warm"])
     control_all = pool("control", [p for p in phases if p.name == "control"])
     ci = None
@@ -232,6 +235,7 @@ async def old_design(config: PrefixTestConfig, server: OpenServer, log: Callable
         wall_s=time.perf_counter() - start,
         sending_s=sum(p.wall_s for p in phases),
         requests=sum(p.requests for p in phases),
+        failed=sum(p.failed for p in phases),
         repeats=OLD_REPEATS,
         verdict=verdict,
         reason=reason,
@@ -254,7 +258,7 @@ def new_design(server: OpenServer, out_dir: Path) -> Outcome:
     load_start = os.getloadavg()[0]
     config = build(PrefixTestConfig, base_url=server.base_url, out_dir=str(out_dir))
     start = time.perf_counter()
-    result = run_prefix_test(config, show_progress=False)
+    result = run_prefix_test(config, show_progress=True)
     wall = time.perf_counter() - start
     run = result.main
     ttft = run.evidence.ttft if run else None
@@ -267,6 +271,7 @@ def new_design(server: OpenServer, out_dir: Path) -> Outcome:
         wall_s=wall,
         sending_s=sum(p.wall_s for p in run.phases) if run else 0.0,
         requests=sum(p.requests for p in run.phases) if run else 0,
+        failed=sum(p.failed for p in run.phases) if run else 0,
         repeats=len(ttft.ratios) if ttft else 0,
         verdict=result.verdict,
         reason=result.decision.reason,
@@ -331,7 +336,7 @@ HEADERS = (
     "design",
     "time to verdict",
     "sending",
-    "requests",
+    "requests (failed)",
     "TTFT repeats",
     "verdict",
     "TTFT control/warm (95% CI)",
@@ -349,7 +354,7 @@ def table_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
             o.design,
             fmt(o.time_to_verdict_s, 1, " s"),
             fmt(o.sending_s, 1, " s"),
-            str(o.requests),
+            f"{o.requests} ({o.failed})",
             str(o.repeats),
             o.verdict,
             f"{fmt(o.ttft_ratio, 2, 'x')} ({fmt(o.ttft_low, 2)}-{fmt(o.ttft_high, 2)})",
