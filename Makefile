@@ -15,8 +15,11 @@ STAMP_RL := $(VENV)/.installed-rl
 STAMP_FLEET := $(VENV)/.installed-fleet
 # llama.cpp's server, built from source once (8-13 minutes on 2 cores) into the cache folder.
 LLAMA_SERVER := $(ECHO_ENV_CACHE)/llama.cpp/0.3.36/bin/llama-server
+# Prometheus 2.42 from Debian's package (a 19 MB download, unpacked without root), for the
+# tests that read replica counters through Prometheus's HTTP API.
+PROMETHEUS := $(ECHO_ENV_CACHE)/prometheus/usr/bin/prometheus
 
-.PHONY: run test test-all test-fast lint install install-engine install-rl install-fleet llama-server serve bench-quick clean
+.PHONY: run test test-all test-fast lint install install-engine install-rl install-fleet llama-server prometheus serve bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +57,11 @@ $(LLAMA_SERVER): | $(STAMP_CORE)
 	$(PIP) install -q -e '.[llamacpp]'
 	$(PY) -m echo_env.serving.llamacpp_build
 
+$(PROMETHEUS): | $(STAMP_CORE)
+	$(PY) -m echo_env.serving.prometheus_server
+
+prometheus: $(PROMETHEUS)
+
 install: $(STAMP_CORE)
 
 install-fleet: $(STAMP_FLEET)
@@ -79,9 +87,9 @@ lint: $(STAMP_CORE)
 # turn a missing part into an error instead of skipped tests.
 # The fleet tests run in a pytest of their own: two replicas (13 GB) must not share the
 # machine with the session's engine (6.5 GB).
-test: $(STAMP_ENGINE) $(STAMP_RL) $(STAMP_FLEET) $(LLAMA_SERVER) lint
-	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 $(PY) -m pytest -q -m "not fleet" $(ARGS)
-	ECHO_ENV_REQUIRE_FLEET=1 $(PY) -m pytest -q -m fleet $(ARGS)
+test: $(STAMP_ENGINE) $(STAMP_RL) $(STAMP_FLEET) $(LLAMA_SERVER) $(PROMETHEUS) lint
+	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q -m "not fleet" $(ARGS)
+	ECHO_ENV_REQUIRE_FLEET=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q -m fleet $(ARGS)
 	ECHO_ENV_BENCH_RESULTS=$(ECHO_ENV_CACHE)/bench-results $(PY) benchmarks/run_all.py --quick
 
 # Kept for old habits: the same as test.

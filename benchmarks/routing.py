@@ -58,17 +58,13 @@ from common import fmt, machine_facts, markdown_table, ratio, table, warm_up_eng
 from echo_env.cachetest.fleet_checks import decide_fleet
 from echo_env.envs.task import EchoTask, Turn, default_system_prompt, find_worked_examples, grade, with_examples
 from echo_env.errors import MetricsError
-from echo_env.measure.fleet import (
-    FleetEvidence,
-    fleet_ceilings,
-    replica_figures,
-    router_worker_requests,
-)
+from echo_env.measure.fleet import FleetEvidence, fleet_ceilings, router_worker_requests
+from echo_env.measure.replicas import ReplicaProbe, fleet_evidence
 from echo_env.measure.stats import summarize
 from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.serving.engine import group_members
 from echo_env.serving.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig, mem_available_gib
-from echo_env.serving.metrics import CacheCounters, MetricsReader, parse_prometheus
+from echo_env.serving.metrics import parse_prometheus
 from echo_env.serving.tokenizer import encode_prompts
 
 NAME = "routing"
@@ -216,17 +212,6 @@ class PhaseResult:
     router_counts: dict[str, float]
 
 
-def _snapshots(readers: Sequence[MetricsReader]) -> list[CacheCounters | None]:
-    out: list[CacheCounters | None] = []
-    for r in readers:
-        try:
-            out.append(r.snapshot().counters)
-        except MetricsError as exc:
-            print(f"metrics unavailable: {exc}")
-            out.append(None)
-    return out
-
-
 def _router_counts(url: str) -> dict[str, float]:
     with contextlib.suppress(httpx.HTTPError, MetricsError):
         return router_worker_requests(parse_prometheus(httpx.get(url, timeout=10).text, origin=url))
@@ -260,8 +245,9 @@ async def run_phase(
     async with httpx.AsyncClient(timeout=30) as http:
         for root in fleet.replica_urls:
             (await http.post(f"{root}/reset_prefix_cache")).raise_for_status()
-    readers = [MetricsReader(u, model_name=fleet.served_model_name) for u in fleet.replica_metrics_urls]
-    before = _snapshots(readers)
+    # Each replica's own /metrics, the same reader `echo-prefix test` uses on a fleet.
+    replicas = ReplicaProbe(fleet.replica_urls, model_name=fleet.served_model_name)
+    before = await replicas.counters()
     router_before = _router_counts(fleet.router_metrics_url)
     config = ClientConfig(base_url=fleet.base_url, model=fleet.served_model_name, timeout_s=900, max_concurrency=1024)
     records: list[RequestRecord] = []
@@ -287,15 +273,15 @@ async def run_phase(
         records = await _send(config, wave, run.session_key)
         wall = time.perf_counter() - start
         prompts, groups = [r.prompt for r in wave], [r.group for r in wave]
-    after = _snapshots(readers)
+    after = await replicas.counters()
+    for url, why in replicas.errors.items():
+        print(f"metrics of {url} unavailable: {why}")
     router_after = _router_counts(fleet.router_metrics_url)
     ids = encode_prompts(tokenizer, prompts)
     ceilings = fleet_ceilings(ids, groups, block_size=128, replicas=len(fleet.replicas))
-    evidence = FleetEvidence(
-        replicas=tuple(replica_figures(u, b, a) for u, b, a in zip(fleet.replica_urls, before, after)),
-        ceilings=ceilings,
-        requests_sent=sum(1 for r in records if r.ok),
-        policy=run.policy,
+    sent = sum(1 for r in records if r.ok)
+    evidence = fleet_evidence(
+        fleet.replica_urls, before, after, requests_sent=sent, ceilings=ceilings, policy=run.policy
     )
     counts = {w: router_after.get(w, 0.0) - router_before.get(w, 0.0) for w in router_after}
     return PhaseResult(run, workload, records, prompts, groups, wall, evidence, counts)

@@ -251,19 +251,9 @@ def build_trainer(config: TrainConfig, out_dir: Path, records: list[dict[str, An
     if config.wandb_project:
         _require("wandb", "wandb")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import GRPOConfig
 
-    from echo_env.integrations.trl_grpo import (
-        EchoRollout,
-        SharedPrefixRollout,
-        echo_dataset,
-        echo_reward,
-        grpo_trainer_class,
-        stop_at_newline,
-    )
-    from echo_env.serving.model import resolve_model
+    from echo_env.integrations.trl_grpo import echo_dataset, echo_reward, grpo_trainer_class, stop_at_newline
 
     cuda = torch.cuda.is_available()
     if config.generation == "server" and config.sync_weights and not cuda:
@@ -272,6 +262,38 @@ def build_trainer(config: TrainConfig, out_dir: Path, records: list[dict[str, An
             "`trl vllm-serve` server): on a CPU use generation=transformers, or sync_weights=false to sample "
             "from the server's fixed weights (off-policy)"
         )
+    model, tokenizer = _load_model(config)
+    if config.generation != "server":
+        stop_at_newline(model, tokenizer)
+    rollout, vllm_args = _rollout_func(config)
+    if config.wandb_project:
+        os.environ["WANDB_PROJECT"] = config.wandb_project
+    trainer = grpo_trainer_class()(
+        model=model,
+        reward_funcs=echo_reward,
+        args=_grpo_config(config, out_dir, cuda, vllm_args),
+        train_dataset=echo_dataset(config.num_prompts, seed=config.seed),
+        processing_class=tokenizer,
+        rollout_func=rollout,
+        callbacks=[_step_logger(out_dir, config.steps, records)],
+    )
+    # Our own line per step replaces the Trainer's printed dicts.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def _load_model(config: TrainConfig) -> tuple[Any, Any]:
+    """The model (fp32, all but the last ``train_layers`` blocks frozen) and its tokenizer.
+
+    Raises:
+        ModelError: The model cannot be found or loaded.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from echo_env.serving.model import resolve_model
+
     torch.set_num_threads(config.threads)
     path = resolve_model(config.model_name)
     if Path(path).is_dir():
@@ -286,23 +308,31 @@ def build_trainer(config: TrainConfig, out_dir: Path, records: list[dict[str, An
         raise ModelError(f"cannot load the model {path!r}: {exc}") from exc
     trainable, total = freeze_all_but_last(model, config.train_layers)
     print(f"model {path}: training {trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters", flush=True)
+    return model, tokenizer
+
+
+def _rollout_func(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """TRL's ``rollout_func`` for ``config.generation``, and the ``GRPOConfig`` fields that sync weights to a server."""
+    from echo_env.integrations.trl_grpo import EchoRollout, SharedPrefixRollout
+
     if config.generation != "server":
-        stop_at_newline(model, tokenizer)
-    bf16 = config.bf16 and (cuda or _cpu_has_bf16())
-    vllm_args: dict[str, Any] = {}
-    rollout: Any = SharedPrefixRollout() if config.generation == "transformers" else None
-    if config.generation == "server":
-        assert config.base_url is not None
-        rollout = EchoRollout(config.base_url, model=config.served_model_name)
-        if config.sync_weights:
-            vllm_args = {
-                "use_vllm": True,
-                "vllm_mode": "server",
-                "vllm_server_base_url": config.base_url.rstrip("/").removesuffix("/v1"),
-            }
-    if config.wandb_project:
-        os.environ["WANDB_PROJECT"] = config.wandb_project
-    args = GRPOConfig(
+        return (SharedPrefixRollout() if config.generation == "transformers" else None), {}
+    assert config.base_url is not None
+    rollout = EchoRollout(config.base_url, model=config.served_model_name)
+    if not config.sync_weights:
+        return rollout, {}
+    return rollout, {
+        "use_vllm": True,
+        "vllm_mode": "server",
+        "vllm_server_base_url": config.base_url.rstrip("/").removesuffix("/v1"),
+    }
+
+
+def _grpo_config(config: TrainConfig, out_dir: Path, cuda: bool, vllm_args: dict[str, Any]) -> Any:
+    """TRL's ``GRPOConfig`` for ``config``."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
         output_dir=str(out_dir / "trainer"),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size * config.group_size,
@@ -319,24 +349,11 @@ def build_trainer(config: TrainConfig, out_dir: Path, records: list[dict[str, An
         run_name=config.wandb_name,
         seed=config.seed,
         use_cpu=not cuda,
-        bf16=bf16,
+        bf16=config.bf16 and (cuda or _cpu_has_bf16()),
         disable_tqdm=True,
         dataloader_num_workers=0,
         **vllm_args,
     )
-    trainer = grpo_trainer_class()(
-        model=model,
-        reward_funcs=echo_reward,
-        args=args,
-        train_dataset=echo_dataset(config.num_prompts, seed=config.seed),
-        processing_class=tokenizer,
-        rollout_func=rollout,
-        callbacks=[_step_logger(out_dir, config.steps, records)],
-    )
-    # Our own line per step replaces the Trainer's printed dicts.
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    return trainer
 
 
 def run(config: TrainConfig) -> dict[str, Any]:

@@ -296,6 +296,7 @@ class FakeOpenAIServer:
             f"vllm:prefix_cache_hits_total{{{labels}}} {float(h)}\n"
             f"vllm:prefix_cache_hits_created{{{labels}}} {created}\n"
             f"vllm:prompt_tokens_total{{{labels}}} {float(p)}\n"
+            f'vllm:request_success_total{{finished_reason="stop",{labels}}} {float(self.completions_received)}\n'
             f'vllm:cache_config_info{{block_size="{BLOCK_SIZE}",enable_prefix_caching="True",engine="0"}} 1.0\n'
             f"vllm:num_requests_running{{{labels}}} {float(self.streams_open)}\n"
         )

@@ -101,6 +101,26 @@ def test_command_line_carries_the_settings() -> None:
     assert "--no-enable-prefix-caching" in off and "--enable-prefix-caching" not in off
 
 
+@pytest.mark.parametrize(
+    ("flags", "cpu_only", "expected"),
+    [
+        ("flags\t: fpu sse avx2 fma", True, "float32"),  # AVX2 only: bf16 is emulated, 4x slower here
+        ("flags\t: fpu avx2 avx512f avx512_bf16", True, None),
+        ("flags\t: fpu avx2 amx_bf16 amx_tile", True, None),
+        ("flags\t: fpu sse avx2 fma", False, None),  # a GPU: the model's own dtype
+    ],
+)
+def test_auto_dtype_is_float32_only_on_cpus_without_bf16(flags: str, cpu_only: bool, expected: str | None) -> None:
+    from echo_env.serving.engine import cpu_has_bf16, resolve_dtype
+
+    assert resolve_dtype("auto", cpu_only=cpu_only, bf16=cpu_has_bf16(flags)) == expected
+    assert resolve_dtype("bfloat16", cpu_only=True, bf16=False) == "bfloat16"
+    cmd = EmbeddedEngine(EngineConfig(dtype="float16")).command("/m", 1234)
+    assert cmd[cmd.index("--dtype") + 1] == "float16"
+    with pytest.raises(ConfigError, match="dtype='fp8' is not one of"):
+        EngineConfig(dtype="fp8")
+
+
 def test_addresses_need_a_started_engine() -> None:
     with pytest.raises(EngineError, match="not been started"):
         _ = EmbeddedEngine().base_url

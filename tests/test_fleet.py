@@ -445,7 +445,7 @@ def frames(seq: int, *events: dict[str, Any]) -> list[bytes]:
 
 
 def test_decode_message_reads_vllms_three_frames() -> None:
-    from echo_env.serving.kv_events import decode_message
+    from echo_env.measure.kv_events import decode_message
 
     msg = decode_message(frames(7, stored([11], None, SHARED[:4])))
     assert (msg.seq, msg.timestamp, msg.events[0]["type"]) == (7, 1700000000.0, "BlockStored")
@@ -456,7 +456,7 @@ def test_decode_message_reads_vllms_three_frames() -> None:
 
 
 def test_replica_blocks_follow_store_remove_and_clear() -> None:
-    from echo_env.serving.kv_events import ReplicaBlocks, decode_message
+    from echo_env.measure.kv_events import ReplicaBlocks, decode_message
 
     state = ReplicaBlocks()
     state.apply(decode_message(frames(1, stored([11, 12], None, SHARED))))
@@ -469,7 +469,7 @@ def test_replica_blocks_follow_store_remove_and_clear() -> None:
 
 
 def test_census_finds_the_prefix_holders_and_the_duplicated_blocks() -> None:
-    from echo_env.serving.kv_events import ReplicaBlocks, block_census, decode_message
+    from echo_env.measure.kv_events import ReplicaBlocks, block_census, decode_message
 
     a, b = ReplicaBlocks(), ReplicaBlocks()
     # Both replicas store the shared 2 blocks (under different hashes) and one group block each.
@@ -484,7 +484,7 @@ def test_census_finds_the_prefix_holders_and_the_duplicated_blocks() -> None:
 
 
 def test_a_block_whose_chain_was_not_seen_is_left_out() -> None:
-    from echo_env.serving.kv_events import ReplicaBlocks, decode_message
+    from echo_env.measure.kv_events import ReplicaBlocks, decode_message
 
     state = ReplicaBlocks()
     state.apply(decode_message(frames(1, stored([13], 12, prompt(0)[8:12]))))  # parent 12 stored before we listened
@@ -493,7 +493,7 @@ def test_a_block_whose_chain_was_not_seen_is_left_out() -> None:
 
 def test_subscriber_reads_a_publisher_over_ipc(tmp_path: Any) -> None:
     zmq = pytest.importorskip("zmq")
-    from echo_env.serving.kv_events import KVEventSubscriber
+    from echo_env.measure.kv_events import KVEventSubscriber
 
     endpoint = f"ipc://{tmp_path}/replica-0.sock"
     ctx = zmq.Context()

@@ -8,8 +8,11 @@ the whole module; tests that switch the router's policy switch it back.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -33,6 +36,65 @@ pytestmark = pytest.mark.fleet
 
 GROUPS = 4
 GROUP_SIZE = 4
+
+
+# ----- `echo-prefix test` on an embedded fleet -------------------------------------------------
+# These two start fleets of their own, so they come before any test that uses the module's
+# `fleet` fixture (pytest runs a file's tests in order and starts a module fixture at its
+# first use): two fleets at once would not fit in memory. Each takes about 3-4 minutes.
+
+SMALL = ("batch_size=4", "group_size=4", "ttft_burst=4", "min_repeats=2", "max_repeats=3", "max_tokens=8")
+
+
+def _fleet_test(tmp_path: Path, *keys: str) -> dict[str, Any]:
+    from echo_env.cli import main
+
+    code = main(["test", *keys, *SMALL, f"out_dir={tmp_path}"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert code == summary["exit_code"]
+    return summary
+
+
+def _assert_replica_evidence(
+    summary: dict[str, Any], policy: str | None, ceilings: bool = True, source: str = "replicas"
+) -> dict[str, Any]:
+    fleet = summary["fleet"]
+    assert fleet is not None, summary["error"]
+    assert fleet["policy"] == policy and fleet["metrics_source"] == source
+    # Each replica read on its own: both accounted for, summing to the 15 warm requests sent.
+    assert len(fleet["replicas"]) == 2 and all(r["note"] is None for r in fleet["replicas"])
+    assert sum(fleet["replica_requests"]) == fleet["requests_sent"] == 4 * 4 - 1
+    if ceilings:
+        assert fleet["ceilings"]["replicas"] == 2 and fleet["ceilings"]["block_size"] == 128
+    assert fleet["fleet_hit_rate"] is not None
+    assert fleet["verdict"] in ("PASS", "FAIL", "UNKNOWN") and fleet["checks"]
+    # The routing verdict joins the test's: a routing FAIL or UNKNOWN is never hidden by a cache PASS.
+    if fleet["verdict"] != "PASS":
+        assert summary["verdict"] in ("FAIL", "UNKNOWN") and summary["verdict"] != "PASS"
+    return fleet
+
+
+def test_echo_prefix_test_on_two_replicas_round_robin(tmp_path: Path) -> None:
+    summary = _fleet_test(tmp_path, "replicas=2", "router=round_robin")
+    fleet = _assert_replica_evidence(summary, "round_robin")
+    # Round robin splits the burst (8 / 7) and, on the default workload, each replica pays the
+    # shared system prompt once: the fleet reaches the affinity ceiling.
+    assert sorted(fleet["replica_requests"]) == [7, 8]
+    assert fleet["verdict"] == "PASS", fleet["reason"]
+    assert summary["verdict"] != "FAIL" or not summary["reason"].startswith("routing:"), summary["reason"]
+
+
+def test_echo_prefix_test_on_two_replicas_consistent_hash(tmp_path: Path) -> None:
+    summary = _fleet_test(tmp_path, "replicas=2", "router=consistent_hash")
+    fleet = _assert_replica_evidence(summary, "consistent_hash")
+    # No session key in the warm burst: the router hashes the body, so a group's identical
+    # prompts meet on one replica, and the groups (4 words) spread over both.
+    assert fleet["verdict"] in ("PASS", "FAIL"), fleet["reason"]
+    if fleet["verdict"] == "FAIL":
+        # Only the one way hashing 4 groups can go wrong: all of them on one replica.
+        assert fleet["reason_id"] == "load_balanced", fleet["reason"]
+    else:
+        assert fleet["fleet_hit_rate"] >= 0.9 * fleet["ceilings"]["affinity"]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +191,7 @@ def test_consistent_hash_keeps_a_session_on_one_replica(fleet: EmbeddedFleet) ->
 
 
 def test_kv_events_show_every_replica_storing_the_shared_prefix(fleet: EmbeddedFleet) -> None:
-    from echo_env.serving.kv_events import KVEventSubscriber
+    from echo_env.measure.kv_events import KVEventSubscriber
     from echo_env.serving.model import load_tokenizer
 
     prompts, _ = echo_burst()
@@ -149,3 +211,26 @@ def test_kv_events_show_every_replica_storing_the_shared_prefix(fleet: EmbeddedF
     assert census.shared_prefix_blocks >= 3
     assert census.prefix_holders == tuple(fleet.replica_urls)
     assert census.duplicated >= census.shared_prefix_blocks
+
+
+def test_echo_prefix_test_through_your_own_router_reads_each_replica(fleet: EmbeddedFleet, tmp_path: Path) -> None:
+    """The external form: base_url is the router, replica_urls its replicas (the module's fleet, round_robin)."""
+    urls = ",".join(fleet.replica_urls)
+    summary = _fleet_test(tmp_path, f"base_url={fleet.base_url}", f"replica_urls={urls}")
+    # Your router's policy is not known to the test; the ceilings need a tokenizer of the served model,
+    # which the test finds only if the router passes /tokenize on.
+    fleet_json = _assert_replica_evidence(summary, None, ceilings=False)
+    assert [r["url"] for r in fleet_json["replicas"]] == fleet.replica_urls
+
+
+def test_echo_prefix_test_reads_each_replica_through_prometheus(fleet: EmbeddedFleet, tmp_path: Path) -> None:
+    """``prometheus_url=embedded``: a real Prometheus scrapes the module's replicas; the test reads them through it."""
+    urls = ",".join(fleet.replica_urls)
+    summary = _fleet_test(tmp_path, f"base_url={fleet.base_url}", f"replica_urls={urls}", "prometheus_url=embedded")
+    fleet_json = _assert_replica_evidence(summary, None, ceilings=False, source="prometheus")
+    assert [r["url"] for r in fleet_json["replicas"]] == fleet.replica_urls
+    # The per-replica counts, read through Prometheus, add up to the warm burst's finished requests.
+    warm = next(p for p in summary["runs"][0]["phases"] if p["name"] == "warm")
+    assert sum(fleet_json["replica_requests"]) == warm["requests"] - warm["failed"] == fleet_json["requests_sent"]
+    # Round robin (the module's policy) splits the burst between both replicas.
+    assert sorted(fleet_json["replica_requests"]) == [7, 8]

@@ -22,9 +22,9 @@ from echo_env.integrations.trl_grpo import (
     echo_reward,
     grpo_trainer_class,
     newline_token_ids,
-    shared_prefix_length,
     stop_at_newline,
 )
+from echo_env.measure.tokens import reusable_prefix_length
 from echo_env.serving.model import load_tokenizer
 
 
@@ -120,10 +120,10 @@ def test_newline_ids_stop_generation_at_the_end_of_the_line(tokenizer: Any) -> N
 
 
 def test_prefix_and_stop_helpers() -> None:
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert reusable_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
     # The last token of the shortest prompt is never shared: its logits start the answer.
-    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
-    assert shared_prefix_length([]) == 0
+    assert reusable_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert reusable_prefix_length([]) == 0
     assert _cut_at_stop([5, 6, 107, 0, 0], {107}, pad_id=0) == [5, 6, 107]
     assert _cut_at_stop([5, 6, 0, 0], {107}, pad_id=0) == [5, 6]
 

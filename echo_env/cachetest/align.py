@@ -10,6 +10,7 @@ fewest shared tokens are left out of the cache. The block arithmetic is
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -127,13 +128,24 @@ def align_system_prompt(
         ConfigError: The prompt has no worked examples, a setting is out of range, or
             no count of examples within reach puts the prefix in the window.
     """
-    _check_block_size(block_size)
-    if not 0 <= slack_tokens < block_size:
-        raise ConfigError(f"slack_tokens={slack_tokens} must be from 0 to block_size - 1 ({block_size - 1})")
-    if max_tail_tokens is not None and max_tail_tokens < 1:
-        raise ConfigError(f"max_tail_tokens={max_tail_tokens} must be at least 1")
-    if mode not in ("auto", "pad", "trim"):
-        raise ConfigError(f"mode={mode!r}: use auto, pad or trim")
+    goal = BoundaryGoal(block_size, mode, slack_tokens, max_tail_tokens, min_examples)
+    n, pool = _examples_and_spare_words(task, min_examples)
+    cache: dict[tuple[int, int], int] = {}
+
+    def shared(keep: int, extra: int) -> int:
+        if (keep, extra) not in cache:
+            variant = dataclasses.replace(task, system_prompt=with_examples(task.system_prompt, keep, pool[:extra]))
+            cache[keep, extra] = prefix_geometry(variant, tokenizer, block_size, render).shared_tokens
+        return cache[keep, extra]
+
+    keep, extra = examples_for_boundary(shared, n, len(pool), goal)
+    if (keep, extra) == (n, 0):
+        return task
+    return dataclasses.replace(task, system_prompt=with_examples(task.system_prompt, keep, pool[:extra]))
+
+
+def _examples_and_spare_words(task: EchoTask, min_examples: int) -> tuple[int, list[str]]:
+    """How many worked examples the system prompt has, and the task's words none of them uses (in list order)."""
     spans = find_worked_examples(task.system_prompt)
     n = len(spans)
     if n == 0:
@@ -144,50 +156,87 @@ def align_system_prompt(
     if not 1 <= min_examples <= n:
         raise ConfigError(f"min_examples={min_examples}: the prompt has {n} worked examples")
     used = {word for _, _, word in spans}
-    pool = [w for w in task.words if w not in used]
+    return n, [w for w in task.words if w not in used]
 
-    cache: dict[tuple[int, int], int] = {}
 
-    def shared(keep: int, extra: int) -> int:
-        if (keep, extra) not in cache:
-            variant = dataclasses.replace(task, system_prompt=with_examples(task.system_prompt, keep, pool[:extra]))
-            cache[keep, extra] = prefix_geometry(variant, tokenizer, block_size, render).shared_tokens
-        return cache[keep, extra]
+@dataclass(frozen=True)
+class BoundaryGoal:
+    """Where :func:`align_system_prompt` should end the shared prefix; the fields are its arguments."""
 
+    block_size: int
+    mode: Literal["auto", "pad", "trim"] = "auto"
+    slack_tokens: int = 0
+    max_tail_tokens: int | None = None
+    min_examples: int = 1
+
+    def __post_init__(self) -> None:
+        _check_block_size(self.block_size)
+        if not 0 <= self.slack_tokens < self.block_size:
+            raise ConfigError(
+                f"slack_tokens={self.slack_tokens} must be from 0 to block_size - 1 ({self.block_size - 1})"
+            )
+        if self.max_tail_tokens is not None and self.max_tail_tokens < 1:
+            raise ConfigError(f"max_tail_tokens={self.max_tail_tokens} must be at least 1")
+        if self.mode not in ("auto", "pad", "trim"):
+            raise ConfigError(f"mode={self.mode!r}: use auto, pad or trim")
+
+
+def examples_for_boundary(
+    shared: Callable[[int, int], int], examples: int, spare_words: int, goal: BoundaryGoal
+) -> tuple[int, int]:
+    """How many worked examples to keep and to add so the shared prefix ends just past a block boundary.
+
+    The block arithmetic of :func:`align_system_prompt`, apart from the task's text: it
+    only measures candidates through ``shared``.
+
+    Args:
+        shared: ``shared(keep, extra)``, the shared prefix in tokens with the first ``keep``
+            examples kept and ``extra`` new ones added.
+        examples: The examples the prompt has now.
+        spare_words: How many new examples could be added.
+        goal: The block size and the window past its boundary.
+
+    Returns:
+        ``(keep, extra)``; ``(examples, 0)`` when the prefix already ends in the window.
+
+    Raises:
+        ConfigError: No count of examples within reach puts the prefix in the window.
+    """
+    n, block_size, slack = examples, goal.block_size, goal.slack_tokens
     base = shared(n, 0)
     # One example's worth of tokens: the step between neighbouring candidates.
-    step = max(abs(shared(n, 1) - base) if pool else 0, abs(base - shared(n - 1, 0)) if n > 1 else 0, 1)
-    window = max_tail_tokens if max_tail_tokens is not None else step
+    step = max(abs(shared(n, 1) - base) if spare_words else 0, abs(base - shared(n - 1, 0)) if n > 1 else 0, 1)
+    window = goal.max_tail_tokens if goal.max_tail_tokens is not None else step
 
     def fits(tokens: int) -> bool:
         # The highest boundary at least ``slack_tokens`` below the prefix's end.
-        boundary = block_size * ((tokens - slack_tokens) // block_size)
-        return boundary >= block_size and tokens - boundary < slack_tokens + window
+        boundary = block_size * ((tokens - slack) // block_size)
+        return boundary >= block_size and tokens - boundary < slack + window
 
     if fits(base):
-        return task
+        return n, 0
     candidates: list[tuple[int, int, int]] = []  # (changes, keep, extra)
-    if mode in ("auto", "trim"):
-        for keep in range(n - 1, min_examples - 1, -1):
+    if goal.mode in ("auto", "trim"):
+        for keep in range(n - 1, goal.min_examples - 1, -1):
             if fits(shared(keep, 0)):
                 candidates.append((n - keep, keep, 0))
                 break
-    if mode in ("auto", "pad"):
+    if goal.mode in ("auto", "pad"):
         # Far enough to pass the next boundary and its window, whatever the step.
-        goal = block_size * ((base - slack_tokens) // block_size + 1) + slack_tokens + window
-        for extra in range(1, len(pool) + 1):
+        far = block_size * ((base - slack) // block_size + 1) + slack + window
+        for extra in range(1, spare_words + 1):
             tokens = shared(n, extra)
             if fits(tokens):
                 candidates.append((extra, n, extra))
                 break
-            if tokens >= goal:
+            if tokens >= far:
                 break
     if not candidates:
         raise ConfigError(
-            f"no count of worked examples ({mode}) puts the shared prefix ({base} tokens) within "
-            f"{slack_tokens}-{slack_tokens + window - 1} tokens past a {block_size}-token boundary: "
+            f"no count of worked examples ({goal.mode}) puts the shared prefix ({base} tokens) within "
+            f"{slack}-{slack + window - 1} tokens past a {block_size}-token boundary: "
             "try mode=auto, a lower min_examples or a larger max_tail_tokens"
         )
     # Fewest changes; on a tie the padded prompt (extra > 0 sorts it first).
     _, keep, extra = min(candidates, key=lambda c: (c[0], -c[2]))
-    return dataclasses.replace(task, system_prompt=with_examples(task.system_prompt, keep, pool[:extra]))
+    return keep, extra

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from echo_env.cachetest.fleet_checks import FleetRules
 from echo_env.cachetest.results import Rules
 from echo_env.errors import ConfigError
 from echo_env.serving.target import ServerTarget
@@ -47,6 +48,10 @@ class PrefixTestConfig:
     """FAIL when the prompts share less than this share of a prompt in whole cache units."""
     max_failed_fraction: float = 0.0
     """A phase with more failed requests than this share leaves the verdict UNKNOWN."""
+    affinity_fraction: float = 0.9
+    """Fleets: routing PASS needs the fleet hit rate at or above this share of the affinity ceiling."""
+    max_share: float = 0.8
+    """Fleets: routing FAILs when one replica serves more than this share of the warm burst."""
     compare_without_cache: bool = False
     """Also run the workload with caching off (embedded: restart; your server: baseline_url)."""
     baseline_url: str | None = None
@@ -94,6 +99,7 @@ class PrefixTestConfig:
             raise ConfigError(
                 f"baseline_url={self.baseline_url!r} is not an http(s) URL: e.g. http://127.0.0.1:8001/v1"
             )
+        self.fleet_rules  # noqa: B018  # checks affinity_fraction and max_share
         if self.api == "chat" and self.prompt_format == "tokens":
             raise ConfigError("prompt_format=tokens needs api=completions")
         if self.baseline_url is not None and self.server.base_url is None:
@@ -108,6 +114,11 @@ class PrefixTestConfig:
     def agents(self) -> int:
         """Agents of the hit-rate burst (the cold one included)."""
         return self.batch_size * self.group_size
+
+    @property
+    def fleet_rules(self) -> FleetRules:
+        """The routing verdict's thresholds (used when the server is a fleet)."""
+        return FleetRules(affinity_fraction=self.affinity_fraction, max_share=self.max_share)
 
     @property
     def rules(self) -> Rules:

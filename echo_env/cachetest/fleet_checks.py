@@ -3,9 +3,10 @@
 Behind a router the prefix cache pays only when requests that share a prefix land on
 the replica that holds it. These checks judge that from each replica's own counters
 against the workload's fleet ceilings, in the same form as the single-server checks of
-:mod:`echo_env.cachetest.verdict`: each returns a :class:`FleetStep` (outcome, detail,
-and the verdict and reason when it decides), the first decisive one gives the verdict,
-and every branch is a table row in ``tests/test_fleet.py``.
+:mod:`echo_env.cachetest.verdict` (both run on :mod:`echo_env.cachetest.steps`): each
+returns a :class:`~echo_env.cachetest.steps.Step` (outcome, detail, and the verdict and
+reason when it decides), the first decisive one gives the verdict, and every branch is a
+table row in ``tests/test_fleet.py``.
 
 The order, and why:
 
@@ -30,7 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from echo_env.cachetest.results import Check, Decision, Outcome, Verdict
+from echo_env.cachetest.results import Decision
+from echo_env.cachetest.steps import Step, failed, note, passed, run_checks, unknown
 from echo_env.errors import ConfigError
 from echo_env.measure.fleet import FleetEvidence
 
@@ -60,33 +62,7 @@ class FleetRules:
                 raise ConfigError(f"{key} must be zero or more, got {getattr(self, key)}")
 
 
-@dataclass(frozen=True)
-class FleetStep:
-    """What one check found: its outcome, detail, and the verdict it gives when it decides."""
-
-    outcome: Outcome
-    """``pass``, ``fail``, ``unknown`` or ``skip``."""
-    detail: str
-    """The figures behind the outcome."""
-    verdict: Verdict | None = None
-    """The verdict when this check decides (None: it does not)."""
-    reason: str = ""
-    """One sentence a user can act on, when it decides."""
-
-
-FleetCheckFn = Callable[[FleetEvidence, FleetRules], FleetStep]
-
-
-def _pass(detail: str) -> FleetStep:
-    return FleetStep("pass", detail)
-
-
-def _fail(detail: str, reason: str) -> FleetStep:
-    return FleetStep("fail", detail, "FAIL", reason)
-
-
-def _unknown(detail: str, reason: str) -> FleetStep:
-    return FleetStep("unknown", detail, "UNKNOWN", reason)
+FleetCheckFn = Callable[[FleetEvidence, FleetRules], Step]
 
 
 def _urls_hint(e: FleetEvidence) -> str:
@@ -105,144 +81,148 @@ def _share_list(e: FleetEvidence) -> str:
 # ----- the checks, in order ----------------------------------------------------------------
 
 
-def check_read_per_replica(e: FleetEvidence, r: FleetRules) -> FleetStep:
-    """Counter deltas through a router are meaningless: each replica's own ``/metrics`` must be read."""
+def check_read_per_replica(e: FleetEvidence, r: FleetRules) -> Step:
+    """Counter deltas through a router are meaningless: each replica's own counters must be read.
+
+    From its own ``/metrics``, or through Prometheus split by instance: either is one replica's.
+    """
     if e.metrics_source == "replicas":
-        return _pass(f"{len(e.replicas)} replicas' own /metrics read")
+        return passed(f"{len(e.replicas)} replicas' own /metrics read")
+    if e.metrics_source == "prometheus":
+        return passed(f"{len(e.replicas)} replicas' own counters read through Prometheus")
     if e.router_alternates:
-        return _unknown(
+        return unknown(
             "two scrapes of the router's /metrics came from different replicas",
             "counter deltas through a router are meaningless: its /metrics answers for one replica per call; "
             f"pass {_urls_hint(e)} to read each replica's own counters",
         )
-    return _unknown(
+    return unknown(
         "counters were read only through the router's address",
         f"counters read through a router cover one replica at best; pass {_urls_hint(e)} to read each replica's own",
     )
 
 
-def check_replica_counters(e: FleetEvidence, r: FleetRules) -> FleetStep:
+def check_replica_counters(e: FleetEvidence, r: FleetRules) -> Step:
     """Every replica's hits, queries and request count are known."""
     if not e.replicas:
-        return _unknown("no replica was read", f"no per-replica counters: pass {_urls_hint(e)}")
+        return unknown("no replica was read", f"no per-replica counters: pass {_urls_hint(e)}")
     missing = [x for x in e.replicas if not x.usable]
     if missing:
         why = "; ".join(x.note or f"{x.url}: counters incomplete" for x in missing)
-        return _unknown(
+        return unknown(
             why,
             f"per-replica counters are missing ({why}): check {_urls_hint(e)} and that each serves /metrics",
         )
-    return _pass(f"hits, queries and requests read from all {len(e.replicas)} replicas")
+    return passed(f"hits, queries and requests read from all {len(e.replicas)} replicas")
 
 
-def check_requests_accounted(e: FleetEvidence, r: FleetRules) -> FleetStep:
+def check_requests_accounted(e: FleetEvidence, r: FleetRules) -> Step:
     """The replicas' request counts add up to the requests sent through the router."""
     counts = e.replica_requests
     assert counts is not None  # replica_counters decided otherwise
     counted = sum(counts)
     detail = f"replicas counted {counted} requests ({_share_list(e)}); {e.requests_sent} were sent"
     if counted > e.requests_sent * (1 + r.count_tolerance) + 1:
-        return _unknown(
+        return unknown(
             detail,
             f"the replicas counted {counted} requests but {e.requests_sent} were sent: other traffic reached them, "
             "so their counters do not describe this run; run on replicas nobody else uses",
         )
     if counted < e.requests_sent * (1 - r.count_tolerance) - 1:
-        return _unknown(
+        return unknown(
             detail,
             f"the replicas counted only {counted} of {e.requests_sent} requests: the router sends to replicas not "
             f"read here; list them all ({_urls_hint(e)})",
         )
-    return _pass(detail)
+    return passed(detail)
 
 
-def check_ceilings_known(e: FleetEvidence, r: FleetRules) -> FleetStep:
+def check_ceilings_known(e: FleetEvidence, r: FleetRules) -> Step:
     """The workload's fleet ceilings are known."""
     c = e.ceilings
     if c is None:
-        return _unknown(
+        return unknown(
             "the prompts were not tokenized",
             "no fleet ceilings: the prompts could not be tokenized as the replicas see them",
         )
-    return _pass(
+    return passed(
         f"{c.replicas} replicas, {c.block_size}-token blocks: one server {c.one_server:.3f}, affinity "
         f"{c.affinity:.3f}, round robin {c.round_robin:.3f}, scatter {c.scatter:.3f}"
     )
 
 
-def check_not_above_ceiling(e: FleetEvidence, r: FleetRules) -> FleetStep:
+def check_not_above_ceiling(e: FleetEvidence, r: FleetRules) -> Step:
     """The fleet cannot beat one server holding everything."""
     c, rate = e.ceilings, e.fleet_hit_rate
     assert c is not None
     if rate is None:
-        return _unknown("no query counted", "the replicas counted no prefix-cache queries: nothing was measured")
+        return unknown("no query counted", "the replicas counted no prefix-cache queries: nothing was measured")
     detail = f"fleet hit rate {rate:.3f} vs single-server ceiling {c.one_server:.3f}"
     if rate > c.one_server + r.ceiling_tolerance:
-        return _unknown(
+        return unknown(
             detail,
             f"the fleet hit rate {rate:.3f} is above the most one server could reach ({c.one_server:.3f}): other "
             "traffic in the counters, or a wrong block size",
         )
-    return _pass(detail)
+    return passed(detail)
 
 
-def check_load_balanced(e: FleetEvidence, r: FleetRules) -> FleetStep:
+def check_load_balanced(e: FleetEvidence, r: FleetRules) -> Step:
     """No replica serves more than ``max_share`` of the requests."""
     share = e.max_share
     if len(e.replicas) < 2 or share is None:
-        return FleetStep("skip", "one replica: nothing to balance")
+        return Step("skip", "one replica: nothing to balance")
     detail = f"request shares: {_share_list(e)}"
     if share > r.max_share:
-        return _fail(
+        return failed(
             detail,
             f"one replica served {share:.0%} of requests (max_share={r.max_share:g}): the router sends nearly "
             "everything to one replica, so the others idle; a cache-aware router does this when every prompt "
             "shares a long prefix; use consistent_hash with a session key per group, or round_robin",
         )
-    return _pass(detail)
+    return passed(detail)
 
 
-def check_workload_discriminates(e: FleetEvidence, r: FleetRules) -> FleetStep:
+def check_workload_discriminates(e: FleetEvidence, r: FleetRules) -> Step:
     """Whether this workload can tell routing policies apart at all (a note, never decisive)."""
     c = e.ceilings
     assert c is not None
     if c.discriminates < r.min_gap:
-        return FleetStep(
-            "unknown",
+        return note(
             f"affinity {c.affinity:.3f} vs scatter {c.scatter:.3f}: groups share nothing cacheable beyond the common "
             "prefix, so any routing that reaches every replica scores the same",
         )
-    return _pass(f"affinity {c.affinity:.3f} vs scatter {c.scatter:.3f}: routing can move the hit rate")
+    return passed(f"affinity {c.affinity:.3f} vs scatter {c.scatter:.3f}: routing can move the hit rate")
 
 
-def check_groups_together(e: FleetEvidence, r: FleetRules) -> FleetStep:
+def check_groups_together(e: FleetEvidence, r: FleetRules) -> Step:
     """The fleet hit rate reaches ``affinity_fraction`` of the affinity ceiling (never decisive: the last check is)."""
     c, rate = e.ceilings, e.fleet_hit_rate
     assert c is not None and rate is not None
     share = rate / c.affinity if c.affinity else 1.0
     detail = f"fleet hit rate {rate:.3f} of {c.affinity:.3f} affinity ceiling ({share:.0%})"
     if rate >= r.affinity_fraction * c.affinity:
-        return _pass(detail)
-    return FleetStep("fail", detail)
+        return passed(detail)
+    return Step("fail", detail)
 
 
-def check_scatter(e: FleetEvidence, r: FleetRules) -> FleetStep:
+def check_scatter(e: FleetEvidence, r: FleetRules) -> Step:
     """Below the affinity ceiling: nearer the scatter model (FAIL) or between the two (UNKNOWN)."""
     c, rate = e.ceilings, e.fleet_hit_rate
     assert c is not None and rate is not None
     if rate >= r.affinity_fraction * c.affinity:
-        return FleetStep("skip", "groups stay together")
+        return Step("skip", "groups stay together")
     detail = (
         f"fleet hit rate {rate:.3f}, the scatter model predicts {c.scatter:.3f}, affinity would give {c.affinity:.3f}"
     )
     if abs(rate - c.scatter) <= abs(c.affinity - rate):
-        return _fail(
+        return failed(
             detail,
             f"the router scatters groups: fleet hit rate {rate:.3f}, the scatter model predicts {c.scatter:.3f}, "
             f"affinity would give {c.affinity:.3f}; route on a session key per group (consistent_hash with the "
             "X-Session-ID header) so a group's requests reach the replica that holds its prefix",
         )
-    return _unknown(
+    return unknown(
         detail,
         f"the fleet hit rate {rate:.3f} is between the scatter model ({c.scatter:.3f}) and the affinity ceiling "
         f"({c.affinity:.3f}, needs {r.affinity_fraction:.0%} of it): groups stay together only partly, or the "
@@ -275,16 +255,7 @@ def decide_fleet(evidence: FleetEvidence, rules: FleetRules | None = None) -> De
         The verdict, the reason from the first check that decides, and every check.
     """
     rules = rules or FleetRules()
-    checks: list[Check] = []
-    decided: tuple[Verdict, str, str] | None = None
-    for name, title, fn in FLEET_CHECKS:
-        if decided is not None:
-            checks.append(Check(name, title, "skip", "decided by an earlier check"))
-            continue
-        step = fn(evidence, rules)
-        checks.append(Check(name, title, step.outcome, step.detail))
-        if step.verdict is not None:
-            decided = (step.verdict, step.reason, name)
+    checks, decided = run_checks(FLEET_CHECKS, evidence, rules)
     if decided is None:
         c, rate = evidence.ceilings, evidence.fleet_hit_rate
         assert c is not None and rate is not None
@@ -302,4 +273,4 @@ def decide_fleet(evidence: FleetEvidence, rules: FleetRules | None = None) -> De
         )
     assert decided is not None
     verdict, reason, reason_id = decided
-    return Decision(verdict, reason, reason_id, tuple(checks))
+    return Decision(verdict, reason, reason_id, checks)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from echo_env.measure.figures import PhaseFigures
+from echo_env.measure.fleet import FleetEvidence
 from echo_env.measure.stats import RepeatRatioCI
 
 Verdict = Literal["PASS", "FAIL", "UNKNOWN"]
@@ -217,6 +218,27 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class FleetResult:
+    """The routing verdict of a test through a router: each replica's evidence over the warm burst, and its decision."""
+
+    evidence: FleetEvidence
+    """Each replica's own counters, the fleet hit rate and the workload's fleet ceilings."""
+    decision: Decision
+    """The routing verdict (:func:`echo_env.cachetest.fleet_checks.decide_fleet`)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready: the evidence's figures, then the routing verdict and its checks."""
+        d = self.decision
+        return {
+            **self.evidence.to_json(),
+            "verdict": d.verdict,
+            "reason": d.reason,
+            "reason_id": d.reason_id,
+            "checks": [dataclasses.asdict(c) for c in d.checks],
+        }
+
+
+@dataclass(frozen=True)
 class ServerRun:
     """Everything measured on one server (cache on, or the cache-off baseline)."""
 
@@ -232,6 +254,8 @@ class ServerRun:
     """One row per phase name, pooled over repeats."""
     comparisons: tuple[Comparison, ...] = ()
     """Headline ratios (warm vs control, cold prompt again)."""
+    fleet: FleetResult | None = None
+    """Behind a router: the routing verdict, already joined into :attr:`decision` (None: one server)."""
 
 
 @dataclass
@@ -309,6 +333,7 @@ class TestResult:
                 "hit_rate_ceiling": hit.ceiling if hit else None,
                 "hit_rate_vs_ceiling": hit.vs_ceiling if hit else None,
                 "checks": [dataclasses.asdict(c) for c in decision.checks],
+                "fleet": main.fleet.to_json() if main and main.fleet else None,
                 "runs": [_run_json(r) for r in self.runs],
                 "on_vs_off": [dataclasses.asdict(c) for c in self.on_vs_off],
                 "config": self.config,
@@ -339,6 +364,7 @@ def _run_json(run: ServerRun) -> dict[str, Any]:
         "comparisons": [dataclasses.asdict(c) for c in run.comparisons],
         "pooled": [p.to_json() for p in run.pooled],
         "phases": [p.to_json() for p in run.phases],
+        "fleet": run.fleet.to_json() if run.fleet else None,
     }
 
 

@@ -27,10 +27,12 @@ from typing import Any, Literal, Protocol
 
 from echo_env.cachetest.align import align_system_prompt
 from echo_env.cachetest.config import PrefixTestConfig
+from echo_env.cachetest.fleet_run import join_decisions, watch_fleet
 from echo_env.cachetest.results import (
     Comparison,
     Evidence,
     FirstDifference,
+    FleetResult,
     PrefixEvidence,
     ServerEvidence,
     ServerRun,
@@ -70,6 +72,7 @@ class _State:
     ratios: list[float] = field(default_factory=list)
     orders: list[str] = field(default_factory=list)
     decided_at: float | None = None
+    fleet: FleetResult | None = None
 
     def named(self, name: str) -> list[PhaseFigures]:
         return [p for p in self.phases if p.name == name]
@@ -300,6 +303,10 @@ async def _measure_server(
         )  # fmt: skip
         tokenizer = facts.tokenizer() if config.prompt_format == "tokens" else None
         run = _Run(config, state, RolloutWorker(client, sampling, tokenizer=tokenizer), hook)
+        # A fleet is measured on its replicas' own counters, never through the router's /metrics.
+        watch = await watch_fleet(server, facts, config.fleet_rules, target.resolved_api_key)
+        if watch is not None:
+            run.probe = watch.probe
         if tokenized is not None:
             run.ids = {key_of(p): ids for p, ids in zip(prompts, tokenized.ids, strict=True)}
             workload_ids = [run.ids[key_of(p)] for p in work.prompts.values()]
@@ -308,7 +315,12 @@ async def _measure_server(
         grade = _Grader(work)
         try:
             await run.phase("cold", work.cold, grade=grade)
-            await run.phase("warm", work.warm, extra_cold=max(0, (slots or 1) - 1), grade=grade)
+            if watch is not None:
+                await watch.before_warm()
+            warm = await run.phase("warm", work.warm, extra_cold=max(0, (slots or 1) - 1), grade=grade)
+            if watch is not None and state.label == "cache_on":
+                cold_warm = (list(work.cold.values()), list(work.warm.values()))
+                state.fleet = await watch.after_warm(warm, run.ids, *cold_warm, facts.block_size)
             first, prompt = next(iter(work.cold.items()))
             await run.phase("warm_single", {f"{first}-again": prompt})
             await _later_turns(run, work, grade)
@@ -364,13 +376,17 @@ def judge(config: PrefixTestConfig, state: _State, run_error: str | None = None)
         turns=tuple(pooled[n] for n in turn_names),
         run_error=run_error,
     )
+    verdict = decide(evidence, config.rules)
+    if state.fleet is not None:
+        verdict = join_decisions(verdict, state.fleet.decision)
     return ServerRun(
         label=state.label,
         evidence=evidence,
-        decision=decide(evidence, config.rules),
+        decision=verdict,
         phases=tuple(state.phases),
         pooled=tuple(pooled.values()),
         comparisons=_comparisons(pooled),
+        fleet=state.fleet,
     )
 
 

@@ -27,83 +27,55 @@ The order, and why:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from echo_env.cachetest.results import Check, Decision, Evidence, Outcome, Rules, Verdict
+from echo_env.cachetest.results import Decision, Evidence, Rules, Verdict
+from echo_env.cachetest.steps import Step, failed, note, passed, run_checks, unknown
 from echo_env.measure.figures import PhaseFigures
 
-
-@dataclass(frozen=True)
-class _Step:
-    """What one check found: its outcome, detail, and the verdict it gives when it decides."""
-
-    outcome: Outcome
-    detail: str
-    verdict: Verdict | None = None
-    reason: str = ""
-
-
-CheckFn = Callable[[Evidence, Rules], _Step]
-
-
-def _pass(detail: str) -> _Step:
-    return _Step("pass", detail)
-
-
-def _fail(detail: str, reason: str) -> _Step:
-    return _Step("fail", detail, "FAIL", reason)
-
-
-def _unknown(detail: str, reason: str) -> _Step:
-    return _Step("unknown", detail, "UNKNOWN", reason)
-
-
-def _note(detail: str) -> _Step:
-    """Not decisive: the check could not be made, and another check carries the consequence."""
-    return _Step("unknown", detail)
+CheckFn = Callable[[Evidence, Rules], Step]
 
 
 # ----- the checks, in order ----------------------------------------------------------------
 
 
-def check_run_finished(e: Evidence, r: Rules) -> _Step:
+def check_run_finished(e: Evidence, r: Rules) -> Step:
     if e.run_error:
-        return _unknown(e.run_error, f"the run did not finish: {e.run_error}")
-    return _pass("every phase ran")
+        return unknown(e.run_error, f"the run did not finish: {e.run_error}")
+    return passed("every phase ran")
 
 
-def check_caching_enabled(e: Evidence, r: Rules) -> _Step:
+def check_caching_enabled(e: Evidence, r: Rules) -> Step:
     s = e.server
     if s.caching_enabled is False:
         detail = f"{s.caching_enabled_source} says caching is off"
-        return _fail(detail, f"caching disabled on the server: {s.caching_disabled_fix}")
+        return failed(detail, f"caching disabled on the server: {s.caching_disabled_fix}")
     if s.caching_enabled is True:
-        return _pass(f"{s.caching_enabled_source} says caching is on")
-    return _note("the server does not say")
+        return passed(f"{s.caching_enabled_source} says caching is on")
+    return note("the server does not say")
 
 
-def check_ceiling_known(e: Evidence, r: Rules) -> _Step:
+def check_ceiling_known(e: Evidence, r: Rules) -> Step:
     s = e.server
     if s.unit_tokens is None:
-        return _unknown(
+        return unknown(
             f"the {s.kind} server does not say its cache granularity",
             "no hit-rate ceiling: the server does not say its cache block size; pass block_size= (vLLM on CPU 128, "
             "on GPU 16; SGLang its --page-size; llama.cpp 1)",
         )
     if e.prefix is None:
-        return _unknown(
+        return unknown(
             "the prompts could not be tokenized (no tokenize endpoint, no local tokenizer)",
             "no hit-rate ceiling: the prompts could not be tokenized as the server sees them; give model_name= a "
             "tokenizer the server uses, or use a server with a tokenize endpoint",
         )
     p = e.prefix
-    return _pass(f"{p.unit_tokens}-token units ({p.unit_source}), tokenized by the {p.tokenized_by}")
+    return passed(f"{p.unit_tokens}-token units ({p.unit_source}), tokenized by the {p.tokenized_by}")
 
 
-def check_prefix_shared(e: Evidence, r: Rules) -> _Step:
+def check_prefix_shared(e: Evidence, r: Rules) -> Step:
     p = e.prefix
     if p is None:
-        return _Step("skip", "no token plan")
+        return Step("skip", "no token plan")
     where = ""
     if p.first_difference is not None:
         d = p.first_difference
@@ -113,77 +85,77 @@ def check_prefix_shared(e: Evidence, r: Rules) -> _Step:
         f"of {p.prompt_tokens_min}-{p.prompt_tokens_max}-token prompts ({p.shared_fraction:.0%}){where}"
     )
     if p.prompt_tokens_max <= p.unit_tokens:
-        return _fail(detail, f"prompts shorter than one cache block ({p.unit_tokens} tokens): nothing can be cached")
+        return failed(detail, f"prompts shorter than one cache block ({p.unit_tokens} tokens): nothing can be cached")
     if p.shared_fraction < r.min_shared_fraction:
-        return _fail(
+        return failed(
             detail,
             f"prompts share only {p.cacheable_shared_tokens} of {p.prompt_tokens_max} tokens in whole cache units"
             f"{where}: move what varies after the shared text",
         )
-    return _pass(detail)
+    return passed(detail)
 
 
 def _verdict_phases(e: Evidence) -> list[PhaseFigures]:
     return [p for p in (*e.other_phases, e.warm, *e.turns, e.ttft_warm, e.control) if p is not None]
 
 
-def check_phases_complete(e: Evidence, r: Rules) -> _Step:
+def check_phases_complete(e: Evidence, r: Rules) -> Step:
     phases = _verdict_phases(e)
     missing = [name for name, p in (("warm", e.warm), ("control", e.control), ("TTFT warm", e.ttft_warm)) if p is None]
     short = [p for p in phases if p.requests and p.failed / p.requests > r.max_failed_fraction]
-    failed = [p for p in phases if p.failed]
+    with_failures = [p for p in phases if p.failed]
     if short:
         worst = short[0]
         listing = ", ".join(f"{p.failed} of {p.requests} {p.name}" for p in short)
-        return _unknown(
+        return unknown(
             f"failed requests: {listing}; first error: {worst.first_error}",
             f"{listing} requests failed (first error: {worst.first_error}): the evidence is incomplete; fix what the "
             "error names and rerun, or raise max_failed_fraction",
         )
     if missing:
-        return _unknown(
+        return unknown(
             f"no {', '.join(missing)} phase", f"the run is short of its evidence: no {', '.join(missing)} phase ran"
         )
     empty = [p.name for p in phases if p.requests == 0]
     if empty:
-        return _unknown(f"phases with no request: {', '.join(empty)}", f"phases sent nothing: {', '.join(empty)}")
-    tail = f" ({sum(p.failed for p in failed)} failed, within max_failed_fraction)" if failed else ""
-    return _pass(f"{sum(p.finished for p in phases)} of {sum(p.requests for p in phases)} requests finished{tail}")
+        return unknown(f"phases with no request: {', '.join(empty)}", f"phases sent nothing: {', '.join(empty)}")
+    tail = f" ({sum(p.failed for p in with_failures)} failed, within max_failed_fraction)" if with_failures else ""
+    return passed(f"{sum(p.finished for p in phases)} of {sum(p.requests for p in phases)} requests finished{tail}")
 
 
-def check_counters_intact(e: Evidence, r: Rules) -> _Step:
+def check_counters_intact(e: Evidence, r: Rules) -> Step:
     reset = [p.name for p in _verdict_phases(e) if p.counters is not None and p.counters.reset]
     if reset:
-        return _unknown(
+        return unknown(
             f"counters went back during {', '.join(reset)}",
             f"the server restarted during the {', '.join(reset)} phase (its counters went back), so hit rates are "
             "unknown: rerun on a server that stays up",
         )
     read = [p for p in _verdict_phases(e) if p.counters is not None]
     if not read:
-        return _note(e.server.metrics_error or "no counters were read")
-    return _pass(f"counters read around {len(read)} phases, none went back")
+        return note(e.server.metrics_error or "no counters were read")
+    return passed(f"counters read around {len(read)} phases, none went back")
 
 
-def check_hits_visible(e: Evidence, r: Rules) -> _Step:
+def check_hits_visible(e: Evidence, r: Rules) -> Step:
     assert e.warm is not None and e.control is not None  # phases_complete decided otherwise
     warm, control = e.warm.hit, e.control.hit
     if warm.value is None:
         why = e.warm.counters_note or e.server.metrics_error or "no counters"
-        return _unknown(
+        return unknown(
             f"no counters ({why}) and no cached_tokens",
             f"cannot see cache hits ({why}): {e.server.no_counters_fix}",
         )
     if control.value is None:
-        return _unknown(
+        return unknown(
             f"the control phase has no hit rate ({e.control.counters_note})",
             "cannot see the control phase's hits, so it is no checked baseline: "
             f"{e.control.counters_note}; {e.server.no_counters_fix}",
         )
-    return _pass(f"warm hit rate from {warm.source}, control from {control.source}")
+    return passed(f"warm hit rate from {warm.source}, control from {control.source}")
 
 
-def check_own_traffic(e: Evidence, r: Rules) -> _Step:
+def check_own_traffic(e: Evidence, r: Rules) -> Step:
     over = []
     for p in _verdict_phases(e):
         c = p.counters
@@ -193,111 +165,111 @@ def check_own_traffic(e: Evidence, r: Rules) -> _Step:
         if c.queries > sent * (1 + r.traffic_tolerance) + 16:
             over.append(f"{p.name}: {c.queries:.0f} counted vs {sent} sent")
     if over:
-        return _unknown(
+        return unknown(
             "; ".join(over),
             "the server's counters include other traffic (" + over[0] + " prompt tokens): counter deltas cover the "
             "whole server, so run the test on a server nobody else uses, or behind no load balancer",
         )
-    return _pass("counted prompt tokens match what this test sent")
+    return passed("counted prompt tokens match what this test sent")
 
 
-def check_sources_agree(e: Evidence, r: Rules) -> _Step:
+def check_sources_agree(e: Evidence, r: Rules) -> Step:
     assert e.warm is not None
     h = e.warm.hit
     if h.counters is None or h.reported is None:
-        return _Step("skip", f"one source only ({h.source})")
+        return Step("skip", f"one source only ({h.source})")
     if abs(h.counters - h.reported) > r.sources_tolerance:
-        return _unknown(
+        return unknown(
             f"counters {h.counters:.3f} vs cached_tokens {h.reported:.3f}",
             f"the server's counters say a warm hit rate of {h.counters:.2f} but its responses' cached_tokens say "
             f"{h.reported:.2f}: one of them is wrong (other traffic, a proxy, or metrics of another server)",
         )
-    return _pass(f"counters {h.counters:.3f}, cached_tokens {h.reported:.3f}")
+    return passed(f"counters {h.counters:.3f}, cached_tokens {h.reported:.3f}")
 
 
-def check_not_above_ceiling(e: Evidence, r: Rules) -> _Step:
+def check_not_above_ceiling(e: Evidence, r: Rules) -> Step:
     assert e.warm is not None
     h = e.warm.hit
     if h.value is None or h.ceiling is None:
-        return _Step("skip", "no ceiling")
+        return Step("skip", "no ceiling")
     if h.value > h.ceiling + r.ceiling_tolerance:
-        return _unknown(
+        return unknown(
             f"warm hit rate {h.value:.3f} ({h.source}) above the ceiling {h.ceiling:.3f}",
             f"the warm hit rate {h.value:.3f} is above the most the prompts allow ({h.ceiling:.3f}): other traffic "
             "in the counters, or a wrong block size (block_size=)",
         )
-    return _pass(f"{h.value:.3f} <= ceiling {h.ceiling:.3f}")
+    return passed(f"{h.value:.3f} <= ceiling {h.ceiling:.3f}")
 
 
-def check_hits_nonzero(e: Evidence, r: Rules) -> _Step:
+def check_hits_nonzero(e: Evidence, r: Rules) -> Step:
     assert e.warm is not None
     h = e.warm.hit
     if h.value == 0:
-        return _fail(
+        return failed(
             f"warm hit rate 0 ({h.source})",
             "hits at zero: the server computed every prompt token although the prefix repeats; is caching off? "
             f"({e.server.caching_disabled_fix})",
         )
-    return _pass(f"warm hit rate {h.value:.3f} ({h.source})")
+    return passed(f"warm hit rate {h.value:.3f} ({h.source})")
 
 
-def check_hits_reach_ceiling(e: Evidence, r: Rules) -> _Step:
+def check_hits_reach_ceiling(e: Evidence, r: Rules) -> Step:
     assert e.warm is not None
     h = e.warm.hit
     assert h.value is not None and h.ceiling is not None
     share = h.value / h.ceiling if h.ceiling else 0.0
     detail = f"warm hit rate {h.value:.3f} ({h.source}) vs ceiling {h.ceiling:.3f}: {share:.0%}"
     if h.value < r.hit_fraction * h.ceiling:
-        return _fail(
+        return failed(
             detail,
             f"hit rate far under the ceiling: {h.value:.3f} vs {h.ceiling:.3f} ({share:.0%}, needs "
             f"{r.hit_fraction:.0%}); the cache may be too small or evicting",
         )
-    return _pass(detail)
+    return passed(detail)
 
 
-def check_control_baseline(e: Evidence, r: Rules) -> _Step:
+def check_control_baseline(e: Evidence, r: Rules) -> Step:
     assert e.control is not None
     h = e.control.hit
     ceiling = h.ceiling if h.ceiling is not None else 0.0
     assert h.value is not None
     detail = f"control hit rate {h.value:.3f} ({h.source}) vs its own ceiling {ceiling:.3f}"
     if h.value > ceiling + r.control_tolerance:
-        return _unknown(
+        return unknown(
             detail,
             f"the control phase hit the cache ({h.value:.2f}) beyond what its prompts share ({ceiling:.2f}), so it "
             "is no uncached baseline: is a proxy or template rewriting the prompts' start, or is other traffic "
             "sending the same prompts?",
         )
-    return _pass(detail)
+    return passed(detail)
 
 
-def check_history_reuse(e: Evidence, r: Rules) -> _Step:
+def check_history_reuse(e: Evidence, r: Rules) -> Step:
     if not e.turns:
-        return _Step("skip", "single-turn episodes")
+        return Step("skip", "single-turn episodes")
     details, short = [], []
     for p in e.turns:
         h = p.hit
         if h.value is None or h.ceiling is None:
-            return _unknown(f"{p.name}: no hit rate or ceiling", f"cannot judge history reuse on {p.name}: no hit rate")
+            return unknown(f"{p.name}: no hit rate or ceiling", f"cannot judge history reuse on {p.name}: no hit rate")
         details.append(f"{p.name} {h.value:.3f} of {h.ceiling:.3f}")
         if h.value < r.hit_fraction * h.ceiling:
             short.append((p.name, h.value, h.ceiling))
     if short:
         name, value, ceiling = short[0]
-        return _fail(
+        return failed(
             "; ".join(details),
             f"history not reused: {name} hit {value:.2f} of a {ceiling:.2f} ceiling (the previous turn's prompt and "
             "answer); the cache may drop finished requests' blocks, or something in the history changes",
         )
-    return _pass("; ".join(details))
+    return passed("; ".join(details))
 
 
-def check_ttft_gain(e: Evidence, r: Rules) -> _Step:
+def check_ttft_gain(e: Evidence, r: Rules) -> Step:
     t = e.ttft
     n = len(t.ratios) if t else 0
     if t is None or t.ci is None or n < r.min_repeats:
-        return _unknown(
+        return unknown(
             f"{n} TTFT repeats",
             f"too few TTFT repeats for an interval ({n}, needs {r.min_repeats}): raise max_repeats or fix what "
             "stopped the repeats",
@@ -310,14 +282,14 @@ def check_ttft_gain(e: Evidence, r: Rules) -> _Step:
         f"every look: {per}); minimum effect {r.min_effect:.2f}x"
     )
     if t.decision == "above":
-        return _pass(detail)
+        return passed(detail)
     if t.decision == "below":
-        return _fail(
+        return failed(
             detail,
             f"hits are there but warm TTFT is not {r.min_effect:.2f}x below control: {ci.ratio:.2f}x "
             f"(CI {ci.low:.2f}-{ci.high:.2f} over {n} repeats)",
         )
-    return _unknown(
+    return unknown(
         detail,
         f"TTFT gain undecided: {ci.ratio:.2f}x, CI {ci.low:.2f}-{ci.high:.2f} over {n} repeats includes the "
         f"minimum effect {r.min_effect:.2f}x; raise max_repeats, or run on a quieter machine",
@@ -354,19 +326,9 @@ def decide(evidence: Evidence, rules: Rules | None = None) -> Decision:
     Returns:
         The verdict, the reason from the first check that decides, and every check.
     """
-    rules = rules or Rules()
-    checks: list[Check] = []
-    decided: tuple[Verdict, str, str] | None = None
-    for name, title, fn in CHECKS:
-        if decided is not None:
-            checks.append(Check(name, title, "skip", "decided by an earlier check"))
-            continue
-        step = fn(evidence, rules)
-        checks.append(Check(name, title, step.outcome, step.detail))
-        if step.verdict is not None:
-            decided = (step.verdict, step.reason, name)
+    checks, decided = run_checks(CHECKS, evidence, rules or Rules())
     final = decided if decided is not None else _passed(evidence)
-    return Decision(final[0], final[1], final[2], tuple(checks))
+    return Decision(final[0], final[1], final[2], checks)
 
 
 def _passed(evidence: Evidence) -> tuple[Verdict, str, str]:

@@ -36,18 +36,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import statistics
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from echo_env.envs.task import EchoTask
-from echo_env.errors import ConfigError, EchoEnvError, ServerResponseError
+from echo_env.errors import ConfigError, ServerResponseError
 from echo_env.integrations.data import PromptStyle, echo_rows, grade_batch, outcome_fractions
-from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.metrics import MetricsReader, delta
+from echo_env.measure.phase import CounterProbe, measure_phase
+from echo_env.measure.stats import percentiles
+from echo_env.measure.tokens import reusable_prefix_length
+from echo_env.rollout.worker import AgentCompletion, RolloutWorker, SamplingConfig
+from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.serving.metrics import MetricsReader, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def echo_reward(
             log_metric(f"echo/{name}", shares[name])
         ttfts = [t for t in rollout_ttft_s or () if t is not None]
         if ttfts:
-            log_metric("rollout/ttft_p50_s", statistics.median(ttfts))
+            log_metric("rollout/ttft_p50_s", percentiles(ttfts, (50,))["p50"])
         hit_rates = [h for h in rollout_hit_rate or () if h is not None]
         if hit_rates:
             log_metric("rollout/hit_rate", hit_rates[0])
@@ -186,6 +188,16 @@ class RolloutStats:
     """Prompt tokens the server reported."""
 
 
+class _ProbeUntilFailure(CounterProbe):
+    """Rewards do not need the counters: after the first failed read, training goes on without a hit rate."""
+
+    async def snapshot(self) -> Snapshot | None:
+        snapshot = await super().snapshot()
+        if snapshot is None:
+            self.reader = None  # the failure was logged once; do not read again
+        return snapshot
+
+
 def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion from synchronous code, even inside a running loop."""
     try:
@@ -238,7 +250,7 @@ class EchoRollout:
         ClientConfig(base_url=self.base_url, timeout_s=self.timeout_s)  # checks the values now, not mid-training
         if self.metrics_url is None:
             self.metrics_url = self.base_url.rstrip("/").removesuffix("/v1") + "/metrics"
-        self._metrics_failed = False
+        self._probe: CounterProbe | None = None
 
     def sampling(self, trainer: Any) -> SamplingConfig:
         """The worker's sampling settings for this trainer's ``GRPOConfig``."""
@@ -274,39 +286,59 @@ class EchoRollout:
             ids = ids["input_ids"]
         return [int(t) for t in ids]
 
-    def _snapshot(self) -> Any:
-        if self.metrics_url in (None, "none") or self._metrics_failed:
-            return None
-        try:
-            return MetricsReader(str(self.metrics_url), model_name=self.model, api_key=self.api_key).snapshot()
-        except EchoEnvError as exc:
-            # Rewards do not need the counters: say so once and go on without a hit rate.
-            log.warning("no prefix-cache hit rate during training: %s", exc)
-            self._metrics_failed = True
-            return None
+    def _counter_probe(self) -> CounterProbe:
+        if self._probe is None:  # made at the first batch, from the metrics_url then in effect
+            url = str(self.metrics_url)
+            reader = None if url == "none" else MetricsReader(url, model_name=self.model, api_key=self.api_key)
+            self._probe = _ProbeUntilFailure(reader, "metrics_url=none")
+        return self._probe
 
     async def _rollout(self, wire: list[str | list[int]], sampling: SamplingConfig, tokenizer: Any) -> dict[str, Any]:
         start = time.perf_counter()
-        before = self._snapshot()
-        config = ClientConfig(base_url=self.base_url, model=self.model, api_key=self.api_key, timeout_s=self.timeout_s)
-        async with LLMClient(config) as client:
-            worker = RolloutWorker(client, sampling)
-            completions, records = await worker.complete({str(i): p for i, p in enumerate(wire)})
-            worker.check_reachable(records)
-        after = self._snapshot()
+        completions: dict[str, AgentCompletion] = {}
+
+        async def send() -> list[RequestRecord]:
+            config = ClientConfig(
+                base_url=self.base_url, model=self.model, api_key=self.api_key, timeout_s=self.timeout_s
+            )
+            async with LLMClient(config) as client:
+                worker = RolloutWorker(client, sampling)
+                done, records = await worker.complete({str(i): p for i, p in enumerate(wire)})
+                worker.check_reachable(records)
+            completions.update(done)
+            return records
+
+        figures = (await measure_phase("rollout", send, probe=self._counter_probe())).figures
         failed = [c.error for c in completions.values() if c.error is not None]
         if failed:
             raise ServerResponseError(
                 f"{len(failed)} of {len(wire)} completions failed during the rollout ({failed[0]}): "
                 "check the server's log"
             )
+        batch = self._trl_batch(wire, completions, tokenizer)
+        hit_rate = figures.hit.counters
+        self.history.append(
+            RolloutStats(
+                completions=len(wire),
+                requests=figures.requests,
+                wall_s=time.perf_counter() - start,
+                ttft_p50_s=figures.ttft.p50,
+                hit_rate=hit_rate,
+                prompt_tokens=figures.prompt_tokens,
+            )
+        )
+        return {**batch, "rollout_hit_rate": hit_rate}
+
+    def _trl_batch(
+        self, wire: list[str | list[int]], completions: Mapping[str, AgentCompletion], tokenizer: Any
+    ) -> dict[str, Any]:
+        """``prompt_ids``, ``completion_ids``, ``logprobs`` and ``rollout_ttft_s``, one per prompt, in order."""
         prompt_ids: list[list[int]] = []
         completion_ids: list[list[int]] = []
         logprobs: list[list[float | None]] | None = []
         ttfts: list[float | None] = []
         for i, prompt in enumerate(wire):
-            done = completions[str(i)]
-            out = done.output
+            out = completions[str(i)].output
             if out is None or out.token_ids is None:
                 raise ServerResponseError(
                     f"the server at {self.base_url} sent no token ids: EchoRollout needs vLLM's "
@@ -324,25 +356,11 @@ class EchoRollout:
             else:
                 logprobs = None  # without every sequence's logprobs TRL skips the correction
             ttfts.append(out.ttft_s)
-        hit_rate = delta(before.counters, after.counters).hit_rate if before and after else None
-        ok_ttfts = [r.ttft_s for r in records if r.ok and r.ttft_s is not None]
-        wall = time.perf_counter() - start
-        self.history.append(
-            RolloutStats(
-                completions=len(wire),
-                requests=len(records),
-                wall_s=wall,
-                ttft_p50_s=statistics.median(ok_ttfts) if ok_ttfts else None,
-                hit_rate=hit_rate,
-                prompt_tokens=sum(r.prompt_tokens or 0 for r in records),
-            )
-        )
         return {
             "prompt_ids": prompt_ids,
             "completion_ids": completion_ids,
             "logprobs": logprobs,
             "rollout_ttft_s": ttfts,
-            "rollout_hit_rate": hit_rate,
         }
 
 
@@ -358,22 +376,6 @@ def _cut_at_stop(tokens: Sequence[int], stop_ids: set[int], pad_id: int | None) 
     while out and pad_id is not None and out[-1] == pad_id:
         out.pop()
     return out
-
-
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Tokens every sequence starts with, leaving at least one token of each unshared.
-
-    The last prompt token must go through the model with the rest of its prompt (its
-    logits start the completion), just as a server's prefix cache always recomputes it.
-    """
-    if not sequences:
-        return 0
-    limit = min(len(s) for s in sequences) - 1
-    first = sequences[0]
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return max(n, 0)
 
 
 @dataclass
@@ -397,7 +399,7 @@ class SharedPrefixRollout:
         import copy
 
         import torch
-        from transformers import DynamicCache, GenerationConfig
+        from transformers import DynamicCache
 
         start = time.perf_counter()
         tokenizer = trainer.processing_class
@@ -406,19 +408,8 @@ class SharedPrefixRollout:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, ids in enumerate(prompt_ids):
             groups.setdefault(tuple(ids), []).append(i)
-        shared = shared_prefix_length(list(groups))
-        generation_config = getattr(trainer, "generation_config", None)
-        if generation_config is None:  # TRL builds it only for its own transformers path
-            args = trainer.args
-            generation_config = GenerationConfig(
-                max_new_tokens=args.max_completion_length,
-                do_sample=True,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                eos_token_id=model.generation_config.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        shared = reusable_prefix_length(list(groups))
+        generation_config = self._generation_config(trainer, model, tokenizer)
         eos = generation_config.eos_token_id
         stop_ids = {eos} if isinstance(eos, int) else set(eos or ())
         device = next(model.parameters()).device
@@ -456,6 +447,25 @@ class SharedPrefixRollout:
             {"wall_s": time.perf_counter() - start, "prefix_tokens": float(shared), "groups": float(len(groups))}
         )
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    @staticmethod
+    def _generation_config(trainer: Any, model: Any, tokenizer: Any) -> Any:
+        """The trainer's generation settings; TRL builds them only for its own transformers path."""
+        generation_config = getattr(trainer, "generation_config", None)
+        if generation_config is not None:
+            return generation_config
+        from transformers import GenerationConfig
+
+        args = trainer.args
+        return GenerationConfig(
+            max_new_tokens=args.max_completion_length,
+            do_sample=True,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
     @staticmethod
     def _ids(prompt: Any, tokenizer: Any) -> list[int]:

@@ -200,7 +200,7 @@ def fleet_ceilings(
 
 @dataclass(frozen=True)
 class ReplicaFigures:
-    """What one replica counted over a phase, read from its own ``/metrics``."""
+    """What one replica counted over a phase, read from its own ``/metrics`` or through Prometheus."""
 
     url: str
     """The replica's root (as the router names it)."""
@@ -230,8 +230,9 @@ class ReplicaFigures:
         return c is not None and not c.reset and c.hits is not None and c.queries is not None and c.requests is not None
 
 
-MetricsSource = Literal["replicas", "router"]
-"""Where counters were read: each replica's own ``/metrics``, or only the router's address."""
+MetricsSource = Literal["replicas", "prometheus", "router"]
+"""Where counters were read: each replica's own ``/metrics``, each replica's series through a
+Prometheus server's API (``prometheus_url=``), or only the router's address."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,8 @@ class FleetEvidence:
     policy: str | None = None
     """The router's policy, when known."""
     metrics_source: MetricsSource = "replicas"
-    """``replicas`` when each replica's ``/metrics`` was read; ``router`` when only the router's address was."""
+    """``replicas`` when each replica's ``/metrics`` was read; ``prometheus`` when each replica's
+    series were read through Prometheus; ``router`` when only the router's address was."""
     router_alternates: bool | None = None
     """Whether two scrapes of the router's ``/metrics`` came from different replicas (None: not probed)."""
     replica_urls_hint: tuple[str, ...] = ()

@@ -81,6 +81,18 @@ def max_cached_tokens(prompt_tokens: int, block_size: int) -> int:
     return block_size * ((prompt_tokens - 1) // block_size)
 
 
+def reusable_prefix_length(seqs: Sequence[TokenIds]) -> int:
+    """The prefix every sequence shares, short of each one's last token (0 for no sequences).
+
+    What a token-granular cache (a block size of 1) can reuse for all of them: the last
+    prompt token always goes through the model, its logits start the completion. Used
+    by a trainer that computes the shared prefix once (:class:`echo_env.integrations.trl_grpo.SharedPrefixRollout`).
+    """
+    if not seqs:
+        return 0
+    return min(shared_prefix_length(seqs), max_cached_tokens(min(len(s) for s in seqs), 1))
+
+
 @dataclass(frozen=True)
 class TokenPlan:
     """What a workload's prompts allow a prefix cache to do."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from echo_env.cachetest.results import Check, Comparison, ServerRun, TestResult, TTFTEvidence
 from echo_env.measure.figures import HitRate, PhaseFigures
 from echo_env.report.files import PHASES_FILE
+from echo_env.report.fleet_console import fleet_lines
 from echo_env.report.plots import min_effect, server_label
 from echo_env.report.redact import redact_text
 
@@ -280,15 +281,25 @@ def _phase_lines(result: TestResult) -> list[str]:
 
 def _check_lines(result: TestResult, marks: dict[str, str], width: int) -> list[str]:
     decision = result.decision
-    checks: Sequence[Check] = decision.checks
+    fleet = result.main.fleet if result.main else None
+    if fleet is None:
+        return _check_block("checks", decision.checks, decision.reason_id, marks, width)
+    # Behind a router the routing checks follow the cache's, each block cut at its own decisive check.
+    routing = {c.name for c in fleet.decision.checks}
+    cache = [c for c in decision.checks if c.name not in routing]
+    lines = _check_block("checks", cache, decision.reason_id, marks, width)
+    return lines + _check_block("routing", fleet.decision.checks, fleet.decision.reason_id, marks, width)
+
+
+def _check_block(head: str, checks: Sequence[Check], reason_id: str, marks: dict[str, str], width: int) -> list[str]:
     if not checks:
         return []
     # The checks after the decisive one were not made: one line names them.
     names = [c.name for c in checks]
-    cut = names.index(decision.reason_id) + 1 if decision.reason_id in names else len(checks)
+    cut = names.index(reason_id) + 1 if reason_id in names else len(checks)
     made, not_made = checks[:cut], checks[cut:]
     title_width = max(len(c.title) for c in made)
-    lines = ["checks"]
+    lines = [head]
     for c in made:
         head = f"  {marks[c.outcome]} {c.title:<{title_width}}  "
         # The detail holds the figures a user acts on: wrapped under itself, not cut.
@@ -375,6 +386,9 @@ def format_console(result: TestResult, *, ascii_only: bool | None = None, width:
         lines.append(f"{indent}run incomplete: {result.error or 'short of some evidence (see the checks)'}")
     lines += ["", *_server_lines(result, width), *_token_lines(result, width)]
     lines += ["", *_phase_lines(result)]
+    fleet = fleet_lines(result.main.fleet if result.main else None)
+    if fleet:
+        lines += ["", *fleet]
     checks = _check_lines(result, _ASCII_MARKS if ascii_only else _MARKS, width)
     if checks:
         lines += ["", *checks]

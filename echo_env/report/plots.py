@@ -217,6 +217,12 @@ def _warm_hit(run: ServerRun) -> HitRate | None:
     return warm.hit if warm is not None else None
 
 
+_HIT_SERIES = ("server counters", "usage.cached_tokens", "ceiling (whole cache units)")
+_HIT_COLORS = ("#4C72B0", "#8172B2", "#BBBBBB")
+_HIT_BAR_WIDTH = 0.26
+_HitTriple = tuple[float | None, float | None, float | None]
+
+
 def plot_hit_rate(path: Path, result: TestResult) -> bool:
     """Grouped bars per server: the warm hit rate from counters, from ``cached_tokens``, and its ceiling.
 
@@ -230,72 +236,18 @@ def plot_hit_rate(path: Path, result: TestResult) -> bool:
         False (nothing written) when no server has any of the three figures.
     """
     runs = result.runs
-    values: list[tuple[float | None, float | None, float | None]] = []
+    values: list[_HitTriple] = []
     for run in runs:
         hit = _warm_hit(run)
         values.append((hit.counters, hit.reported, hit.ceiling) if hit else (None, None, None))
     if all(v is None for triple in values for v in triple):
         return False
     plt = _pyplot()
-    series = ("server counters", "usage.cached_tokens", "ceiling (whole cache units)")
-    colors = ("#4C72B0", "#8172B2", "#BBBBBB")
-    width = 0.26
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
     fraction = hit_fraction(result)
     fig, ax = plt.subplots(figsize=(max(6.4, 2.0 + 2.6 * len(runs)), 4.8), layout="constrained")
     try:
-        handles: list[Any] = [
-            Patch(facecolor=color, edgecolor="black", linewidth=0.5, label=label)
-            for label, color in zip(series, colors, strict=True)
-        ]
-        for i, (_, _, ceiling) in enumerate(values):
-            if fraction is not None and ceiling:
-                ax.hlines(
-                    fraction * ceiling,
-                    i - 1.5 * width,
-                    i + 1.5 * width,
-                    colors="#B22222",
-                    linestyles="--",
-                    linewidth=1.2,
-                    zorder=4,
-                )
-        if fraction is not None and any(triple[2] for triple in values):
-            handles.append(
-                Line2D([], [], color="#B22222", linestyle="--", label=f"PASS needs {fraction:.0%} of ceiling")
-            )
-        for j, (label, color) in enumerate(zip(series, colors, strict=True)):
-            xs = [i + (j - 1) * width for i in range(len(runs))]
-            heights = [triple[j] for triple in values]
-            drawn = [(x, h) for x, h in zip(xs, heights, strict=True) if h is not None]
-            ax.bar(
-                [x for x, _ in drawn],
-                [h for _, h in drawn],
-                width,
-                label=label,
-                color=color,
-                edgecolor="black",
-                linewidth=0.5,
-            )
-            for x, h, triple in zip(xs, heights, values, strict=True):
-                if h is None:
-                    ax.annotate(
-                        _NA,
-                        (x, 0),
-                        textcoords="offset points",
-                        xytext=(0, 3),
-                        ha="center",
-                        fontsize=9,
-                        color="#B22222",
-                        style="italic",
-                    )
-                    continue
-                text = f"{h:.2f}"
-                ceiling = triple[2]
-                if j < 2 and ceiling:
-                    text += f"\n({h / ceiling:.0%})"
-                ax.annotate(text, (x, h), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        handles = _pass_lines(ax, values, fraction)
+        _hit_rate_bars(ax, values)
         ax.set_xlim(-0.75, len(runs) - 0.25)
         ax.set_xticks(range(len(runs)))
         ax.set_xticklabels([f"{server_label(r)}\n{r.decision.verdict}" for r in runs])
@@ -312,6 +264,68 @@ def plot_hit_rate(path: Path, result: TestResult) -> bool:
     finally:
         plt.close(fig)
     return True
+
+
+def _pass_lines(ax: Any, values: Sequence[_HitTriple], fraction: float | None) -> list[Any]:
+    """The line PASS needs over each server's bars; returns the legend's handles (series, then that line)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    width = _HIT_BAR_WIDTH
+    handles: list[Any] = [
+        Patch(facecolor=color, edgecolor="black", linewidth=0.5, label=label)
+        for label, color in zip(_HIT_SERIES, _HIT_COLORS, strict=True)
+    ]
+    for i, (_, _, ceiling) in enumerate(values):
+        if fraction is not None and ceiling:
+            ax.hlines(
+                fraction * ceiling,
+                i - 1.5 * width,
+                i + 1.5 * width,
+                colors="#B22222",
+                linestyles="--",
+                linewidth=1.2,
+                zorder=4,
+            )
+    if fraction is not None and any(triple[2] for triple in values):
+        handles.append(Line2D([], [], color="#B22222", linestyle="--", label=f"PASS needs {fraction:.0%} of ceiling"))
+    return handles
+
+
+def _hit_rate_bars(ax: Any, values: Sequence[_HitTriple]) -> None:
+    """One bar per figure and server, labelled with its value (and share of the ceiling), or "n/a"."""
+    width = _HIT_BAR_WIDTH
+    for j, (label, color) in enumerate(zip(_HIT_SERIES, _HIT_COLORS, strict=True)):
+        xs = [i + (j - 1) * width for i in range(len(values))]
+        heights = [triple[j] for triple in values]
+        drawn = [(x, h) for x, h in zip(xs, heights, strict=True) if h is not None]
+        ax.bar(
+            [x for x, _ in drawn],
+            [h for _, h in drawn],
+            width,
+            label=label,
+            color=color,
+            edgecolor="black",
+            linewidth=0.5,
+        )
+        for x, h, triple in zip(xs, heights, values, strict=True):
+            if h is None:
+                ax.annotate(
+                    _NA,
+                    (x, 0),
+                    textcoords="offset points",
+                    xytext=(0, 3),
+                    ha="center",
+                    fontsize=9,
+                    color="#B22222",
+                    style="italic",
+                )
+                continue
+            text = f"{h:.2f}"
+            ceiling = triple[2]
+            if j < 2 and ceiling:
+                text += f"\n({h / ceiling:.0%})"
+            ax.annotate(text, (x, h), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
 
 
 # --------------------------------------------------------------------------------------
@@ -336,6 +350,9 @@ def _decision_words(ttft: TTFTEvidence | None, effect: float | None) -> str:
     )
 
 
+_ORDER_MARKS = {"warm": "o", "control": "s"}
+
+
 def plot_ttft_repeats(path: Path, result: TestResult) -> bool:
     """Each repeat's control/warm TTFT ratio as a dot, the interval over repeats as a band, per server.
 
@@ -357,63 +374,26 @@ def plot_ttft_repeats(path: Path, result: TestResult) -> bool:
     effect = min_effect(result)
     fig, ax = plt.subplots(figsize=(max(5.6, 2.4 + 2.2 * len(runs)), 4.8), layout="constrained")
     try:
-        marks: dict[str, str] = {"warm": "o", "control": "s"}
         seen_orders: set[str] = set()
         ys: list[float] = [1.0] + ([effect] if effect else [])
         for x, run in enumerate(runs):
-            ttft = run.evidence.ttft
-            assert ttft is not None  # _finite_ratios kept only runs with ratios
-            color = _SERVER_COLORS[x % len(_SERVER_COLORS)]
-            ci = ttft.ci
-            if ci is not None:
-                ax.fill_between([x - 0.3, x + 0.3], ci.low, ci.high, color=color, alpha=0.18, linewidth=0)
-                ax.hlines(ci.ratio, x - 0.3, x + 0.3, colors=color, linewidth=2)
-                ax.annotate(
-                    f"{ci.ratio:.3g}x\n{ci.confidence:.0%} CI {ci.low:.3g}–{ci.high:.3g}",
-                    (x + 0.32, ci.ratio),
-                    va="center",
-                    fontsize=8,
-                )
-                ys += [ci.low, ci.high]
-            ratios = _finite_ratios(run)
-            jitter = _jitter(len(ratios))
-            for (i, r), dx in zip(ratios, jitter, strict=True):
-                order = ttft.orders[i] if i < len(ttft.orders) else ""
-                seen_orders.add(order)
-                ax.scatter(
-                    x + dx * 0.6,
-                    r,
-                    s=30,
-                    color=color,
-                    marker=marks.get(order, "o"),
-                    edgecolors="black",
-                    linewidths=0.5,
-                    zorder=3,
-                )
-                ys.append(r)
+            ys += _draw_repeats(ax, x, run, seen_orders)
         ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="1x: no effect")
         if effect:
             ax.axhline(effect, color="#B22222", linestyle="--", linewidth=1.2, label=f"{effect:.2f}x: minimum effect")
         for order in ("warm", "control"):
             if order in seen_orders:
-                ax.scatter([], [], marker=marks[order], color="white", edgecolors="black", label=f"{order} burst first")
-        ax.set_yscale("log")
-        low, high = min(ys), max(ys)
-        ax.set_ylim(low / 1.35, high * 1.35)
-        # Plain numbers on a log axis: "2" reads better than "2x10^0".
-        sparse = (0.01, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-        steps = sorted({*sparse, 0.75, 1.5, 3}) if high / low <= 30 else sparse
-        ticks = [t for t in steps if low / 1.35 <= t <= high * 1.35]  # 1 is always in range
-        ax.set_yticks(ticks)
-        ax.set_yticklabels([f"{t:g}x" for t in ticks])
-        ax.minorticks_off()
+                ax.scatter(
+                    [], [], marker=_ORDER_MARKS[order], color="white", edgecolors="black", label=f"{order} burst first"
+                )
+        _log_ratio_axis(ax, ys)
         ax.set_xlim(-0.6, len(runs) - 0.4 + 0.5)
         ax.set_xticks(range(len(runs)))
         labels = []
         for run in runs:
-            ttft = run.evidence.ttft
             n = len(_finite_ratios(run))
-            labels.append(f"{server_label(run)}\n{n} repeat{'s' if n != 1 else ''}, {_decision_words(ttft, effect)}")
+            words = _decision_words(run.evidence.ttft, effect)
+            labels.append(f"{server_label(run)}\n{n} repeat{'s' if n != 1 else ''}, {words}")
         ax.set_xticklabels(labels)
         ax.set_ylabel("control TTFT / warm TTFT (log scale)")
         ax.set_title("Warm vs control TTFT, one ratio per repeat", fontsize=11)
@@ -426,6 +406,56 @@ def plot_ttft_repeats(path: Path, result: TestResult) -> bool:
     finally:
         plt.close(fig)
     return True
+
+
+def _draw_repeats(ax: Any, x: int, run: ServerRun, seen_orders: set[str]) -> list[float]:
+    """One server's interval band and its repeats' ratios at ``x``; returns the y values drawn."""
+    ttft = run.evidence.ttft
+    assert ttft is not None  # _finite_ratios kept only runs with ratios
+    color = _SERVER_COLORS[x % len(_SERVER_COLORS)]
+    ys: list[float] = []
+    ci = ttft.ci
+    if ci is not None:
+        ax.fill_between([x - 0.3, x + 0.3], ci.low, ci.high, color=color, alpha=0.18, linewidth=0)
+        ax.hlines(ci.ratio, x - 0.3, x + 0.3, colors=color, linewidth=2)
+        ax.annotate(
+            f"{ci.ratio:.3g}x\n{ci.confidence:.0%} CI {ci.low:.3g}–{ci.high:.3g}",
+            (x + 0.32, ci.ratio),
+            va="center",
+            fontsize=8,
+        )
+        ys += [ci.low, ci.high]
+    ratios = _finite_ratios(run)
+    jitter = _jitter(len(ratios))
+    for (i, r), dx in zip(ratios, jitter, strict=True):
+        order = ttft.orders[i] if i < len(ttft.orders) else ""
+        seen_orders.add(order)
+        ax.scatter(
+            x + dx * 0.6,
+            r,
+            s=30,
+            color=color,
+            marker=_ORDER_MARKS.get(order, "o"),
+            edgecolors="black",
+            linewidths=0.5,
+            zorder=3,
+        )
+        ys.append(r)
+    return ys
+
+
+def _log_ratio_axis(ax: Any, ys: Sequence[float]) -> None:
+    """A log y axis spanning ``ys``, with plain-number ticks."""
+    ax.set_yscale("log")
+    low, high = min(ys), max(ys)
+    ax.set_ylim(low / 1.35, high * 1.35)
+    # Plain numbers on a log axis: "2" reads better than "2x10^0".
+    sparse = (0.01, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+    steps = sorted({*sparse, 0.75, 1.5, 3}) if high / low <= 30 else sparse
+    ticks = [t for t in steps if low / 1.35 <= t <= high * 1.35]  # 1 is always in range
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
 
 
 # --------------------------------------------------------------------------------------

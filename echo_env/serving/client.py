@@ -391,27 +391,9 @@ class LLMClient:
         num_prompts = _count_prompts(prompt, api)
         record = RequestRecord(request_id=f"req-{next(_ids)}", api=api, num_prompts=num_prompts, n=n, tag=tag)
         model = self._model or await self.model()
-        kwargs: dict[str, Any] = {
-            "model": model,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "n": n,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if stop:
-            kwargs["stop"] = list(stop)
-        if seed is not None:
-            kwargs["seed"] = seed
-        if extra_body:
-            kwargs["extra_body"] = extra_body
-        if api == "completions":
-            kwargs["prompt"] = prompt
-            if logprobs is not None:
-                kwargs["logprobs"] = logprobs
-        else:
-            kwargs["messages"] = list(prompt)  # type: ignore[arg-type]
+        kwargs = _request_kwargs(
+            model, prompt, api, n, max_tokens, temperature, top_p, stop, seed, logprobs, extra_body
+        )
         if want_tokens is None:
             want_tokens = logprobs is not None or bool(extra_body and extra_body.get("return_token_ids"))
         want = _Wants(tokens=want_tokens and api == "completions", itl=want_itl, headers=headers)
@@ -566,6 +548,44 @@ def _error_message(text: str) -> str | None:
     if isinstance(error, dict) and error.get("message"):
         return str(error["message"])
     return str(error) if isinstance(error, str) else None
+
+
+def _request_kwargs(
+    model: str,
+    prompt: Any,
+    api: Api,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    stop: Sequence[str] | None,
+    seed: int | None,
+    logprobs: int | None,
+    extra_body: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """One request's fields as the openai SDK takes them (server-specific ones under ``extra_body``)."""
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "n": n,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if stop:
+        kwargs["stop"] = list(stop)
+    if seed is not None:
+        kwargs["seed"] = seed
+    if extra_body:
+        kwargs["extra_body"] = extra_body
+    if api == "completions":
+        kwargs["prompt"] = prompt
+        if logprobs is not None:
+            kwargs["logprobs"] = logprobs
+    else:
+        kwargs["messages"] = list(prompt)
+    return kwargs
 
 
 @dataclass(frozen=True)

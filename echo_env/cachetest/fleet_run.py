@@ -1,0 +1,176 @@
+"""The prefix-cache test through a router: every replica read on its own, and the routing verdict joined in.
+
+When the target is a fleet (``replicas=2`` embedded, or ``base_url=ROUTER
+replica_urls=U1,U2``), :class:`FleetWatch` takes over the runner's counters: every phase
+is measured on the sum of the replicas' own counters (never on the router's
+``/metrics``, which answers for one replica per call), read from each replica's
+``/metrics`` or, with ``prometheus_url=``, through Prometheus; and around the warm burst each
+replica is read before and after, for :class:`~echo_env.measure.fleet.FleetEvidence`
+against the fleet ceilings of the burst's token plan. The routing verdict
+(:func:`~echo_env.cachetest.fleet_checks.decide_fleet`) then joins the cache verdict
+(:func:`join_decisions`): a routing FAIL fails the test, a routing UNKNOWN leaves it
+UNKNOWN.
+
+A ``base_url`` without ``replica_urls`` is probed once (``GET /workers``,
+``/list_workers``): when it turns out to be a router, its counters are not used and the
+routing verdict asks for the replicas' URLs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from echo_env.cachetest.fleet_checks import FleetRules, decide_fleet
+from echo_env.cachetest.results import Decision, FleetResult, Verdict
+from echo_env.cachetest.workload import Prompt, key_of
+from echo_env.measure.figures import PhaseFigures
+from echo_env.measure.fleet import FleetCeilings, FleetEvidence, probe_router
+from echo_env.measure.phase import CounterProbe
+from echo_env.measure.replicas import FleetCounterProbe, ReplicaProbe, fleet_evidence, phase_ceilings_of
+from echo_env.measure.tokens import TokenIds
+from echo_env.serving.info import ServerFacts, server_root
+from echo_env.serving.metrics import CacheCounters
+from echo_env.serving.target import OpenServer
+
+log = logging.getLogger(__name__)
+
+_SEVERITY: dict[Verdict, int] = {"PASS": 0, "UNKNOWN": 1, "FAIL": 2}
+
+
+def join_decisions(cache: Decision, routing: Decision) -> Decision:
+    """The test's verdict on a fleet: the cache verdict and the routing verdict, the worse one deciding.
+
+    FAIL beats UNKNOWN beats PASS. On a tie the cache verdict's reason leads (a cache that
+    does not work explains a routing figure, not the other way round); when both pass, the
+    reason names both. The checks are the cache's, then the routing's.
+
+    Args:
+        cache: The verdict on the prefix cache (:func:`echo_env.cachetest.verdict.decide`).
+        routing: The routing verdict.
+
+    Returns:
+        The joined decision.
+    """
+    checks = (*cache.checks, *routing.checks)
+    if _SEVERITY[routing.verdict] > _SEVERITY[cache.verdict]:
+        return Decision(routing.verdict, f"routing: {routing.reason}", routing.reason_id, checks)
+    if cache.verdict == "PASS":
+        return Decision("PASS", f"{cache.reason}; {routing.reason}", cache.reason_id, checks)
+    return Decision(cache.verdict, cache.reason, cache.reason_id, checks)
+
+
+def warm_ceilings(
+    ids: Mapping[str, TokenIds], cold: Sequence[Prompt], warm: Sequence[Prompt], block_size: int | None, replicas: int
+) -> FleetCeilings | None:
+    """The warm burst's fleet ceilings, the cold prompt sent before it; each distinct prompt is a group.
+
+    Args:
+        ids: Token ids by prompt key (:func:`~echo_env.cachetest.workload.key_of`).
+        cold: The prompts sent before the burst.
+        warm: The burst's prompts, in send order.
+        block_size: The cache block size (None: unknown, no ceilings).
+        replicas: How many replicas.
+
+    Returns:
+        The ceilings, or None when a prompt was not tokenized or the block size is unknown.
+    """
+    keys_cold, keys_warm = [key_of(p) for p in cold], [key_of(p) for p in warm]
+    if block_size is None or not keys_warm or any(k not in ids for k in (*keys_cold, *keys_warm)):
+        return None
+    return phase_ceilings_of(
+        [ids[k] for k in keys_cold], keys_cold, [ids[k] for k in keys_warm], keys_warm, block_size, replicas
+    )
+
+
+class FleetWatch:
+    """The runner's view of a fleet: the fleet-wide counter probe, and per-replica reads around the warm burst.
+
+    Args:
+        replicas: The per-replica reader (None: the target is a router whose replicas are unknown).
+        policy: The router's policy, when known.
+        rules: The routing verdict's thresholds.
+        hint: Replica URLs the router listed, for a router given without ``replica_urls``.
+    """
+
+    def __init__(
+        self, replicas: ReplicaProbe | None, policy: str | None, rules: FleetRules, hint: Sequence[str] = ()
+    ) -> None:
+        self.replicas = replicas
+        self.policy = policy
+        self.rules = rules
+        self.hint = tuple(hint)
+        self.probe: CounterProbe = (
+            FleetCounterProbe(replicas)
+            if replicas is not None
+            else CounterProbe(
+                None,
+                "base_url is a router: its /metrics answers for one replica per call, so its counters are not used; "
+                "pass replica_urls= to read each replica",
+            )
+        )
+        """What measures every phase: the replicas' summed counters (none through a bare router)."""
+        self._before: list[CacheCounters | None] = []
+
+    async def before_warm(self) -> None:
+        """Read every replica just before the warm burst."""
+        if self.replicas is not None:
+            self._before = await self.replicas.counters()
+
+    async def after_warm(
+        self, figures: PhaseFigures, ids: Mapping[str, TokenIds], cold: Sequence[Prompt], warm: Sequence[Prompt],
+        block_size: int | None,
+    ) -> FleetResult:  # fmt: skip
+        """Read every replica after the warm burst; the burst's evidence and routing verdict.
+
+        Args:
+            figures: The warm burst's figures (its finished requests are the ones sent).
+            ids: Token ids by prompt key.
+            cold: The prompts sent before the burst.
+            warm: The burst's prompts.
+            block_size: The cache block size.
+        """
+        if self.replicas is None:
+            evidence = FleetEvidence(
+                (), None, figures.finished, policy=self.policy, metrics_source="router", replica_urls_hint=self.hint
+            )
+        else:
+            after = await self.replicas.counters()
+            n = len(self.replicas.urls)
+            evidence = fleet_evidence(
+                self.replicas.urls, self._before or [None] * n, after, requests_sent=figures.finished,
+                ceilings=warm_ceilings(ids, cold, warm, block_size, n), policy=self.policy,
+                metrics_source=self.replicas.source,
+            )  # fmt: skip
+        return FleetResult(evidence, decide_fleet(evidence, self.rules))
+
+
+async def watch_fleet(
+    server: OpenServer, facts: ServerFacts, rules: FleetRules, api_key: str | None = None
+) -> FleetWatch | None:
+    """A :class:`FleetWatch` when the server is a fleet, else None (one server: nothing changes).
+
+    A server given with ``replica_urls`` (or started as an embedded fleet) is read replica
+    by replica, through Prometheus when the server names one. Any other server is asked
+    whether it is a router; a router's replicas are then named in the routing verdict's
+    message, and its own counters are left unused.
+
+    Args:
+        server: The open server (its ``replica_urls``, ``prometheus_url`` and ``policy``).
+        facts: What the server said about itself (the metric names' adapter, the model).
+        rules: The routing verdict's thresholds.
+        api_key: Bearer token for the replicas' pages.
+    """
+    if server.replica_urls:
+        probe = ReplicaProbe(
+            server.replica_urls, model_name=facts.model, api_key=api_key, kind=facts.kind,
+            prometheus_url=server.prometheus_url,
+        )  # fmt: skip
+        return FleetWatch(probe, server.policy, rules)
+    if server.embedded or facts.metrics_url is None:
+        return None
+    listed = await probe_router(server_root(server.base_url))
+    if listed is None:
+        return None
+    log.warning("%s is a router in front of %s: pass replica_urls= to read each replica", server.base_url, listed)
+    return FleetWatch(None, server.policy, rules, hint=listed)
