@@ -88,8 +88,8 @@ lint: $(STAMP_CORE)
 # The fleet tests run in a pytest of their own: two replicas (13 GB) must not share the
 # machine with the session's engine (6.5 GB).
 test: $(STAMP_ENGINE) $(STAMP_RL) $(STAMP_FLEET) $(LLAMA_SERVER) $(PROMETHEUS) lint
-	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q -m "not fleet" $(ARGS)
-	ECHO_ENV_REQUIRE_FLEET=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q -m fleet $(ARGS)
+	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q -m "not fleet" --durations=25 $(ARGS)
+	ECHO_ENV_REQUIRE_FLEET=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q -m fleet --durations=10 $(ARGS)
 	ECHO_ENV_BENCH_RESULTS=$(ECHO_ENV_CACHE)/bench-results $(PY) benchmarks/run_all.py --quick
 
 # Kept for old habits: the same as test.

@@ -68,6 +68,7 @@ def test_command_line_compare_without_cache_restarts_the_embedded_engine(tmp_pat
         "batch_size=4",
         "group_size=4",
         "max_repeats=4",
+        "ttft_burst=4",
         f"out_dir={out}",
     ]
     proc = subprocess.run(

@@ -473,7 +473,7 @@ def test_server_killed_mid_run_ends_the_command_with_partial_results(
     args = ["batch_size=4", "group_size=4", "max_repeats=3", "max_tokens=8", f"timeout_s={timeout_s}", f"out_dir={out}"]
     proc = _cli(f"base_url={own_engine.base_url}", *args)
     try:
-        # Repeat 0's cold, warm and warm_single phases are on disk: the control phase is in flight.
+        # The cold, warm and warm_single phases are on disk: the first TTFT burst is in flight.
         _wait_for(lambda: len(_lines(out / "requests.jsonl")) >= 17, 300, "three phases", proc)
         time.sleep(0.3)
         _killpg(pgid, signal.SIGKILL)
@@ -499,5 +499,6 @@ def test_server_killed_mid_run_ends_the_command_with_partial_results(
     # Every request of the phase that was cut off is accounted for: finished or failed, once.
     last = (rows[-1]["phase"], rows[-1]["repeat"])
     in_last = [r for r in rows if (r["phase"], r["repeat"]) == last]
-    assert len(in_last) == (1 if last[0] in ("cold", "warm_single") else 15)
+    sizes = {"cold": 1, "warm_single": 1, "warm": 15, "ttft_warm": 8, "ttft_control": 8}  # 4 x 4 agents, bursts of 8
+    assert len(in_last) == sizes[last[0]], last
     assert len({r["request_id"] for r in rows}) == len(rows)

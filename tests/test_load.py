@@ -214,15 +214,16 @@ print(json.dumps({{"ok": r.succeeded, "failed": r.failed, "peak": r.peak_in_flig
 
 
 @pytest.mark.engine
-@pytest.mark.timeout(1200)
-def test_4096_agents_against_the_embedded_engine(engine: Any) -> None:
+@pytest.mark.timeout(600)
+def test_1024_agents_against_the_embedded_engine(engine: Any) -> None:
+    """128 requests in flight for the whole step; 1024 agents take ~50 s on 2 cores (4096 took 208 s)."""
     concurrency = 128
     task = EchoTask(system_prompt="Repeat the word you are given, as 'Echo: <word>'.")
     model = engine.served_model_name
-    result = _load(engine.base_url, model, batch_size=256, group_size=16, max_concurrency=concurrency, task=task)
-    assert result.agents == result.records == 4096
+    result = _load(engine.base_url, model, batch_size=64, group_size=16, max_concurrency=concurrency, task=task)
+    assert result.agents == result.records == 1024
     assert result.succeeded + result.failed == result.records and result.failed == 0
-    assert result.attempts == 4096, "a retry under load means a request timed out or was refused"
+    assert result.attempts == 1024, "a retry under load means a request timed out or was refused"
     assert result.peak_in_flight == concurrency
     assert result.extra_fds <= 2 * concurrency + 32
     assert result.extra_rss_mb < 1024

@@ -57,8 +57,9 @@ def test_default_workload_passes_near_the_ceiling(engine: Any, tmp_path: Path) -
 
 def test_caching_disabled_server_fails_with_that_reason(engine_off: Any, tmp_path: Path) -> None:
     config = build(
-        PrefixTestConfig, base_url=engine_off.base_url, batch_size=4, group_size=4, max_repeats=3, out_dir=str(tmp_path)
-    )
+        PrefixTestConfig, base_url=engine_off.base_url, batch_size=4, group_size=4, max_repeats=3, ttft_burst=4,
+        out_dir=str(tmp_path),
+    )  # fmt: skip
     result = run_prefix_test(config, show_progress=False)
     assert result.verdict == "FAIL" and result.exit_code == 1
     assert result.decision.reason_id == "caching_enabled"
@@ -71,8 +72,10 @@ def test_cache_on_vs_off_with_a_baseline_server(engine: Any, engine_off: Any, tm
         PrefixTestConfig,
         base_url=engine.base_url,
         baseline_url=engine_off.base_url,
-        batch_size=8,
-        group_size=8,
+        batch_size=4,
+        group_size=4,
+        ttft_burst=4,
+        max_repeats=4,
         out_dir=str(tmp_path),
     )
     result = run_prefix_test(config, show_progress=False)
@@ -93,6 +96,8 @@ def test_a_token_that_varies_before_the_prefix_is_found(engine: Any, tmp_path: P
         batch_size=2,
         group_size=2,
         vary_before_prefix=True,
+        ttft_burst=4,
+        max_repeats=3,
         out_dir=str(tmp_path),
     )
     result = run_prefix_test(config, show_progress=False)
@@ -105,7 +110,7 @@ def test_a_token_that_varies_before_the_prefix_is_found(engine: Any, tmp_path: P
 def test_prompt_format_tokens_plans_the_ids_it_sends(engine: Any, tmp_path: Path) -> None:
     config = build(
         PrefixTestConfig, base_url=engine.base_url, batch_size=4, group_size=2, prompt_format="tokens",
-        out_dir=str(tmp_path),
+        ttft_burst=4, out_dir=str(tmp_path),
     )  # fmt: skip
     result = run_prefix_test(config, show_progress=False)
     assert result.runs[0].evidence.prefix.tokenized_by == "local"

@@ -48,7 +48,7 @@ from echo_env.measure.phase import CounterProbe, measure_phase
 from echo_env.measure.stats import EffectDecision, sequential_decision
 from echo_env.measure.tokens import first_difference, plan_tokens
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.serving.client import LLMClient, RequestRecord
 from echo_env.serving.info import ServerFacts, read_server_facts, tokenize_prompts
 from echo_env.serving.target import OpenServer, open_target
 
@@ -278,14 +278,7 @@ async def _measure_server(
     config: PrefixTestConfig, state: _State, server: OpenServer, run_id: str, hook: PhaseHook
 ) -> None:
     target = config.server
-    client_cfg = ClientConfig(
-        base_url=server.base_url,
-        model=server.model,
-        api_key=target.resolved_api_key,
-        timeout_s=target.timeout_s,
-        max_concurrency=target.max_concurrency,
-    )
-    async with LLMClient(client_cfg) as client:
+    async with LLMClient(target.client_config(server)) as client:
         model = await client.model()
         metrics_url = target.metrics_url if state.label == "cache_on" else None
         facts = await read_server_facts(

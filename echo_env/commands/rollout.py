@@ -80,17 +80,10 @@ async def _rollout(config: RolloutConfig, server: OpenServer) -> dict[str, Any]:
     from echo_env.envs.parallel import EchoPrefixParallelEnv
     from echo_env.envs.wrappers import ParallelTimingWrapper
     from echo_env.report.files import write_json_file, write_records
-    from echo_env.serving.client import ClientConfig, LLMClient
+    from echo_env.serving.client import LLMClient
 
     target = config.server
-    client_cfg = ClientConfig(
-        base_url=server.base_url,
-        model=server.model,
-        api_key=target.resolved_api_key,
-        timeout_s=target.timeout_s,
-        max_concurrency=target.max_concurrency,
-    )
-    async with LLMClient(client_cfg) as client:
+    async with LLMClient(target.client_config(server)) as client:
         model = await client.model()
         tokenizer = None
         if config.prompt_format == "tokens":

@@ -25,22 +25,10 @@ from echo_env.errors import MetricsError
 from echo_env.measure.fleet import FleetCeilings, FleetEvidence, MetricsSource, fleet_ceilings, replica_figures
 from echo_env.measure.phase import CounterProbe
 from echo_env.measure.tokens import TokenIds
-from echo_env.serving.metrics import CacheCounters, MetricsReader, Snapshot
+from echo_env.serving.metrics import COUNTER_FIELDS, CacheCounters, MetricsReader, Snapshot
 from echo_env.serving.prometheus import PrometheusReader
 
 log = logging.getLogger(__name__)
-
-_SUMMED = (
-    "queries",
-    "hits",
-    "prompt_tokens",
-    "cached_prompt_tokens",
-    "external_queries",
-    "external_hits",
-    "requests",
-    "ttft_sum",
-    "ttft_count",
-)
 
 
 def sum_counters(parts: Sequence[CacheCounters]) -> CacheCounters:
@@ -60,7 +48,7 @@ def sum_counters(parts: Sequence[CacheCounters]) -> CacheCounters:
     if not parts:
         return CacheCounters(source="none")
     values: dict[str, float | None] = {}
-    for name in (*_SUMMED, "started_at"):
+    for name in (*COUNTER_FIELDS, "started_at"):
         got = [getattr(p, name) for p in parts]
         values[name] = math.fsum(got) if all(v is not None for v in got) else None
     buckets = None

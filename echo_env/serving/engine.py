@@ -18,21 +18,21 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 from echo_env.errors import ConfigError, EngineError
 from echo_env.interrupts import sigterm_as_interrupt
 from echo_env.serving.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir, resolve_model
+from echo_env.serving.process import HOST, ChildServer, ServerProcess, ensure_dir, log_path
+
+# Re-exported: callers found these here before serving/process.py held them.
+from echo_env.serving.process import find_free_port as find_free_port
+from echo_env.serving.process import group_members as group_members
 
 INSTALL_HINT = (
     "pip install 'echo-prefix-env[engine]' (or `make install-engine`) for vLLM's CPU build; "
@@ -40,18 +40,9 @@ INSTALL_HINT = (
 )
 """How to install the engine."""
 
-HOST = "127.0.0.1"
-"""The only address the engine listens on: it has no authentication, so never 0.0.0.0."""
-
-STOP_TIMEOUT_S = 20.0
-"""How long :meth:`EmbeddedEngine.stop` waits after SIGTERM before it sends SIGKILL."""
-
-_LOG_TAIL_LINES = 30
-_HEALTH_POLL_S = 0.5
 # ZeroMQ IPC sockets live at $TMPDIR/<uuid4>; a Unix socket path is capped at 107
 # bytes, so a deep cache folder cannot also hold them.
 _MAX_SOCKET_DIR_CHARS = 64
-_PORT_RETRIES = 3
 # "ValueError: ...", "torch.OutOfMemoryError: ...", pydantic's "Value error, ...".
 _ERROR_LINE = re.compile(r"^(?:[\w.]+(?:Error|Exception)\b.*|Value error, .*)")
 # Lower-cased log phrases that point at a cause, for the start-up error message.
@@ -147,20 +138,6 @@ class EngineConfig:
         return self.model
 
 
-def find_free_port(host: str = HOST) -> int:
-    """A TCP port nothing listens on right now (another process may still take it later).
-
-    Args:
-        host: The address the port must be free on.
-
-    Returns:
-        The port number.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def check_vllm_installed() -> None:
     """Make sure vLLM can be started from this Python, without importing it (slow).
 
@@ -224,7 +201,7 @@ def is_cpu_only() -> bool:
     return not (Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi"))
 
 
-class EmbeddedEngine:
+class EmbeddedEngine(ChildServer):
     """A vLLM server child process, from start until stop.
 
     Use it as a context manager (``with EmbeddedEngine(config) as engine:``) or call
@@ -232,69 +209,28 @@ class EmbeddedEngine:
     included, stops the server; so does interpreter exit (``atexit``).
     """
 
+    _name = "the engine"
+    _process_name = "the vLLM server"
+
     def __init__(self, config: EngineConfig | None = None) -> None:
         """Prepare, without starting anything.
 
         Args:
             config: How to run the server; ``None`` means ``EngineConfig()``.
         """
+        super().__init__()
         self.config = config if config is not None else EngineConfig()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._port: int | None = None
-        self._log_path: Path | None = None
         # Per-run scratch folders (TMPDIR, and the socket folder when TMPDIR is too deep
         # for a Unix socket path): vLLM leaves its IPC socket files behind, so stop()
         # removes these.
         self._scratch_dirs: list[Path] = []
-
-    # ----- addresses -------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The port the server listens on (known once started)."""
-        if self._port is None:
-            raise EngineError("the engine has not been started: call start() or use it in a `with` block")
-        return self._port
-
-    @property
-    def server_url(self) -> str:
-        """``http://127.0.0.1:PORT``: the server root (``/health``, ``/metrics``)."""
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT/v1``: what an OpenAI client takes as ``base_url``."""
-        return f"{self.server_url}/v1"
-
-    @property
-    def metrics_url(self) -> str:
-        """The Prometheus metrics page."""
-        return f"{self.server_url}/metrics"
 
     @property
     def served_model_name(self) -> str:
         """The name clients send as ``model``."""
         return self.config.resolved_served_model_name
 
-    @property
-    def log_path(self) -> Path:
-        """The server's combined stdout/stderr log."""
-        if self._log_path is None:
-            raise EngineError("the engine has not been started: call start() or use it in a `with` block")
-        return self._log_path
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id (also its process group id), or ``None`` when not running."""
-        return self._proc.pid if self._proc is not None else None
-
-    def is_running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    # ----- lifecycle -------------------------------------------------------------
-
-    def start(self) -> EmbeddedEngine:
+    def start(self) -> Self:
         """Start the server and wait until it answers ``/health``.
 
         Returns:
@@ -305,84 +241,27 @@ class EmbeddedEngine:
                 in time; the message holds the end of its log and the likely fix.
             ModelError: The model could not be prepared or found.
         """
-        if self._proc is not None:
-            raise EngineError(f"the engine is already running (pid {self._proc.pid}): stop() it first")
+        self._check_not_running()
         check_vllm_installed()
         model = resolve_model(self.config.model, self.config.cache_dir)
-        # A port found free can be taken by someone else before vLLM binds it; only a
-        # port we picked ourselves is worth picking again.
-        attempts_left = 1 if self.config.port is not None else _PORT_RETRIES
-        # A restart keeps its address when it can, so clients holding base_url still work.
-        previous_port = self._port
-        while True:
-            attempts_left -= 1
-            if self.config.port is not None:
-                port = self.config.port
-            elif previous_port is not None:
-                port, previous_port = previous_port, None
-            else:
-                port = find_free_port()
-            try:
-                self._launch(model, port)
-                self._wait_healthy()
-                return self
-            except EngineError:
-                lost_port_race = "address already in use" in self._log_tail().lower()
-                self.stop()
-                if not (lost_port_race and attempts_left > 0):
-                    raise
-            except BaseException:
-                # Ctrl-C during the minute-long start: __exit__ will not run, so stop here.
-                self.stop()
-                raise
+        self._start_on_port(self.config.port, lambda port: self._launch(model, port))
+        return self
 
     def stop(self) -> None:
-        """Stop the server and every process it started. Safe to call more than once.
+        """Stop the server and every process it started (the API server and its EngineCore).
 
-        SIGTERM goes to the whole process group (the API server and its EngineCore);
-        whatever is still alive after ``STOP_TIMEOUT_S`` gets SIGKILL.
+        Safe to call more than once; see :meth:`ChildServer.stop`.
         """
-        proc, self._proc = self._proc, None
-        if proc is None:
-            self._remove_scratch()
-            return
-        atexit.unregister(self.stop)
-        pgid = proc.pid  # start_new_session=True made the server its own group leader
         try:
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while time.monotonic() < deadline:
-                proc.poll()  # reap the leader, or it stays a zombie member of the group
-                if not _group_alive(pgid):
-                    break
-                time.sleep(0.1)
-            else:
-                _signal_group(pgid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-                deadline = time.monotonic() + 5
-                while _group_alive(pgid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+            super().stop()
         finally:
-            # Ctrl-C during the wait must not leave the server behind.
-            if _group_alive(pgid):
-                _signal_group(pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
             self._remove_scratch()
 
     def _remove_scratch(self) -> None:
+        atexit.unregister(self._remove_scratch)
         for scratch in self._scratch_dirs:
             shutil.rmtree(scratch, ignore_errors=True)
         self._scratch_dirs.clear()
-
-    def __enter__(self) -> EmbeddedEngine:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # ----- internals -------------------------------------------------------------
 
@@ -423,9 +302,11 @@ class EmbeddedEngine:
         env = dict(os.environ)
         env["VLLM_NO_USAGE_STATS"] = "1"
         env["DO_NOT_TRACK"] = "1"
-        env["VLLM_CACHE_ROOT"] = str(_ensure_dir(cache / "vllm"))
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(_ensure_dir(cache / "torchinductor"))
-        tmp = Path(tempfile.mkdtemp(prefix="engine-", dir=_ensure_dir(cache / "tmp")))
+        env["VLLM_CACHE_ROOT"] = str(ensure_dir(cache / "vllm"))
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(ensure_dir(cache / "torchinductor"))
+        tmp = Path(tempfile.mkdtemp(prefix="engine-", dir=ensure_dir(cache / "tmp")))
+        # Registered before the server starts, so at exit it runs after the server is stopped.
+        atexit.register(self._remove_scratch)
         self._scratch_dirs.append(tmp)
         env["TMPDIR"] = str(tmp)
         if len(str(tmp)) > _MAX_SOCKET_DIR_CHARS:
@@ -434,7 +315,7 @@ class EmbeddedEngine:
             env["VLLM_RPC_BASE_PATH"] = str(sockets)
         if Path(model).is_dir():
             # A local folder needs no network; offline also stops vLLM probing the hub.
-            env["HF_HOME"] = str(_ensure_dir(cache / "hf"))
+            env["HF_HOME"] = str(ensure_dir(cache / "hf"))
             env["HF_HUB_OFFLINE"] = "1"
         # For a hub id, keep the user's HF_HOME: that is where their downloads already are.
         if cfg.dev_mode:
@@ -446,49 +327,17 @@ class EmbeddedEngine:
         return env
 
     def _launch(self, model: str, port: int) -> None:
-        logs = _ensure_dir(self.config.resolved_cache_dir / "logs")
         self._port = port
-        self._log_path = logs / f"engine-{port}.log"
+        self._log_path = log_path(self.config.resolved_cache_dir, f"engine-{port}.log")
         env = self._environment(model)
-        cmd = self.command(model, port)
-        with self._log_path.open("wb") as log:
-            log.write(("$ " + " ".join(cmd) + "\n").encode())
-            log.flush()
-            try:
-                # Own session: Ctrl-C in the terminal reaches only us, and stop() can
-                # signal the server together with the EngineCore process it spawns.
-                self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,
-                )  # fmt: skip
-            except OSError as exc:
-                raise EngineError(f"cannot start {sys.executable}: {exc}") from exc
-        atexit.register(self.stop)
-
-    def _wait_healthy(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        health = f"{self.server_url}/health"
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                raise self._startup_error(f"the vLLM server exited during start-up (exit status {code})", code)
-            if _http_ok(health):
-                return
-            if time.monotonic() > deadline:
-                raise self._startup_error(
-                    f"the vLLM server did not answer {health} within {self.config.startup_timeout_s:.0f} s", None
-                )
-            time.sleep(_HEALTH_POLL_S)
-
-    def _log_tail(self) -> str:
-        if self._log_path is None:
-            return ""
         try:
-            with self._log_path.open("r", encoding="utf-8", errors="replace") as handle:
-                return "".join(deque(handle, maxlen=_LOG_TAIL_LINES))
-        except OSError:
-            return ""
+            self._child = ServerProcess(self.command(model, port), self._log_path, env)
+        except OSError as exc:
+            raise EngineError(f"cannot start {sys.executable}: {exc}") from exc
+
+    @property
+    def _startup_timeout_s(self) -> float:
+        return self.config.startup_timeout_s
 
     def _startup_error(self, what: str, exit_code: int | None) -> EngineError:
         tail = self._log_tail()
@@ -562,55 +411,6 @@ def _last_error_line(log_tail: str, limit: int = 300) -> str:
     return ""
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status) == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in a process group, from ``/proc``.
-
-    Args:
-        pgid: The process group id.
-
-    Returns:
-        Their pids; empty when ``/proc`` is unavailable and the group is gone.
-    """
-    proc_root = Path("/proc")
-    if not proc_root.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
-    members = []
-    for entry in proc_root.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state, ppid, pgrp, ...
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
-
-
-def _group_alive(pgid: int) -> bool:
-    # Zombies answer kill(0) too, so ask /proc for processes that are really running.
-    return bool(group_members(pgid))
-
-
 def _cpu_list(cpus: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``: the form VLLM_CPU_OMP_THREADS_BIND takes."""
     ranges: list[str] = []
@@ -622,11 +422,3 @@ def _cpu_list(cpus: list[int]) -> str:
         ranges.append(f"{start}-{prev}" if prev > start else str(start))
         start = prev = cpu
     return ",".join(ranges)
-
-
-def _ensure_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EngineError(f"cannot create {path}: {exc}; set ECHO_ENV_CACHE to a writable folder") from exc
-    return path

@@ -27,29 +27,20 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
 from echo_env.errors import ConfigError, EngineError
-from echo_env.serving.engine import (
-    HOST,
-    STOP_TIMEOUT_S,
-    EmbeddedEngine,
-    EngineConfig,
-    find_free_port,
-    group_members,
-    is_cpu_only,
-)
+from echo_env.serving.engine import EmbeddedEngine, EngineConfig, is_cpu_only
+from echo_env.serving.model import default_cache_dir
+from echo_env.serving.process import HOST, ServerProcess, find_free_port, log_path
 
 POLICIES = ("round_robin", "random", "cache_aware", "consistent_hash", "power_of_two", "sticky_least_loaded")
 """The router policies a fleet accepts (vllm-router 0.1.17 also has ``kv_aware``, which needs KV-event sources)."""
@@ -74,7 +65,6 @@ REPLICA_BASE_GIB = 4.5
 replicas at 1 GiB KV each took 9.8 GiB resident and lowered MemAvailable by 9.1 GiB)."""
 
 _ROUTER_POLL_S = 0.2
-_LOG_TAIL_LINES = 30
 
 
 @dataclass(frozen=True)
@@ -283,11 +273,10 @@ def kv_events_config(endpoint: str) -> str:
 class _Router:
     """The router process and where it listens."""
 
-    proc: subprocess.Popen[bytes]
+    process: ServerProcess
     port: int
     prometheus_port: int
     policy: str
-    log_path: Path
 
 
 @dataclass
@@ -380,11 +369,11 @@ class EmbeddedFleet:
         """The router's log."""
         if self._router is None:
             raise EngineError("the router is not running")
-        return self._router.log_path
+        return self._router.process.log_path
 
     def is_running(self) -> bool:
         """Whether the router and every replica are alive."""
-        router_alive = self._router is not None and self._router.proc.poll() is None
+        router_alive = self._router is not None and self._router.process.is_running()
         return router_alive and bool(self.replicas) and all(r.is_running() for r in self.replicas)
 
     # ----- lifecycle -------------------------------------------------------------
@@ -516,49 +505,34 @@ class EmbeddedFleet:
 
     def _start_router(self, policy: str) -> None:
         assert self._router_port is not None and self._prometheus_port is not None
-        logs = (self.config.cache_dir or _default_cache_dir()) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"router-{self._router_port}.log"
+        log = log_path(self.config.cache_dir or default_cache_dir(), f"router-{self._router_port}.log")
         cmd = router_command(
             self._router_port, self.replica_urls, policy, self._prometheus_port, self.config.router_args
         )
         started = time.perf_counter()
-        with log_path.open("wb") as log:
-            log.write(("$ " + " ".join(cmd) + "\n").encode())
-            log.flush()
-            try:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env={**os.environ, "NO_COLOR": "1"}, start_new_session=True,
-                )  # fmt: skip
-            except OSError as exc:
-                raise EngineError(f"cannot start vllm-router with {sys.executable}: {exc}") from exc
-        self._router = _Router(proc, self._router_port, self._prometheus_port, policy, log_path)
-        self._wait_router_ready()
-        self.timings.router_s.append(time.perf_counter() - started)
+        try:
+            process = ServerProcess(cmd, log, {**os.environ, "NO_COLOR": "1"})
+        except OSError as exc:
+            raise EngineError(f"cannot start vllm-router with {sys.executable}: {exc}") from exc
+        self._router = _Router(process, self._router_port, self._prometheus_port, policy)
+        readiness = f"http://{HOST}:{self._router_port}/readiness"
+        workers = len(self.replicas)
+        timeout_s = self.config.router_timeout_s
 
-    def _wait_router_ready(self) -> None:
-        router = self._router
-        assert router is not None
-        deadline = time.monotonic() + self.config.router_timeout_s
-        readiness = f"http://{HOST}:{router.port}/readiness"
-        while True:
-            code = router.proc.poll()
+        def failed(code: int | None) -> EngineError:
             if code is not None:
-                raise self._router_error(f"vllm-router exited during start-up (exit status {code})")
-            if _ready(readiness, len(self.replicas)):
-                return
-            if time.monotonic() > deadline:
-                raise self._router_error(
-                    f"vllm-router did not report {len(self.replicas)} healthy workers at {readiness} within "
-                    f"{self.config.router_timeout_s:.0f} s"
-                )
-            time.sleep(_ROUTER_POLL_S)
+                return self._router_error(f"vllm-router exited during start-up (exit status {code})")
+            return self._router_error(
+                f"vllm-router did not report {workers} healthy workers at {readiness} within {timeout_s:.0f} s"
+            )
+
+        process.wait_ready(lambda: _ready(readiness, workers), timeout_s, _ROUTER_POLL_S, failed)
+        self.timings.router_s.append(time.perf_counter() - started)
 
     def _router_error(self, what: str) -> EngineError:
         assert self._router is not None
-        log_path = self._router.log_path
-        tail = _tail(log_path)
+        router_log = self._router.process.log_path
+        tail = self._router.process.tail().rstrip()
         lowered = tail.lower()
         if "address already in use" in lowered:
             fix = "another process took the router's port; start the fleet again"
@@ -569,38 +543,13 @@ class EmbeddedFleet:
         else:
             fix = "read the router log below"
         self._stop_router()
-        return EngineError(f"{what}. Fix: {fix}\nLog: {log_path}\n--- last lines ---\n{tail}")
+        return EngineError(f"{what}. Fix: {fix}\nLog: {router_log}\n--- last lines ---\n{tail}")
 
     def _stop_router(self) -> None:
         router, self._router = self._router, None
         if router is None:
             return
-        stop_group(router.proc)
-
-
-def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM a child's whole process group, SIGKILL what is left after ``timeout_s``.
-
-    Args:
-        proc: A child started with ``start_new_session=True`` (its pid is its group id).
-        timeout_s: How long to wait after SIGTERM.
-    """
-    pgid = proc.pid
-    try:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            proc.poll()
-            if not group_members(pgid):
-                break
-            time.sleep(0.05)
-    finally:
-        if group_members(pgid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+        router.process.stop()
 
 
 def _ready(url: str, workers: int) -> bool:
@@ -613,17 +562,3 @@ def _ready(url: str, workers: int) -> bool:
         return False
     healthy = body.get("healthy_workers") if isinstance(body, dict) else None
     return healthy is None or int(healthy) >= workers
-
-
-def _tail(path: Path) -> str:
-    try:
-        with path.open("r", encoding="utf-8", errors="replace") as handle:
-            return "".join(deque(handle, maxlen=_LOG_TAIL_LINES)).rstrip()
-    except OSError:
-        return ""
-
-
-def _default_cache_dir() -> Path:
-    from echo_env.serving.model import default_cache_dir
-
-    return default_cache_dir()

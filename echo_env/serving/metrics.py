@@ -500,7 +500,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-_DELTA_FIELDS = (
+COUNTER_FIELDS = (
     "queries",
     "hits",
     "prompt_tokens",
@@ -511,6 +511,7 @@ _DELTA_FIELDS = (
     "ttft_sum",
     "ttft_count",
 )
+"""The counters that add up: over replicas, and as differences between two snapshots."""
 
 
 def _bucket_delta(before: Buckets | None, after: Buckets | None) -> tuple[Buckets | None, bool]:
@@ -539,7 +540,7 @@ def delta(before: CacheCounters, after: CacheCounters) -> CounterDelta:
     """
     diffs: dict[str, float | None] = {}
     reset = before.started_at is not None and after.started_at is not None and before.started_at != after.started_at
-    for name in _DELTA_FIELDS:
+    for name in COUNTER_FIELDS:
         old, new = getattr(before, name), getattr(after, name)
         if old is None or new is None:
             diffs[name] = None

@@ -15,17 +15,13 @@ group and removes the folder.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -34,8 +30,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from echo_env.errors import EngineError
-from echo_env.serving.engine import HOST, find_free_port, group_members
 from echo_env.serving.model import default_cache_dir
+from echo_env.serving.process import HOST, ServerProcess, find_free_port, log_path, read_tail
 
 BINARY_ENV = "ECHO_ENV_PROMETHEUS"
 """Environment variable naming a ``prometheus`` binary to use instead of the fetched one."""
@@ -45,6 +41,7 @@ DEBIAN_PACKAGE = "prometheus"
 
 _FETCH_TIMEOUT_S = 300.0
 _READY_TIMEOUT_S = 30.0
+_POLL_S = 0.2
 _STOP_TIMEOUT_S = 10.0
 _LOG_TAIL_LINES = 20
 _FIX = f"or set {BINARY_ENV}=/path/to/prometheus (any Prometheus 2.x or 3.x binary)"
@@ -178,7 +175,7 @@ class EmbeddedPrometheus:
         self.ready_timeout_s = ready_timeout_s
         self.url = ""
         self.log_path = self.cache_dir / "logs" / "prometheus.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._process: ServerProcess | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> EmbeddedPrometheus:
@@ -203,37 +200,28 @@ class EmbeddedPrometheus:
         (folder / "prometheus.yml").write_text(scrape_config(self.targets, self.scrape_interval_s, self.job))
         port = find_free_port()
         self.url = f"http://{HOST}:{port}"
-        self.log_path = self.cache_dir / "logs" / f"prometheus-{port}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path(self.cache_dir, f"prometheus-{port}.log")
         cmd = [
             str(binary), f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
             f"--web.listen-address={HOST}:{port}", "--storage.tsdb.retention.time=1d",
         ]  # fmt: skip
-        with self.log_path.open("wb") as log:
-            log.write(("$ " + " ".join(cmd) + "\n").encode())
-            log.flush()
-            try:
-                self._proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            except OSError as exc:
-                self.stop()
-                raise EngineError(f"could not start {binary} ({exc}); {_FIX}.") from None
-        atexit.register(self.stop)
         try:
-            self._wait_ready()
+            self._process = ServerProcess(cmd, self.log_path, stop_timeout_s=_STOP_TIMEOUT_S)
+        except OSError as exc:
+            self.stop()
+            raise EngineError(f"could not start {binary} ({exc}); {_FIX}.") from None
+        try:
+            self._wait_ready(self._process)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, process: ServerProcess) -> None:
         """Wait for ``/-/ready`` and then for every target in ``/api/v1/targets`` (listed ~5 s after start)."""
-        deadline = time.monotonic() + self.ready_timeout_s
         ready = False
-        while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
-                code = self._proc.returncode if self._proc else None
-                raise self._error(f"Prometheus exited during start-up (status {code})")
+
+        def scraped() -> bool:
+            nonlocal ready
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 if not ready:
                     ready = httpx.get(f"{self.url}/-/ready", timeout=2.0).status_code == 200
@@ -241,36 +229,26 @@ class EmbeddedPrometheus:
                     body = httpx.get(f"{self.url}/api/v1/targets", timeout=2.0).json()
                     # Targets are listed together, once discovery runs; each is "unknown" until scraped.
                     listed = body["data"]["activeTargets"]
-                    if listed and all(t.get("health") != "unknown" for t in listed):
-                        return
-            time.sleep(0.2)
-        what = "every target to be scraped once" if ready else "/-/ready"
-        raise self._error(f"Prometheus at {self.url} did not get {what} within {self.ready_timeout_s:g} s")
+                    return bool(listed) and all(t.get("health") != "unknown" for t in listed)
+            return False
+
+        def failed(code: int | None) -> EngineError:
+            if code is not None:
+                return self._error(f"Prometheus exited during start-up (status {code})")
+            what = "every target to be scraped once" if ready else "/-/ready"
+            return self._error(f"Prometheus at {self.url} did not get {what} within {self.ready_timeout_s:g} s")
+
+        process.wait_ready(scraped, self.ready_timeout_s, _POLL_S, failed)
 
     def _error(self, what: str) -> EngineError:
-        try:
-            with self.log_path.open("r", encoding="utf-8", errors="replace") as handle:
-                tail = "".join(deque(handle, maxlen=_LOG_TAIL_LINES)).rstrip()
-        except OSError:
-            tail = ""
+        tail = read_tail(self.log_path, _LOG_TAIL_LINES).rstrip()
         return EngineError(f"{what}. Log: {self.log_path}\n--- last lines ---\n{tail}")
 
     def stop(self) -> None:
         """Stop Prometheus (its whole process group) and remove its storage. Safe to call twice."""
-        proc, self._proc = self._proc, None
-        atexit.unregister(self.stop)
-        if proc is not None:
-            pgid = proc.pid  # start_new_session=True: its own group leader
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + _STOP_TIMEOUT_S
-            while time.monotonic() < deadline and (proc.poll() is None or group_members(pgid)):
-                time.sleep(0.05)
-            if proc.poll() is None or group_members(pgid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
+        process, self._process = self._process, None
+        if process is not None:
+            process.stop()
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
             tmp.cleanup()

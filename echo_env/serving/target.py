@@ -20,9 +20,13 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from echo_env.errors import ConfigError
 from echo_env.serving.fleet import POLICIES as ROUTER_POLICIES
+
+if TYPE_CHECKING:
+    from echo_env.serving.client import ClientConfig
 
 PROMETHEUS_EMBEDDED = "embedded"
 """The ``prometheus_url`` value that starts a Prometheus scraping the replicas for the run."""
@@ -157,6 +161,22 @@ class ServerTarget:
     def resolved_api_key(self) -> str | None:
         """The key in effect: the configured one, else ``OPENAI_API_KEY``."""
         return self.api_key or os.environ.get("OPENAI_API_KEY") or None
+
+    def client_config(self, server: OpenServer) -> ClientConfig:
+        """The LLM client's settings for ``server``, opened from this target.
+
+        Args:
+            server: The server :func:`open_target` opened.
+        """
+        from echo_env.serving.client import ClientConfig  # aiohttp and openai load slowly
+
+        return ClientConfig(
+            base_url=server.base_url,
+            model=server.model,
+            api_key=self.resolved_api_key,
+            timeout_s=self.timeout_s,
+            max_concurrency=self.max_concurrency,
+        )
 
 
 @dataclass(frozen=True)
