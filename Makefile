@@ -19,7 +19,7 @@ LLAMA_SERVER := $(ECHO_ENV_CACHE)/llama.cpp/0.3.36/bin/llama-server
 # tests that read replica counters through Prometheus's HTTP API.
 PROMETHEUS := $(ECHO_ENV_CACHE)/prometheus/usr/bin/prometheus
 
-.PHONY: run test test-all test-fast lint install install-engine install-rl install-fleet llama-server prometheus serve bench-quick clean
+.PHONY: run test test-all test-fast lint chromium install install-engine install-rl install-fleet llama-server prometheus serve bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,16 @@ $(LLAMA_SERVER): | $(STAMP_CORE)
 	$(PIP) install -q -e '.[llamacpp]'
 	$(PY) -m echo_env.serving.llamacpp_build
 
+# Headless Chromium from Debian's package, for the test that opens report.html as a user
+# would (needs root, as CI has; elsewhere: sudo make chromium).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+chromium: $(CHROMIUM)
+
 $(PROMETHEUS): | $(STAMP_CORE)
 	$(PY) -m echo_env.serving.prometheus_server
 
@@ -87,8 +97,8 @@ lint: $(STAMP_CORE)
 # turn a missing part into an error instead of skipped tests.
 # The fleet tests run in a pytest of their own: two replicas (13 GB) must not share the
 # machine with the session's engine (6.5 GB).
-test: $(STAMP_ENGINE) $(STAMP_RL) $(STAMP_FLEET) $(LLAMA_SERVER) $(PROMETHEUS) lint
-	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q -m "not fleet" --durations=25 $(ARGS)
+test: $(STAMP_ENGINE) $(STAMP_RL) $(STAMP_FLEET) $(LLAMA_SERVER) $(PROMETHEUS) $(CHROMIUM) lint
+	ECHO_ENV_REQUIRE_RL=1 ECHO_ENV_REQUIRE_LLAMACPP=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 ECHO_ENV_REQUIRE_CHROMIUM=1 $(PY) -m pytest -q -m "not fleet" --durations=25 $(ARGS)
 	ECHO_ENV_REQUIRE_FLEET=1 ECHO_ENV_REQUIRE_PROMETHEUS=1 $(PY) -m pytest -q -m fleet --durations=10 $(ARGS)
 	ECHO_ENV_BENCH_RESULTS=$(ECHO_ENV_CACHE)/bench-results $(PY) benchmarks/run_all.py --quick
 

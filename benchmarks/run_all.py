@@ -24,6 +24,7 @@ SCRIPTS = (
     "scale",
     "ttft_false_positive",
     "routing",
+    "history_reuse",
 )
 """Every benchmark, in priority order."""
 

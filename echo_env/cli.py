@@ -8,6 +8,7 @@ Errors a user can meet print one line naming the fix and exit with status 2;
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ USAGE = """usage: echo-prefix COMMAND [key=value ...]
 
 commands:
   test      is prefix caching working, and what does it save? (the main job)
+  report    rebuild a test run's report.html (and print its summary): echo-prefix report DIR
   rollout   run the echo env against a server and print reward and latency figures
   serve     start the embedded vLLM engine (replicas=2: a fleet behind vllm-router) until Ctrl-C
   train     GRPO on the echo task with TRL (see `echo-prefix train --help`)
@@ -75,6 +77,34 @@ def _setup_logging(debug: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _emit(text: str, *, err: bool = False) -> None:
+    """Print ``text`` on stdout (``err``: stderr); a reader that went away ends the output, not the command.
+
+    ``echo-prefix test ... | head`` or a closed pager must still exit with the verdict's status.
+    """
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        _drop(stream)
+
+
+def _drop(stream: Any) -> None:
+    """Send whatever else goes to ``stream`` nowhere, so the flush at exit does not fail on the closed pipe too.
+
+    As the Python docs advise for SIGPIPE (the ``signal`` module's note): point the
+    descriptor at devnull rather than leave Python to exit with status 120.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's stand-in): replace the object
+        setattr(sys, "stderr" if stream is sys.stderr else "stdout", open(os.devnull, "w"))  # noqa: SIM115
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value * scale:.{digits}f}"
 
@@ -88,10 +118,10 @@ def cmd_test(args: Sequence[str]) -> int:
     config = parse_overrides(PrefixTestConfig, args)
     _setup_logging(config.debug)
     result = run_prefix_test(config, show_progress=True)
-    print(format_console(result))
+    _emit(format_console(result))
     if result.error:
         # The report above is the record; stderr says why the run stopped, for scripts and logs.
-        print(f"echo-prefix test: error: {result.error}; partial results are in {result.out_dir}", file=sys.stderr)
+        _emit(f"echo-prefix test: error: {result.error}; partial results are in {result.out_dir}", err=True)
     return result.exit_code
 
 
@@ -102,12 +132,14 @@ def cmd_rollout(args: Sequence[str]) -> int:
     config = parse_overrides(RolloutConfig, args)
     _setup_logging(config.debug)
     summary = run_rollout(config)
+    lines = []
     for key, value in summary.items():
         if isinstance(value, dict):
             value = "  ".join(f"{k}={_fmt(v, 1000, 1)}ms" for k, v in value.items())
         elif isinstance(value, float):
             value = f"{value:.3f}"
-        print(f"{key:>24}  {value}")
+        lines.append(f"{key:>24}  {value}")
+    _emit("\n".join(lines))
     return 0
 
 
@@ -169,8 +201,25 @@ def cmd_train(args: Sequence[str]) -> int:
     return int(train_main(list(args)))
 
 
+def cmd_report(args: Sequence[str]) -> int:
+    """``echo-prefix report DIR``: rebuild a run's report.html and print its console summary; exit as the run did."""
+    from echo_env.report.console import format_console
+    from echo_env.report.html import load_summary, write_html
+    from echo_env.report.summary_load import result_from_summary
+
+    dirs = [a.removeprefix("dir=") for a in args if a.startswith("dir=") or "=" not in a]
+    if len(dirs) != 1:
+        raise ConfigError("report takes one folder: echo-prefix report DIR (the out_dir of an `echo-prefix test` run)")
+    summary = load_summary(dirs[0])
+    page = write_html(dirs[0], summary)
+    _emit(format_console(result_from_summary(summary)))
+    _emit(f"report  {page}")
+    return int(summary.get("exit_code", 2))
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], type[Any] | None]] = {
     "test": (cmd_test, None),
+    "report": (cmd_report, None),
     "rollout": (cmd_rollout, None),
     "serve": (cmd_serve, ServeCommand),
     "train": (cmd_train, None),
@@ -197,16 +246,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``echo-prefix`` and ``python -m echo_env``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        _emit(USAGE)
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"echo-prefix: unknown command {name!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        _emit(f"echo-prefix: unknown command {name!r}: use one of {', '.join(COMMANDS)}", err=True)
         return 2
     if any(a in ("-h", "--help") for a in rest):
         cls = _config_class(name)
-        print(f"usage: echo-prefix {name} [key=value ...]\n\nkeys:")
-        print(describe(cls) if cls is not None else "  see the command's documentation")
+        keys = describe(cls) if cls is not None else "  see the command's documentation"
+        _emit(f"usage: echo-prefix {name} [key=value ...]\n\nkeys:\n{keys}")
         return 0
     debug = any(a.replace(" ", "").lower() in ("debug=true", "debug=1", "--debug") for a in rest)
     rest = [a for a in rest if a != "--debug"] + (["debug=true"] if "--debug" in rest else [])
@@ -217,18 +266,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EchoEnvError as exc:
         if debug:
             raise
-        print(f"echo-prefix {name}: error: {exc}", file=sys.stderr)
+        _emit(f"echo-prefix {name}: error: {exc}", err=True)
         return 2
     except KeyboardInterrupt:
-        print(f"echo-prefix {name}: interrupted; partial results (if any) are on disk", file=sys.stderr)
+        _emit(f"echo-prefix {name}: interrupted; partial results (if any) are on disk", err=True)
         return 2
-    except BrokenPipeError:  # output piped into `head` and the like
-        return 0
+    except BrokenPipeError:
+        # A write this module does not make met a reader that went away: the command stopped
+        # before its end, which is no verdict, so it exits as UNKNOWN does (never 0).
+        _drop(sys.stdout)
+        _emit(f"echo-prefix {name}: stopped: the reader of its output went away", err=True)
+        return 2
     except Exception as exc:  # a crash is no verdict: exit as UNKNOWN does, never as FAIL
         if debug:
             raise
-        print(
+        _emit(
             f"echo-prefix {name}: internal error: {type(exc).__name__}: {exc} (debug=true shows the traceback)",
-            file=sys.stderr,
+            err=True,
         )
         return 2

@@ -21,9 +21,38 @@ from echo_env.errors import ConfigError
 
 T = TypeVar("T")
 
+MAX_AGENTS = 65_536
+"""The most agents (``batch_size x group_size``) of one burst or episode, and the most prompts the
+prefix-cache test builds for its TTFT repeats.
+
+Why 65,536 (2**16): every prompt is built and tokenized before the first request and kept with
+its request record, about 25 KiB an agent (2.3 KiB of prompt text, 20 KiB of token ids for a
+520-token prompt as Python ints, the record): 65,536 agents are about 1.6 GiB and ten seconds of
+building on a 2-core machine (8,192 agents: 1.3 s), before a server sees anything. The burst is
+then 34 million prompt tokens queued at once, minutes of a large GPU server's time against
+``timeout_s``. And more agents add nothing to the evidence: the one cold request is under 0.1%
+of the burst from 1,024 agents on. ``batch_size=10000000`` (80 million agents, about 2 TB and
+hours of building) fails here, before any engine starts, instead of after.
+"""
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _NONE = {"none", "null", ""}
+
+
+def check_agents(batch_size: int, group_size: int) -> None:
+    """Refuse more agents than :data:`MAX_AGENTS`, saying why and what to lower.
+
+    Raises:
+        ConfigError: ``batch_size x group_size`` is over the limit.
+    """
+    agents = batch_size * group_size
+    if agents > MAX_AGENTS:
+        raise ConfigError(
+            f"batch_size={batch_size} x group_size={group_size} is {agents:,} agents, over the limit of "
+            f"{MAX_AGENTS:,}: every agent's prompt, token ids and request record are built and held before the "
+            "first request (about 25 KiB each) and sent as one burst; lower batch_size or group_size"
+        )
 
 
 def _convert(key: str, raw: str, annotation: Any) -> Any:

@@ -88,6 +88,10 @@ if os.environ.get("ECHO_ENV_REQUIRE_FLEET") == "1":
     ):
         raise pytest.UsageError("ECHO_ENV_REQUIRE_FLEET=1 but vllm-router is not installed: run `make install-fleet`")
 
+# The report's browser test opens report.html in Debian's chromium (`make chromium`).
+if os.environ.get("ECHO_ENV_REQUIRE_CHROMIUM") == "1" and not os.path.isfile("/usr/bin/chromium"):
+    raise pytest.UsageError("ECHO_ENV_REQUIRE_CHROMIUM=1 but /usr/bin/chromium is missing: run `make chromium`")
+
 
 # ----- the engine ----------------------------------------------------------------------
 
@@ -138,5 +142,7 @@ def engine() -> Iterator[Any]:
         return
     from echo_env.serving.engine import EmbeddedEngine, EngineConfig
 
-    with EmbeddedEngine(EngineConfig(prefix_caching=True, dev_mode=True)) as server:
+    # Request chat templates are trusted so tests/test_turns_real.py can send a stripping one.
+    config = EngineConfig(prefix_caching=True, dev_mode=True, trust_request_chat_template=True)
+    with EmbeddedEngine(config) as server:
         yield server

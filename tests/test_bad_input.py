@@ -97,6 +97,12 @@ _DEAD = "base_url=http://127.0.0.1:9/v1"
         (["rollout", _DEAD, "max_concurrency=0"], "max_concurrency must be at least 1"),
         (["rollout", _DEAD, "api=chat", "batching=batched"], "only api=completions"),
         (["rollout", "base_url=127.0.0.1:8000"], "not an http(s) URL"),
+        (["test", _DEAD, "batch_size=10000000"], "80,000,000 agents, over the limit of 65,536"),
+        (["test", _DEAD, "batch_size=1024", "group_size=1024"], "lower batch_size or group_size"),
+        (["test", _DEAD, "ttft_burst=40000"], "640,000 TTFT prompts, over the limit of 65,536"),
+        (["test", _DEAD, "max_repeats=100000"], "lower max_repeats or ttft_burst"),
+        (["test", _DEAD, "turns=100000"], "lower turns to at most"),
+        (["rollout", _DEAD, "batch_size=10000000"], "80,000,000 agents, over the limit of 65,536"),
         (["serve", "port=70000"], "port=70000 is out of range"),
         (["serve", "kv_cache_gib=0"], "kv_cache_gib=0 is too small"),
     ],
@@ -124,6 +130,28 @@ def test_config_classes_refuse_bad_values_before_anything_starts() -> None:
             build(PrefixTestConfig, **kwargs)
         with pytest.raises(ConfigError):
             build(RolloutConfig, **kwargs)
+
+
+@pytest.mark.parametrize("command", ["test", "rollout"])
+def test_absurd_sizes_fail_before_any_engine_starts(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No base_url: the embedded engine would start, then build 80 million prompts; the config says no first."""
+    import echo_env.commands.rollout
+    import echo_env.commands.test
+    import echo_env.serving.target
+    from echo_env.cli import main
+
+    def no_server(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a server was opened for a config that cannot work")
+
+    monkeypatch.setattr(echo_env.serving.target, "open_target", no_server)
+    monkeypatch.setattr(echo_env.commands.test, "run_prefix_test", no_server)
+    monkeypatch.setattr(echo_env.commands.rollout, "run_rollout", no_server)
+    status = main([command, "batch_size=10000000", "group_size=8"])
+    captured = capsys.readouterr()
+    _assert_one_line_error(subprocess.CompletedProcess([], status, captured.out, captured.err), "limit of 65,536")
+    assert "every agent's prompt" in captured.err
 
 
 @pytest.mark.parametrize("command", ["test", "rollout"])
@@ -400,3 +428,39 @@ def test_chat_api_needs_the_messages_in_info(fake: FakeOpenAIServer) -> None:
     with pytest.raises(ConfigError, match="messages"):
         asyncio.run(go())
     assert fake.completions_received == 0
+
+
+# ----- a crash in the cache-off baseline --------------------------------------------------
+
+
+def test_a_crash_in_the_cache_off_baseline_gives_unknown_not_the_cache_on_pass(
+    fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compare_without_cache: the baseline's stream is cut mid-run; the cache-on PASS must not stand alone."""
+    import echo_env.cachetest.runner as runner
+    from echo_env.cachetest.results import Decision
+
+    real_decide = runner.decide
+
+    def cache_on_passes(evidence: Any, rules: Any) -> Decision:
+        # The stand-in has no TTFT gain to show; a finished run here stands for a healthy server's PASS.
+        decided = real_decide(evidence, rules)
+        if evidence.run_error is None and evidence.server.base_url == fake.base_url:
+            return Decision("PASS", "prefix caching works (stand-in)", "pass", decided.checks)
+        return decided
+
+    monkeypatch.setattr(runner, "decide", cache_on_passes)
+    with FakeOpenAIServer() as baseline:
+        baseline.fault = "cut"  # every request of the baseline fails: ServerUnreachableError mid-run
+        returned = _prefix_test(fake, tmp_path, baseline_url=baseline.base_url, compare_without_cache=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for s in (returned, summary):
+        assert (s["verdict"], s["exit_code"], s["partial"]) == ("UNKNOWN", 2, True), s["reason"]
+        assert s["reason_id"] == "run_finished"
+        assert "cache-off baseline" in s["reason"] and "could not reach the server" in s["reason"]
+        assert "cache-on run alone says PASS" in s["reason"]
+        # The cache-on run's own evidence and verdict stay in the summary.
+        on, off = s["runs"]
+        assert (on["label"], on["verdict"]) == ("cache_on", "PASS")
+        assert (off["label"], off["verdict"]) == ("cache_off", "UNKNOWN")
+        assert s["hit_rate"] is not None

@@ -101,3 +101,76 @@ def test_rollout_prints_reward_and_latency_table(engine: Any, tmp_path: Path) ->
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["agents"] == 4 and summary["failed"] == 0
     assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 2
+
+
+# ----- the exit status when the reader of the output goes away -----------------------------
+
+
+def _cli_reader_gone(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The command with its stdout reader gone before the first write (``echo-prefix ... | true``)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the command starts: its first write meets EPIPE, every time
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "echo_env", *args],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=timeout,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    ("case", "verdict", "status"),
+    [("something varies before the shared text", "FAIL", 1), ("no metrics, no cached_tokens", "UNKNOWN", 2)],
+)
+def test_a_reader_that_went_away_keeps_the_verdicts_exit_status(
+    tmp_path: Path, case: str, verdict: str, status: int
+) -> None:
+    """``echo-prefix test ... | true`` in a CI gate: a FAIL must still exit 1, never 0."""
+    from fake_servers import BLOCK_SIZE, FakeOpenAIServer
+
+    args = ["batch_size=2", "group_size=2", "ttft_burst=2", "max_repeats=3", "timeout_s=5", f"out_dir={tmp_path}"]
+    with FakeOpenAIServer() as fake:
+        if verdict == "FAIL":
+            args.append("vary_before_prefix=true")
+        else:
+            fake.metrics_mode, fake.report_cached_tokens = "missing", False
+            args.append(f"block_size={BLOCK_SIZE}")
+        proc = _cli_reader_gone("test", f"base_url={fake.base_url}", *args)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["verdict"] == verdict and summary["exit_code"] == status
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("verdict", ["PASS", "FAIL", "UNKNOWN"])
+def test_cut_off_output_returns_the_exit_code_of_every_verdict(
+    verdict: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every verdict's status survives a print that meets a closed pipe (the stdout write raises)."""
+    import io
+
+    import echo_env.commands.test
+    import echo_env.report.console
+    from echo_env.cachetest.results import EXIT_CODES
+    from echo_env.cli import main
+
+    class _Result:
+        exit_code = EXIT_CODES[verdict]
+        error = None
+        out_dir = "nowhere"
+
+    class _ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(echo_env.commands.test, "run_prefix_test", lambda config, show_progress: _Result())
+    monkeypatch.setattr(echo_env.report.console, "format_console", lambda result: f"{verdict}: the report\n" * 5000)
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["test", "base_url=http://127.0.0.1:9/v1"]) == EXIT_CODES[verdict]
+    assert "Traceback" not in capsys.readouterr().err

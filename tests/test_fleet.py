@@ -1,8 +1,9 @@
-"""The fleet parts without a server: ceilings, per-replica evidence, router detection, the routing verdict.
+"""The fleet parts without a server: ceilings, per-replica evidence, router detection, the fleet's configuration.
 
 The ceilings are checked on a hand-counted workload (4-token blocks), the scatter model
-against a seeded simulation of random placements, and every branch of the routing
-verdict is a table row built from evidence made by hand.
+against a seeded simulation of random placements, and the placement ceiling against
+every random placement on 2, 3, 4 and 16 replicas. The routing verdict's table is
+``tests/test_fleet_verdict.py``; the KV-event readers (msgspec) ``tests/test_fleet_kv_events.py``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from echo_env.cachetest.fleet_checks import FLEET_CHECKS, FleetRules, decide_fleet
 from echo_env.errors import ConfigError, EngineError
 from echo_env.measure.fleet import (
-    FleetCeilings,
     FleetEvidence,
     ReplicaFigures,
     affinity_placement,
@@ -36,6 +34,7 @@ from echo_env.measure.fleet import (
     scrapes_alternate,
     worker_urls_from,
 )
+from echo_env.measure.placement import assigned_hit_tokens, placement_bound, replica_hits
 from echo_env.measure.tokens import plan_tokens
 from echo_env.serving.fleet import (
     POLICIES,
@@ -135,6 +134,59 @@ def test_bad_ceiling_inputs_name_the_problem(kwargs: dict[str, Any], match: str)
 def test_empty_workload_has_zero_ceilings() -> None:
     c = fleet_ceilings([], [], B, replicas=2)
     assert (c.one_server, c.affinity, c.scatter, c.round_robin) == (0.0, 0.0, 0.0, 0.0)
+
+
+# ----- the ceiling of the placement that happened ------------------------------------------------
+
+
+def test_placement_bound_with_one_replica_is_the_one_server_ceiling() -> None:
+    bound = placement_bound(PROMPTS[:1], PROMPTS[1:], B)
+    assert bound.hit_tokens([3]) == plan_tokens(PROMPTS[1:], B, warm=PROMPTS[:1]).max_hit_tokens
+    assert bound.hit_tokens([0, 3, 0]) == bound.hit_tokens([3])  # an idle replica pays nothing
+    assert bound.hit_tokens([0, 0]) == 0 and bound.hit_rate([]) == 0.0
+
+
+def test_placement_bound_pays_the_shared_prefix_once_per_busy_replica() -> None:
+    # p1 (group 0) after the cold p0; p2, p3 (group 1). Two busy replicas: the best is group 0 with
+    # p0's replica, group 1 on the other, which pays the shared 2 blocks once: 16 + (0 + 16) tokens.
+    bound = placement_bound(PROMPTS[:1], PROMPTS[1:], B)
+    assert bound.hit_tokens([1, 2]) == 32
+    assert bound.hit_tokens([1, 2]) == assigned_hit_tokens(PROMPTS[:1], [0], PROMPTS[1:], [0, 1, 1], B)
+    # Three busy replicas: group 1 is split, so its own 2 blocks are paid twice as well.
+    assert bound.hit_tokens([1, 1, 1]) == 16
+    with pytest.raises(ConfigError, match="zero or more"):
+        bound.hit_tokens([-1, 4])
+
+
+def test_no_placement_beats_the_bound_of_its_own_request_counts() -> None:
+    prompts = [prompt(g) for g in (0, 1, 0, 2, 1, 0, 2, 2, 1, 0, 3, 3)]
+    rng = np.random.default_rng(1)
+    for replicas in (2, 3, 4, 16):
+        for _ in range(200):
+            placement = [int(x) for x in rng.integers(0, replicas, len(prompts))]
+            per = replica_hits(prompts[:1], placement[:1], prompts[1:], placement[1:], B)
+            counts = [per.get(r, (0, 0, 0))[0] for r in range(replicas)]
+            hits = sum(h for _, _, h in per.values())
+            assert hits <= placement_bound(prompts[:1], prompts[1:], B).hit_tokens(counts)
+
+
+def test_replica_hits_count_each_replicas_phase_after_its_earlier_prompts() -> None:
+    per = replica_hits(PROMPTS[:1], [1], PROMPTS[1:], [1, 0, 0], B)
+    assert per == {1: (1, 19, 16), 0: (2, 38, 16)}
+    with pytest.raises(ConfigError, match="one replica per prompt"):
+        replica_hits(PROMPTS[:1], [], PROMPTS[1:], [0, 0, 0], B)
+
+
+def test_the_cache_ceiling_says_why_it_is_unknown() -> None:
+    ceilings = fleet_ceilings(PROMPTS, GROUPS, B, replicas=2)
+    known = FleetEvidence((rep("http://a", 38, 16, 2), rep("http://b", 38, 16, 2)), ceilings, 4).cache_ceiling()
+    assert (known.value, known.replicas, known.used) == (pytest.approx(32 / TOTAL), 2, 2)
+    assert "2 of 2 replicas" in known.described
+    router = FleetEvidence((), ceilings, 4, metrics_source="router", replica_urls_hint=("http://a", "http://b"))
+    unknown = router.cache_ceiling()
+    assert (unknown.value, unknown.replicas) == (None, 2) and "request counts were not read" in unknown.described
+    untokenized = FleetEvidence((rep("http://a", 38, 16, 2),), None, 2).cache_ceiling()
+    assert untokenized.value is None and untokenized.why_unknown == "the prompts were not tokenized"
 
 
 # ----- per-replica evidence ---------------------------------------------------------------------
@@ -266,87 +318,6 @@ def test_probe_router_says_none_when_nothing_answers() -> None:
     assert asyncio.run(probe_router("http://127.0.0.1:9", timeout_s=1.0)) is None
 
 
-# ----- the routing verdict ------------------------------------------------------------------------
-
-CEIL = FleetCeilings(
-    replicas=2, block_size=128, prompt_tokens=10_000, one_server=0.85, affinity=0.80, scatter=0.55, round_robin=0.56
-)
-FLAT = replace(CEIL, affinity=0.79, scatter=0.785, round_robin=0.79)
-
-
-def ev(rate_a: float = 0.80, rate_b: float = 0.80, req_a: int = 64, req_b: int = 64, **kw: Any) -> FleetEvidence:
-    base: dict[str, Any] = {
-        "replicas": (rep("http://a", 1000, 1000 * rate_a, req_a), rep("http://b", 1000, 1000 * rate_b, req_b)),
-        "ceilings": CEIL,
-        "requests_sent": req_a + req_b,
-        "policy": "round_robin",
-    }
-    base.update(kw)
-    return FleetEvidence(**base)
-
-
-ROWS: list[tuple[str, FleetEvidence, str, str, str]] = [
-    # (row id, evidence, verdict, reason_id, words in the reason)
-    ("through router, alternating", ev(metrics_source="router", router_alternates=True, replicas=(),
-     replica_urls_hint=("http://a", "http://b")), "UNKNOWN", "read_per_replica",
-     "meaningless; replica_urls=http://a,http://b"),
-    ("through router, not probed", ev(metrics_source="router", replicas=()), "UNKNOWN", "read_per_replica",
-     "replica_urls="),
-    ("no replica read", ev(replicas=()), "UNKNOWN", "replica_counters", "replica_urls="),
-    ("a replica unreadable", ev(replicas=(rep("http://a", 1, 1, 1), ReplicaFigures("http://b", None,
-     "http://b/metrics could not be read"))), "UNKNOWN", "replica_counters", "http://b/metrics could not be read"),
-    ("a replica restarted", ev(replicas=(rep("http://a", 1, 1, 1), ReplicaFigures("http://b",
-     CounterDelta("vllm", reset=True), "http://b restarted"))), "UNKNOWN", "replica_counters", "restarted"),
-    ("other traffic", ev(requests_sent=100), "UNKNOWN", "requests_accounted", "other traffic"),
-    ("a replica not listed", ev(requests_sent=200), "UNKNOWN", "requests_accounted", "only 128 of 200"),
-    ("no ceilings", ev(ceilings=None), "UNKNOWN", "fleet_ceilings_known", "tokenized"),
-    ("nothing queried", ev(replicas=(rep("http://a", 0, 0, 64), rep("http://b", 0, 0, 64))), "UNKNOWN",
-     "fleet_not_above_ceiling", "no prefix-cache queries"),
-    ("above the ceiling", ev(rate_a=0.95, rate_b=0.95), "UNKNOWN", "fleet_not_above_ceiling", "above the most"),
-    ("one replica takes 94%", ev(req_a=120, req_b=8), "FAIL", "load_balanced", "94% of requests; max_share=0.8"),
-    ("groups together", ev(rate_a=0.78, rate_b=0.76), "PASS", "fleet_pass", "keeps groups together; 0.77 of 0.80"),
-    ("scatters", ev(rate_a=0.57, rate_b=0.55), "FAIL", "scatter", "scatters groups; predicts 0.550; X-Session-ID"),
-    ("between", ev(rate_a=0.69, rate_b=0.69), "UNKNOWN", "scatter", "between the scatter model"),
-    ("flat workload", ev(rate_a=0.79, rate_b=0.79, ceilings=FLAT), "PASS", "fleet_pass",
-     "cannot tell routing policies apart"),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(("row", "evidence", "verdict", "reason_id", "words"), ROWS, ids=[r[0] for r in ROWS])
-def test_routing_verdict(row: str, evidence: FleetEvidence, verdict: str, reason_id: str, words: str) -> None:
-    d = decide_fleet(evidence)
-    assert (d.verdict, d.reason_id) == (verdict, reason_id), d.reason
-    for w in words.split("; "):
-        assert w in d.reason
-    assert [c.name for c in d.checks] == [name for name, _, _ in FLEET_CHECKS]
-    decided_at = [c.name for c in d.checks].index(reason_id) if reason_id != "fleet_pass" else len(d.checks)
-    assert all(c.outcome == "skip" for c in d.checks[decided_at + 1 :])
-
-
-def test_flat_workload_notes_that_routing_cannot_matter() -> None:
-    d = decide_fleet(ev(rate_a=0.79, rate_b=0.79, ceilings=FLAT))
-    note = next(c for c in d.checks if c.name == "workload_discriminates")
-    assert note.outcome == "unknown" and "scores the same" in note.detail
-
-
-def test_one_replica_skips_the_balance_check() -> None:
-    e = FleetEvidence((rep("http://a", 1000, 780, 10),), replace(CEIL, replicas=1), 10)
-    d = decide_fleet(e)
-    assert d.verdict == "PASS"
-    assert next(c for c in d.checks if c.name == "load_balanced").outcome == "skip"
-
-
-def test_rules_change_the_thresholds() -> None:
-    assert decide_fleet(ev(req_a=120, req_b=8), FleetRules(max_share=0.95)).verdict != "FAIL"
-    assert decide_fleet(ev(rate_a=0.69, rate_b=0.69), FleetRules(affinity_fraction=0.85)).verdict == "PASS"
-
-
-@pytest.mark.parametrize("kwargs", [{"affinity_fraction": 0.0}, {"max_share": 1.5}, {"min_gap": -1}])
-def test_bad_rules_are_refused(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ConfigError):
-        FleetRules(**kwargs)
-
-
 # ----- the fleet's configuration (no process started) -------------------------------------------
 
 
@@ -430,99 +401,15 @@ def test_restart_router_refuses_an_unknown_policy() -> None:
         EmbeddedFleet(FleetConfig()).restart_router("fastest")
 
 
-# ----- KV events ----------------------------------------------------------------------------------
-
-msgspec = pytest.importorskip("msgspec")
-
-
-def stored(hashes: list[int], parent: int | None, tokens: list[int], size: int = B) -> dict[str, Any]:
-    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens,
-            "block_size": size, "lora_id": None, "medium": "CPU"}  # fmt: skip
-
-
-def frames(seq: int, *events: dict[str, Any]) -> list[bytes]:
-    return [b"kv", seq.to_bytes(8, "big"), msgspec.msgpack.encode([1700000000.0, list(events)])]
-
-
-def test_decode_message_reads_vllms_three_frames() -> None:
-    from echo_env.measure.kv_events import decode_message
-
-    msg = decode_message(frames(7, stored([11], None, SHARED[:4])))
-    assert (msg.seq, msg.timestamp, msg.events[0]["type"]) == (7, 1700000000.0, "BlockStored")
-    with pytest.raises(EngineError, match="3 frames"):
-        decode_message([b"kv"])
-    with pytest.raises(EngineError, match="timestamp"):
-        decode_message([b"kv", b"\0" * 8, msgspec.msgpack.encode({"x": 1})])
-
-
-def test_replica_blocks_follow_store_remove_and_clear() -> None:
-    from echo_env.measure.kv_events import ReplicaBlocks, decode_message
-
-    state = ReplicaBlocks()
-    state.apply(decode_message(frames(1, stored([11, 12], None, SHARED))))
-    state.apply(decode_message(frames(2, stored([13], 12, prompt(0)[8:12]))))
-    assert (state.stored, len(state.blocks)) == (3, 3)
-    state.apply(decode_message(frames(5, {"type": "BlockRemoved", "block_hashes": [13], "medium": "CPU"})))
-    assert (state.removed, state.gaps, len(state.blocks)) == (1, 2, 2)
-    state.apply(decode_message(frames(6, {"type": "AllBlocksCleared"})))
-    assert (state.cleared, state.blocks) == (1, {})
-
-
-def test_census_finds_the_prefix_holders_and_the_duplicated_blocks() -> None:
-    from echo_env.measure.kv_events import ReplicaBlocks, block_census, decode_message
-
-    a, b = ReplicaBlocks(), ReplicaBlocks()
-    # Both replicas store the shared 2 blocks (under different hashes) and one group block each.
-    a.apply(decode_message(frames(1, stored([11, 12, 13], None, prompt(0)[:12]))))
-    b.apply(decode_message(frames(1, stored([21, 22, 23], None, prompt(1)[:12]))))
-    census = block_census({"http://a": a, "http://b": b}, shared_prefix=SHARED, block_size=B)
-    assert census.prefix_holders == ("http://a", "http://b")
-    assert (census.blocks, census.duplicated, census.distinct, census.shared_prefix_blocks) == ((3, 3), 2, 4, 2)
-    assert census.duplicated_share == pytest.approx(0.5)
-    only_b = block_census({"http://a": ReplicaBlocks(), "http://b": b}, shared_prefix=SHARED, block_size=B)
-    assert only_b.prefix_holders == ("http://b",) and only_b.duplicated == 0
-
-
-def test_a_block_whose_chain_was_not_seen_is_left_out() -> None:
-    from echo_env.measure.kv_events import ReplicaBlocks, decode_message
-
-    state = ReplicaBlocks()
-    state.apply(decode_message(frames(1, stored([13], 12, prompt(0)[8:12]))))  # parent 12 stored before we listened
-    assert state.content_keys() == set()
-
-
-def test_subscriber_reads_a_publisher_over_ipc(tmp_path: Any) -> None:
-    zmq = pytest.importorskip("zmq")
-    from echo_env.measure.kv_events import KVEventSubscriber
-
-    endpoint = f"ipc://{tmp_path}/replica-0.sock"
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.bind(endpoint)
-
-    async def run() -> KVEventSubscriber:
-        async with KVEventSubscriber({"http://a": endpoint}) as sub:
-            for seq in range(1, 4):
-                pub.send_multipart(frames(seq, stored([seq], seq - 1 or None, [seq] * B)))
-                await asyncio.sleep(0.05)
-        return sub
-
-    try:
-        sub = asyncio.run(run())
-    finally:
-        pub.close(linger=0)
-        ctx.term()
-    state = sub.states["http://a"]
-    assert (state.messages, state.stored, state.gaps, sub.errors) == (3, 3, 0, [])
-    assert sub.census().blocks == (3,)
-
-
 def test_fleet_evidence_summary_carries_the_derived_figures() -> None:
-    e = FleetEvidence((rep("http://a", 1000, 900, 10), rep("http://b", 3000, 900, 30)), CEIL, 40, policy="random")
+    ceilings = fleet_ceilings(PROMPTS, GROUPS, B, replicas=2)
+    e = FleetEvidence((rep("http://a", 38, 16, 2), rep("http://b", 38, 16, 2)), ceilings, 4, policy="random")
     out = json.loads(json.dumps(e.to_json()))
-    assert out["fleet_hit_rate"] == pytest.approx(0.45)
-    assert out["request_shares"] == pytest.approx([0.25, 0.75])
-    assert out["ceilings"]["affinity"] == 0.80 and out["replicas"][1]["requests"] == 30
+    assert out["fleet_hit_rate"] == pytest.approx(32 / 76)
+    assert out["request_shares"] == pytest.approx([0.5, 0.5])
+    # Two requests each: at best each replica holds one group, so the placement ceiling is affinity's.
+    assert out["placement_ceiling"] == pytest.approx(32 / TOTAL) == pytest.approx(ceilings.affinity)
+    assert out["replicas"][1]["requests"] == 2 and "router_alternates" not in out
 
 
 def test_replicas_enable_the_render_endpoint_cache_aware_needs() -> None:

@@ -183,12 +183,13 @@ def _result(fleet: FleetResult) -> TestResult:
 def test_summary_and_console_carry_each_replica_and_the_routing_verdict() -> None:
     result = _result(_fleet_result(((8, 3600, 2880), (7, 3400, 2720))))
     summary = result.to_json()
-    assert summary["verdict"] == "PASS" and "routing keeps groups together" in summary["reason"]
+    # Affinity 0.80 vs scatter 0.78: a workload that cannot tell routing apart passes with that said.
+    assert summary["verdict"] == "PASS" and "the fleet reaches its placement" in summary["reason"]
     fleet = summary["fleet"]
     assert fleet["verdict"] == "PASS" and fleet["replica_requests"] == [8, 7]
     assert fleet["ceilings"]["affinity"] == 0.80 and fleet["fleet_hit_rate"] == pytest.approx(0.8)
     assert [r["url"] for r in fleet["replicas"]] == ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
-    assert summary["runs"][0]["fleet"]["reason_id"] == "fleet_pass"
+    assert summary["runs"][0]["fleet"]["reason_id"] == "fleet_pass_flat"
     text = format_console(result, ascii_only=True)
     assert "fleet   router round_robin" in text and "routing PASS" in text
     assert "affinity 0.80" in text and "scatter 0.78" in text

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from echo_env.cachetest.results import Rules
 from echo_env.errors import ConfigError, EngineError, ModelError
+from echo_env.measure.tokens import plan_tokens, slot_cold_requests
 from echo_env.serving import llamacpp_build
 from echo_env.serving.kinds import ServerKind, ServerProps, plausible_tokenization
 from echo_env.serving.kinds.llamacpp import (
@@ -214,6 +216,47 @@ def test_granularity_is_one_token_per_slot() -> None:
     assert (granularity.unit_tokens, granularity.slots) == (1, 4)
     unknown = KIND.granularity(ServerProps())
     assert unknown is not None and (unknown.unit_tokens, unknown.slots) == (1, None)
+
+
+# ----- the per-slot ceiling -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("burst", "slots", "cold"),
+    [
+        (3, 4, 2),  # 2x2 agents on -np 4: one request takes the cold request's slot, two miss
+        (15, 4, 3),  # 4x4 on -np 4: three empty slots, each misses once
+        (4, 4, 3),
+        (5, 4, 3),
+        (1, 4, 0),  # one warm request: it takes the slot that holds the prefix
+        (127, 1, 0),  # one slot: everything after the cold request hits
+        (127, None, 0),  # one cache shared by every request (vLLM, SGLang)
+        (0, 4, 0),
+    ],
+)
+def test_slot_cold_requests(burst: int, slots: int | None, cold: int) -> None:
+    assert slot_cold_requests(burst, slots) == cold
+
+
+def _agent_prompts(n: int, shared: int = 519, length: int = 525) -> list[list[int]]:
+    """``n`` prompts of ``length`` tokens sharing their first ``shared`` (the test's ~525-token prompts)."""
+    return [list(range(shared)) + [10_000 + i * 100 + k for k in range(length - shared)] for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("agents", "measured"),
+    [
+        (4, 0.333),  # llama-server -np 4, 2x2 agents: the hit rate seen (was UNKNOWN not_above_ceiling vs 0.000)
+        (16, 0.796),  # 4x4 agents: the hit rate seen (PASS, 0.796 of 0.797)
+    ],
+)
+def test_slot_ceiling_holds_what_llama_server_measured(agents: int, measured: float) -> None:
+    prompts = _agent_prompts(agents)
+    cold, warm = prompts[:1], prompts[1:]
+    plan = plan_tokens(warm, 1, warm=cold, extra_cold=slot_cold_requests(len(warm), 4))
+    rules = Rules()
+    assert measured <= plan.hit_rate_ceiling + rules.ceiling_tolerance  # not above the ceiling
+    assert measured >= rules.hit_fraction * plan.hit_rate_ceiling  # and reaches it
 
 
 def test_fixes_name_the_flags() -> None:

@@ -41,6 +41,7 @@ from echo_env.report.files import (
     write_json_file,
     write_records,
 )
+from echo_env.report.html import REPORT_FILE
 from echo_env.report.plots import (
     HIT_RATE_PLOT_FILE,
     PLOTS_INSTALL_HINT,
@@ -633,7 +634,7 @@ def test_finish_writes_every_file_and_lists_them(tmp_path: Path) -> None:
     result = pass_result(out)
     paths = writer.finish(result)
 
-    assert {p.name for p in paths} == {SUMMARY_FILE, RECORDS_FILE, PHASES_FILE, *ALL_PLOTS}
+    assert {p.name for p in paths} == {SUMMARY_FILE, RECORDS_FILE, PHASES_FILE, *ALL_PLOTS, REPORT_FILE}
     assert all(p.parent == out and p.stat().st_size > 0 for p in paths)
     for name in ALL_PLOTS:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
@@ -675,7 +676,7 @@ def test_a_partial_run_keeps_summary_csv_and_says_why_no_plot(tmp_path: Path) ->
     writer = RunWriter(tmp_path)
     result = partial_result(tmp_path)
     paths = writer.finish(result)
-    assert {p.name for p in paths} == {SUMMARY_FILE, RECORDS_FILE, PHASES_FILE}
+    assert {p.name for p in paths} == {SUMMARY_FILE, RECORDS_FILE, PHASES_FILE, REPORT_FILE}
     saved = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert saved["verdict"] == "UNKNOWN" and saved["partial"] is True and saved["hit_rate"] is None
     assert saved["notes"] == result.notes
@@ -924,7 +925,7 @@ def test_without_matplotlib_the_rest_is_written_and_the_reason_given(
     writer.append_records(records())
     result = pass_result(tmp_path)
     paths = writer.finish(result)
-    assert {p.name for p in paths} == {SUMMARY_FILE, RECORDS_FILE, PHASES_FILE}
+    assert {p.name for p in paths} == {SUMMARY_FILE, RECORDS_FILE, PHASES_FILE, REPORT_FILE}
     assert len(result.notes) == 1 and "matplotlib is not installed" in result.notes[0]
     assert PLOTS_INSTALL_HINT in result.notes[0]
     assert json.loads((tmp_path / SUMMARY_FILE).read_text())["notes"] == result.notes
@@ -939,7 +940,7 @@ def test_a_failing_plot_loses_nothing_else(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(report_plots, "PLOTS", broken)
     result = pass_result(tmp_path)
     names = {p.name for p in RunWriter(tmp_path).finish(result)}
-    assert names == {SUMMARY_FILE, RECORDS_FILE, PHASES_FILE, HIT_RATE_PLOT_FILE, TTFT_REPEATS_PLOT_FILE}
+    assert names == {SUMMARY_FILE, RECORDS_FILE, PHASES_FILE, HIT_RATE_PLOT_FILE, TTFT_REPEATS_PLOT_FILE, REPORT_FILE}
     assert result.notes == [f"{TTFT_PLOT_FILE} not drawn: ValueError: bad data"]
 
 

@@ -2,8 +2,8 @@
 
 Each row starts from the evidence of a healthy vLLM server with a working cache (PASS)
 and changes what a real situation changes; it asserts the verdict, the exit code, the
-rule that decided and the words a user acts on. The last test checks that every rule of
-the verdict has a row here.
+rule that decided and the words a user acts on. ``tests/test_verdict_branches.py`` checks
+that every decisive branch of the checks has a row here or in a check's own table.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from collections.abc import Callable
 import pytest
 
 from echo_env.cachetest.results import (
-    EXIT_CODES,
     Evidence,
     FirstDifference,
     PrefixEvidence,
     Rules,
     ServerEvidence,
+    ServerRun,
+    TestResult,
     TTFTEvidence,
 )
 from echo_env.cachetest.verdict import CHECKS, decide
@@ -145,12 +146,13 @@ def chat_template_preamble(e: Evidence) -> Evidence:
     )
 
 
-ROWS: list[tuple[str, Change, str, str, str]] = [
-    ("healthy vLLM", lambda e: e, "PASS", "pass", "prefix caching works: hit rate 0.98 of a 0.98 ceiling"),
+ROWS: list[tuple[str, Change, str, int, str, str]] = [
+    ("healthy vLLM", lambda e: e, "PASS", 0, "pass", "prefix caching works: hit rate 0.98 of a 0.98 ceiling"),
     (
         "crashed mid-run",
         with_(run_error="ServerUnreachableError: no server"),
         "UNKNOWN",
+        2,
         "run_finished",
         "did not finish",
     ),
@@ -158,6 +160,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "caching off",
         lambda e: dataclasses.replace(e, server=server(caching_enabled=False)),
         "FAIL",
+        1,
         "caching_enabled",
         "--enable-prefix-caching",
     ),
@@ -165,6 +168,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "no block size known (any non-vLLM server)",
         lambda e: dataclasses.replace(e, server=server(kind="openai", unit_tokens=None, unit_source=None)),
         "UNKNOWN",
+        2,
         "ceiling_known",
         "block_size=",
     ),
@@ -177,10 +181,11 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
             ttft=ttft((1.05, 1.04, 1.06)),
         ),
         "UNKNOWN",
+        2,
         "ceiling_known",
         "could not be tokenized",
     ),
-    ("a template preamble, then text that varies", chat_template_preamble, "FAIL", "prefix_shared", "at token 198"),
+    ("a template preamble, then text that varies", chat_template_preamble, "FAIL", 1, "prefix_shared", "at token 198"),
     (
         "something varies before the shared text",
         with_(
@@ -189,6 +194,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
             )
         ),
         "FAIL",
+        1,
         "prefix_shared",
         "first differ at token 3",
     ),
@@ -196,6 +202,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "prompts shorter than one block",
         with_(prefix=prefix(prompt_tokens_min=90, prompt_tokens_max=100, shared_tokens=85, cacheable_shared_tokens=0)),
         "FAIL",
+        1,
         "prefix_shared",
         "shorter than one cache block",
     ),
@@ -203,14 +210,24 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "a server failing mid-run (31 of 93 control requests)",
         with_(control=phase("ttft_control", requests=93, failed=31, rate=0.0, reported=0.0, ceiling=0.0)),
         "UNKNOWN",
+        2,
         "phases_complete",
         "31 of 93 ttft_control",
     ),
-    ("no control phase ran", with_(control=None), "UNKNOWN", "phases_complete", "no control"),
+    ("no control phase ran", with_(control=None), "UNKNOWN", 2, "phases_complete", "no control"),
+    (
+        "a phase that sent nothing",
+        with_(ttft_warm=phase("ttft_warm", requests=0)),
+        "UNKNOWN",
+        2,
+        "phases_complete",
+        "phases sent nothing: ttft_warm",
+    ),
     (
         "a restart during the control phase",
         with_(control=phase("ttft_control", requests=24, rate=0.0, reported=0.0, ceiling=0.0, reset=True)),
         "UNKNOWN",
+        2,
         "counters_intact",
         "restarted during the ttft_control phase",
     ),
@@ -225,6 +242,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
             other_phases=(),
         ),
         "UNKNOWN",
+        2,
         "hits_visible",
         "--enable-prompt-tokens-details",
     ),
@@ -232,6 +250,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "the control phase's hits unseen",
         with_(control=phase("ttft_control", requests=24, rate=None, reported=None, ceiling=0.0)),
         "UNKNOWN",
+        2,
         "hits_visible",
         "control",
     ),
@@ -239,6 +258,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "counters raised by other traffic",
         lambda e: dataclasses.replace(e, warm=phase("warm", queries_scale=31.0, rate=0.98, reported=None)),
         "UNKNOWN",
+        2,
         "own_traffic",
         "other traffic",
     ),
@@ -246,6 +266,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "counters at zero while cached_tokens says 0.975",
         with_(warm=phase("warm", rate=0.0, reported=0.975)),
         "UNKNOWN",
+        2,
         "sources_agree",
         "counters say a warm hit rate of 0.00",
     ),
@@ -253,14 +274,16 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "a hit rate above the ceiling (a wrong block size)",
         with_(warm=phase("warm", rate=0.98, reported=None, ceiling=0.5)),
         "UNKNOWN",
+        2,
         "not_above_ceiling",
         "above the most the prompts allow",
     ),
-    ("hits at zero", with_(warm=phase("warm", rate=0.0, reported=0.0)), "FAIL", "hits_nonzero", "hits at zero"),
+    ("hits at zero", with_(warm=phase("warm", rate=0.0, reported=0.0)), "FAIL", 1, "hits_nonzero", "hits at zero"),
     (
         "hits far under the ceiling (evicting)",
         with_(warm=phase("warm", rate=0.40, reported=0.40)),
         "FAIL",
+        1,
         "hits_reach_ceiling",
         "far under the ceiling",
     ),
@@ -268,6 +291,7 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "the control phase hit what it does not share",
         with_(control=phase("ttft_control", requests=24, rate=0.6, reported=0.6, ceiling=0.0)),
         "UNKNOWN",
+        2,
         "control_baseline",
         "no uncached baseline",
     ),
@@ -275,22 +299,33 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "a later turn that does not reuse the conversation",
         with_(turns=(phase("turn1", rate=0.30, reported=0.30, ceiling=0.95),)),
         "FAIL",
+        1,
         "history_reuse",
         "history not reused: turn1 hit 0.30 of a 0.95 ceiling",
+    ),
+    (
+        "a later turn with no hit rate to judge",
+        with_(turns=(phase("turn1", rate=None, reported=None, ceiling=0.95),)),
+        "UNKNOWN",
+        2,
+        "history_reuse",
+        "cannot judge history reuse on turn1: no hit rate",
     ),
     (
         "multi-turn episodes reusing their history",
         with_(turns=(phase("turn1", rate=0.95, reported=0.95, ceiling=0.96),)),
         "PASS",
+        0,
         "pass",
         "prefix caching works",
     ),
-    ("too few repeats", with_(ttft=ttft((9.0, 10.0))), "UNKNOWN", "ttft_gain", "too few TTFT repeats"),
-    ("no repeat finished", with_(ttft=None), "UNKNOWN", "ttft_gain", "too few TTFT repeats"),
+    ("too few repeats", with_(ttft=ttft((9.0, 10.0))), "UNKNOWN", 2, "ttft_gain", "too few TTFT repeats"),
+    ("no repeat finished", with_(ttft=None), "UNKNOWN", 2, "ttft_gain", "too few TTFT repeats"),
     (
         "hits but no TTFT gain",
         with_(ttft=ttft((0.95, 1.0, 1.02, 0.98, 1.01, 0.99))),
         "FAIL",
+        1,
         "ttft_gain",
         "not 1.20x below control",
     ),
@@ -298,25 +333,26 @@ ROWS: list[tuple[str, Change, str, str, str]] = [
         "a gain the repeats cannot pin down",
         with_(ttft=ttft((0.46, 2.5, 2.4, 0.6, 3.1, 1.1, 2.2, 0.5))),
         "UNKNOWN",
+        2,
         "ttft_gain",
         "TTFT gain undecided",
     ),
 ]
 
 
-@pytest.mark.parametrize(("case", "change", "verdict", "reason_id", "words"), ROWS, ids=[r[0] for r in ROWS])
-def test_every_verdict_reason(case: str, change: Change, verdict: str, reason_id: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "change", "verdict", "exit_code", "reason_id", "words"), ROWS, ids=[r[0] for r in ROWS]
+)
+def test_every_verdict_reason(
+    case: str, change: Change, verdict: str, exit_code: int, reason_id: str, words: str
+) -> None:
     decision = decide(change(good()))
-    assert (decision.verdict, decision.reason_id) == (verdict, reason_id), decision.reason
+    assert (decision.verdict, decision.exit_code, decision.reason_id) == (verdict, exit_code, reason_id), (
+        decision.reason
+    )
     assert words in decision.reason
-    assert decision.exit_code == EXIT_CODES[verdict]
     decisive = [c for c in decision.checks if c.name == reason_id]
     assert reason_id == "pass" or decisive[0].outcome in ("fail", "unknown")
-
-
-def test_every_rule_has_a_row() -> None:
-    covered = {r[3] for r in ROWS}
-    assert covered == {name for name, _, _ in CHECKS} | {"pass"}
 
 
 def test_checks_after_the_deciding_one_are_skipped_and_shown() -> None:
@@ -370,3 +406,37 @@ def test_the_minimum_effect_is_a_rule_of_its_own() -> None:
     assert decide(e, Rules(min_effect=1.5)).reason_id == "ttft_gain"
     e = dataclasses.replace(good(), ttft=ttft((1.30, 1.32, 1.31, 1.29, 1.30, 1.31), min_effect=1.2))
     assert decide(e, Rules(min_effect=1.2)).verdict == "PASS"
+
+
+# ----- the whole run's verdict: a stop after the cache-on run -------------------------------
+
+
+def _result(evidence: Evidence, error: str | None) -> TestResult:
+    on = ServerRun("cache_on", evidence, decide(evidence), phases=(), pooled=())
+    return TestResult(config={}, runs=[on], partial=error is not None, error=error)
+
+
+@pytest.mark.parametrize(
+    ("case", "evidence", "error", "verdict", "exit_code", "reason_id", "words"),
+    [
+        ("finished", good(), None, "PASS", 0, "pass", "prefix caching works"),
+        ("baseline crashed after a cache-on PASS", good(), "HTTP 500", "UNKNOWN", 2, "run_finished",
+         "the cache-off baseline did not finish (HTTP 500); the cache-on run alone says PASS: prefix caching works"),
+        ("baseline interrupted after a cache-on FAIL",
+         dataclasses.replace(good(), server=server(caching_enabled=False)), "interrupted (Ctrl-C)", "UNKNOWN", 2,
+         "run_finished", "the cache-on run alone says FAIL: caching disabled"),
+        ("crashed in the cache-on run", dataclasses.replace(good(), run_error="boom"), "boom", "UNKNOWN", 2,
+         "run_finished", "the run did not finish: boom"),
+    ],
+)  # fmt: skip
+def test_a_stop_anywhere_in_the_run_gives_unknown(
+    case: str, evidence: Evidence, error: str | None, verdict: str, exit_code: int, reason_id: str, words: str
+) -> None:
+    result = _result(evidence, error)
+    d = result.decision
+    assert (d.verdict, result.exit_code, d.reason_id) == (verdict, exit_code, reason_id), d.reason
+    assert words in d.reason
+    # The cache-on run keeps its own verdict and evidence beside the run's.
+    assert result.runs[0].decision == decide(evidence)
+    finished = next(c for c in d.checks if c.name == "run_finished")
+    assert finished.outcome == ("pass" if error is None else "unknown")

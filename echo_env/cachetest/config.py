@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from echo_env.cachetest.fleet_checks import FleetRules
 from echo_env.cachetest.results import Rules
+from echo_env.config import MAX_AGENTS, check_agents
 from echo_env.errors import ConfigError
 from echo_env.serving.target import ServerTarget
 
@@ -32,6 +33,13 @@ class PrefixTestConfig:
     """Seeds the words and sampling."""
     turns: int = 1
     """Words per agent in one conversation; turns > 1 measures history reuse on each later turn."""
+    long_answer: bool = False
+    """Answers without the newline stop, up to ``max_tokens`` (e.g. ``max_tokens=300``): with
+    ``turns>1`` the next turn follows an answer of many cache blocks, where dropped answer
+    blocks cost most."""
+    chat_template: str | None = None
+    """``api=chat``: a Jinja chat template (text, or a path to a file) sent with each request;
+    vLLM must run with ``--trust-request-chat-template``. None: the model's own."""
     ttft_burst: int = 8
     """Requests in each small warm and control burst of a TTFT repeat."""
     min_repeats: int = 3
@@ -49,7 +57,7 @@ class PrefixTestConfig:
     max_failed_fraction: float = 0.0
     """A phase with more failed requests than this share leaves the verdict UNKNOWN."""
     affinity_fraction: float = 0.9
-    """Fleets: routing PASS needs the fleet hit rate at or above this share of the affinity ceiling."""
+    """Fleets: routing PASS needs the fleet hit rate at or above this share of the placement ceiling."""
     max_share: float = 0.8
     """Fleets: routing FAILs when one replica serves more than this share of the warm burst."""
     compare_without_cache: bool = False
@@ -64,6 +72,21 @@ class PrefixTestConfig:
     vary_before_prefix: bool = False
     """Spoil the test on purpose: an agent id before the shared text, as a template that
     stamps a date or id would. The test must then FAIL and say where prompts differ."""
+    check_outputs: bool = False
+    """Compare a prompt's greedy answer (with logprobs) served from the cache with a fresh computation
+    (3 short requests). Off by default: on the 2-core CPU engine the first logprobs request of a server
+    costs ~14 s once, which would push the default run past its 60 s budget."""
+    logprob_tolerance: float = 0.25
+    """Answer checks: the logprob gap (nats) still taken as the same computation (bf16 cached vs fresh: ~0.07)."""
+    weight_update: str | None = None
+    """Check for stale KV across a weight update: ``reload``, ``pause_reload_resume``, ``reload_reset``
+    (vLLM dev mode; the embedded engine starts in it), or a shell command of yours that updates the weights."""
+    weights_path: str | None = None
+    """The new weights' folder for the built-in weight updates (default, embedded engine: the default model
+    with one layer perturbed, written into the cache folder)."""
+    isolation: bool = False
+    """Check that ``cache_salt`` keeps tenants apart (same salt hits, another does not) and report the TTFT
+    side channel."""
     out_dir: str | None = None
     """Where results go; default ``echo_prefix_results/<time>-<id>``."""
     wandb_project: str | None = None
@@ -79,6 +102,7 @@ class PrefixTestConfig:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.batch_size * self.group_size < 2:
             raise ConfigError("the test needs at least 2 agents: raise batch_size or group_size")
+        self._check_sizes()
         if not 2 <= self.min_repeats <= self.max_repeats:
             raise ConfigError(
                 f"min_repeats={self.min_repeats}, max_repeats={self.max_repeats}: an interval needs min_repeats >= 2 "
@@ -100,6 +124,9 @@ class PrefixTestConfig:
                 f"baseline_url={self.baseline_url!r} is not an http(s) URL: e.g. http://127.0.0.1:8001/v1"
             )
         self.fleet_rules  # noqa: B018  # checks affinity_fraction and max_share
+        self._check_answer_keys()
+        if self.chat_template is not None and self.api != "chat":
+            raise ConfigError("chat_template applies to api=chat only: add api=chat or drop chat_template")
         if self.api == "chat" and self.prompt_format == "tokens":
             raise ConfigError("prompt_format=tokens needs api=completions")
         if self.baseline_url is not None and self.server.base_url is None:
@@ -109,6 +136,39 @@ class PrefixTestConfig:
                 "compare_without_cache with your own server needs baseline_url= (a second server started with "
                 "--no-enable-prefix-caching)"
             )
+
+    def _check_answer_keys(self) -> None:
+        from echo_env.cachetest.weights import BUILT_IN_UPDATES
+
+        if not 0.0 < self.logprob_tolerance <= 10.0:
+            raise ConfigError(f"logprob_tolerance={self.logprob_tolerance} must be above 0 (nats): e.g. 0.25")
+        if self.weight_update is not None and not self.weight_update.strip():
+            raise ConfigError(f"weight_update is empty: use one of {', '.join(BUILT_IN_UPDATES)} or a command")
+        # Without weights_path only the embedded default model can be perturbed here.
+        custom = self.server.base_url is not None or self.server.model_name not in (None, "default")
+        if self.weight_update in BUILT_IN_UPDATES and custom and self.weights_path is None:
+            raise ConfigError(
+                f"weight_update={self.weight_update} needs weights_path= (a folder of safetensors the server can "
+                "read) unless it runs the embedded default model"
+            )
+        if self.weight_update is not None and self.server.replicas > 1:
+            raise ConfigError("weight_update checks one server: use replicas=1")
+
+    def _check_sizes(self) -> None:
+        """Bound what cannot work on any machine before a server starts (see :data:`MAX_AGENTS`)."""
+        check_agents(self.batch_size, self.group_size)
+        ttft_prompts = 2 * self.ttft_burst * self.max_repeats
+        if ttft_prompts > MAX_AGENTS:
+            raise ConfigError(
+                f"ttft_burst={self.ttft_burst} x max_repeats={self.max_repeats} x 2 (warm and control) is "
+                f"{ttft_prompts:,} TTFT prompts, over the limit of {MAX_AGENTS:,}: they are built and tokenized "
+                "before the first request; lower max_repeats or ttft_burst"
+            )
+        if self.turns > 1:
+            from echo_env.envs.gym_env import check_turns
+            from echo_env.envs.task import EchoTask
+
+            check_turns(EchoTask(), self.turns, 1)  # an episode's words differ: no more turns than words
 
     @property
     def agents(self) -> int:
@@ -130,6 +190,7 @@ class PrefixTestConfig:
             confidence=self.confidence,
             min_repeats=self.min_repeats,
             max_failed_fraction=self.max_failed_fraction,
+            logprob_tolerance=self.logprob_tolerance,
         )
 
     def public(self) -> dict[str, Any]:

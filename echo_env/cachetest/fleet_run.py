@@ -43,7 +43,11 @@ def join_decisions(cache: Decision, routing: Decision) -> Decision:
 
     FAIL beats UNKNOWN beats PASS. On a tie the cache verdict's reason leads (a cache that
     does not work explains a routing figure, not the other way round); when both pass, the
-    reason names both. The checks are the cache's, then the routing's.
+    reason names both. One exception: when the cache verdict is a shortfall against the
+    fleet ceiling (``hits_reach_ceiling``) and routing did not pass, the routing verdict
+    decides, since it reads the same shortfall against the routing models and can tell
+    eviction (``fleet_evicting``) from scattered groups (``scatter``) from neither (UNKNOWN);
+    the fleet ceiling alone cannot. The checks are the cache's, then the routing's.
 
     Args:
         cache: The verdict on the prefix cache (:func:`echo_env.cachetest.verdict.decide`).
@@ -53,7 +57,8 @@ def join_decisions(cache: Decision, routing: Decision) -> Decision:
         The joined decision.
     """
     checks = (*cache.checks, *routing.checks)
-    if _SEVERITY[routing.verdict] > _SEVERITY[cache.verdict]:
+    routing_explains = cache.reason_id == "hits_reach_ceiling" and routing.verdict != "PASS"
+    if routing_explains or _SEVERITY[routing.verdict] > _SEVERITY[cache.verdict]:
         return Decision(routing.verdict, f"routing: {routing.reason}", routing.reason_id, checks)
     if cache.verdict == "PASS":
         return Decision("PASS", f"{cache.reason}; {routing.reason}", cache.reason_id, checks)

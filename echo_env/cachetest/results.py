@@ -14,8 +14,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from echo_env.cachetest.answer_evidence import IsolationEvidence, OutputsEvidence, WeightUpdateEvidence
+from echo_env.measure.extension import TurnReuse
 from echo_env.measure.figures import PhaseFigures
 from echo_env.measure.fleet import FleetEvidence
+from echo_env.measure.placement import FleetCeiling
 from echo_env.measure.stats import RepeatRatioCI
 
 Verdict = Literal["PASS", "FAIL", "UNKNOWN"]
@@ -52,6 +55,9 @@ class Rules:
     """Fewer TTFT repeats than this give UNKNOWN, whatever the ratios say."""
     max_failed_fraction: float = 0.0
     """A phase that feeds the verdict with more failed requests than this share is short of evidence."""
+    logprob_tolerance: float = 0.25
+    """Answer checks: a logprob gap (nats) between cached and fresh answers still taken as the same
+    computation (or 3x the measured noise floor, if larger); see :mod:`echo_env.cachetest.answers`."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,59 @@ class ServerEvidence:
 
 
 @dataclass(frozen=True)
+class PrefillEvidence:
+    """What prefill costs on the server at hand, and the TTFT gain the measured hits can buy.
+
+    Measured with the control bursts (full-length prompts, nothing cached) and short control
+    bursts of the same size (a few dozen tokens, nothing cached) in the same repeats: the TTFT
+    slope over prompt tokens is the prefill cost; the warm bursts' cached tokens times that
+    slope is what the cache saves. Made by :func:`echo_env.cachetest.prefill.prefill_evidence`.
+    """
+
+    control_ttft_s: float
+    """Median TTFT of every control burst, seconds."""
+    short_ttft_s: float
+    """Median TTFT of the short control bursts, seconds."""
+    control_prompt_tokens: float
+    """Mean prompt tokens of a control request."""
+    short_prompt_tokens: float
+    """Mean prompt tokens of a short control request."""
+    prefill_per_token_s: float
+    """TTFT added per prompt token in bursts of this size: the smallest repeat's slope, at least 0."""
+    cached_tokens: float
+    """Mean cached prompt tokens of a warm TTFT request (its hit rate times its prompt tokens)."""
+    saved_s: float
+    """TTFT the cached tokens save: ``prefill_per_token_s * cached_tokens``, at most ``control - short``."""
+    expected_gain: float
+    """``control_ttft_s / (control_ttft_s - saved_s)``: the control/warm TTFT ratio the hits can buy."""
+    repeats: int
+    """Repeats with a slope (a control and a short burst that both finished)."""
+
+
+@dataclass(frozen=True)
+class RepeatSpread:
+    """Whether the TTFT interval is wide because the repeats disagree or because the bursts are noisy.
+
+    The repeat spread is the standard deviation of ``log(ratio)`` over repeats; the burst spread
+    is what a repeat's own requests allow that log ratio to vary by (the root mean square, over
+    repeats, of the standard error of the log of the control median over the warm median, from
+    the spread of log TTFT within each burst). Repeats that disagree far more than their bursts
+    explain mean the machine changed between repeats (other load): only then does a quieter
+    machine help. Made by :func:`echo_env.cachetest.prefill.repeat_spread`.
+    """
+
+    between_repeats: float
+    """Standard deviation of ``log(ratio)`` over repeats."""
+    within_bursts: float
+    """Expected standard deviation of ``log(ratio)`` from the bursts' own spread."""
+    noisy_machine: bool
+    """The repeats disagree beyond their bursts' spread (``NOISY_MACHINE_FACTOR`` times it), and not by their order."""
+    order_effect: bool = False
+    """The repeats disagree beyond their bursts' spread, but agree within each order of their two bursts
+    (warm first, control first): the server keeps state from one burst to the next, the machine is not to blame."""
+
+
+@dataclass(frozen=True)
 class TTFTEvidence:
     """Warm vs control time to first token, one ratio per independent repeat."""
 
@@ -175,6 +234,10 @@ class TTFTEvidence:
     """Where the interval lies against the minimum effect."""
     orders: tuple[str, ...] = ()
     """Which burst of each repeat ran first (``warm`` or ``control``)."""
+    prefill: PrefillEvidence | None = None
+    """The prefill cost and the gain the hits can buy (None: not measured)."""
+    spread: RepeatSpread | None = None
+    """Repeat spread against burst spread (None: fewer than two repeats with two requests a burst)."""
 
 
 @dataclass(frozen=True)
@@ -197,8 +260,20 @@ class Evidence:
     """Phases that feed the verdict only through their failures (cold, warm_single)."""
     turns: tuple[PhaseFigures, ...] = ()
     """Later turns of multi-turn episodes (``turn1``, ``turn2``...): history reuse against its ceiling."""
+    history: tuple[TurnReuse, ...] = ()
+    """Each later turn's extension check and its prompt-only ceiling (same phase names as ``turns``)."""
     run_error: str | None = None
     """Why the run stopped early (None: it finished)."""
+    fleet_ceiling: FleetCeiling | None = None
+    """Behind a router: the warm burst's ceiling following where its requests went (each replica pays a
+    shared prefix once for the groups it saw), held in place of ``warm.hit.ceiling``, which stays the
+    one-server ceiling shown for reference. None: one server."""
+    outputs: OutputsEvidence | None = None
+    """Cached vs fresh answers at temperature 0 (None: ``check_outputs=false``)."""
+    weight_update: WeightUpdateEvidence | None = None
+    """Answers after a weight update vs fresh ones (None: no ``weight_update``)."""
+    isolation: IsolationEvidence | None = None
+    """Who shares cached blocks by ``cache_salt`` (None: ``isolation=false``)."""
 
 
 @dataclass(frozen=True)
@@ -298,11 +373,29 @@ class TestResult:
 
     @property
     def decision(self) -> Decision:
-        """The test's verdict: the cache-on run's, or UNKNOWN when it never got that far."""
+        """The test's verdict: the cache-on run's, or UNKNOWN when the run stopped before its end.
+
+        A stop in the cache-off baseline (an error, Ctrl-C) leaves the cache-on run whole, but the
+        run the user asked for did not finish, so the verdict is UNKNOWN there too (exit 2, never
+        the cache-on PASS's 0); the reason carries the cache-on run's own verdict, and
+        :attr:`runs` its evidence.
+        """
         if self.main is None:
             why = self.error or "nothing was measured"
             return Decision("UNKNOWN", f"the run did not finish: {why}", "run_finished", ())
-        return self.main.decision
+        on = self.main.decision
+        if self.error is None or self.main.evidence.run_error is not None:
+            return on  # finished, or stopped in the cache-on run (whose own first check says so)
+        # The cache-on run's checks as made, then the one that decides: the whole run did not finish.
+        stopped = f"stopped in the cache-off baseline: {self.error}"
+        checks = tuple(c for c in on.checks if c.name != "run_finished") + tuple(
+            dataclasses.replace(c, outcome="unknown", detail=stopped) for c in on.checks if c.name == "run_finished"
+        )
+        why = (
+            f"the run did not finish: the cache-off baseline did not finish ({self.error}); "
+            f"the cache-on run alone says {on.verdict}: {on.reason}"
+        )
+        return Decision("UNKNOWN", why, "run_finished", checks)
 
     @property
     def verdict(self) -> Verdict:
@@ -365,6 +458,10 @@ def _run_json(run: ServerRun) -> dict[str, Any]:
         "pooled": [p.to_json() for p in run.pooled],
         "phases": [p.to_json() for p in run.phases],
         "fleet": run.fleet.to_json() if run.fleet else None,
+        "outputs": ev.outputs.to_json() if ev.outputs else None,
+        "weight_update": ev.weight_update.to_json() if ev.weight_update else None,
+        "isolation": ev.isolation.to_json() if ev.isolation else None,
+        "history": [h.to_json() for h in ev.history],
     }
 
 

@@ -8,7 +8,8 @@ by a run tag:
 3. ``warm_single``: the cold prompt again, alone (cold vs warm at zero load);
 4. TTFT repeats: a small warm burst and a small control burst each, their order
    alternating between repeats, one control/warm ratio per repeat, until the interval
-   over repeats decides or ``max_repeats`` is reached.
+   over repeats decides or ``max_repeats`` is reached; the first three repeats add a burst of
+   short uncached prompts, for what prefill costs (:mod:`echo_env.cachetest.prefill`).
 
 Every phase is measured by :func:`echo_env.measure.phase.measure_phase`; its records go to
 disk as it ends, so a run that dies keeps what it measured.
@@ -25,7 +26,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
+from echo_env.cachetest import prefill as pf
 from echo_env.cachetest.align import align_system_prompt
+from echo_env.cachetest.answer_run import AnswerChecks, measure_answer_checks
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.fleet_run import join_decisions, watch_fleet
 from echo_env.cachetest.results import (
@@ -39,6 +42,7 @@ from echo_env.cachetest.results import (
     TestResult,
     TTFTEvidence,
 )
+from echo_env.cachetest.turns import Grader, TurnReuse, later_turns, request_fields, stop_strings
 from echo_env.cachetest.verdict import decide
 from echo_env.cachetest.workload import Prompt, Workload, all_prompts, build_workload, key_of, run_tag
 from echo_env.errors import ConfigError, EchoEnvError, ServerUnreachableError
@@ -46,7 +50,7 @@ from echo_env.interrupts import run_main
 from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.phase import CounterProbe, measure_phase
 from echo_env.measure.stats import EffectDecision, sequential_decision
-from echo_env.measure.tokens import first_difference, plan_tokens
+from echo_env.measure.tokens import first_difference, plan_tokens, slot_cold_requests
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 from echo_env.serving.client import LLMClient, RequestRecord
 from echo_env.serving.info import ServerFacts, read_server_facts, tokenize_prompts
@@ -73,6 +77,8 @@ class _State:
     orders: list[str] = field(default_factory=list)
     decided_at: float | None = None
     fleet: FleetResult | None = None
+    history: list[TurnReuse] = field(default_factory=list)
+    answers: AnswerChecks | None = None
 
     def named(self, name: str) -> list[PhaseFigures]:
         return [p for p in self.phases if p.name == name]
@@ -124,6 +130,8 @@ class _Run:
         self.probe = CounterProbe(reader, facts.metrics_error or "metrics_url=none")
         self.ids: dict[str, list[int]] = {}
         self.sent: list[list[int]] = []
+        self.answers: list[list[int]] = []
+        """The last turn's prompts with their generated tokens: the server caches their full blocks too."""
 
     def plan(self, prompts: Sequence[Prompt], extra_cold: int = 0) -> Any:
         unit = self.facts.block_size
@@ -132,7 +140,7 @@ class _Run:
         if any(key_of(p) not in self.ids for p in prompts):
             return None
         seqs = [self.ids[key_of(p)] for p in prompts]
-        return plan_tokens(seqs, unit, warm=self.sent, extra_cold=extra_cold)
+        return plan_tokens(seqs, unit, warm=[*self.sent, *self.answers], extra_cold=extra_cold)
 
     async def phase(
         self,
@@ -187,13 +195,22 @@ def _median_ratio(control: PhaseFigures, warm: PhaseFigures) -> float | None:
 
 
 async def _ttft_repeats(run: _Run, work: Workload) -> None:
-    """Pairs of small bursts, order alternating, until the interval over repeats decides."""
+    """Pairs of small bursts, order alternating, until the interval over repeats decides.
+
+    Also stopped, from ``min_repeats`` on, where the measured prefill cost says the hits can
+    buy less than ``min_effect``: the verdict is then PASS on the hits whatever the interval.
+    """
     cfg = run.config
     for r in range(cfg.max_repeats):
         warm_prompts, control_prompts = work.ttft_pair(r)
         order = ("warm", "control") if r % 2 == 0 else ("control", "warm")
         figures: dict[str, PhaseFigures] = {}
         for which in order:
+            if which == "control" and r < pf.SHORT_REPEATS:
+                # The prefill cost, in bursts of the same size (cachetest.prefill). Just before a
+                # control burst: on llama.cpp a burst leaves its prompts in the slots, and
+                # uncached ones there would cost the next warm burst its hits.
+                await run.phase(pf.SHORT_PHASE, pf.short_prompts(control_prompts, work.task.run_tag, r), repeat=r)
             prompts = warm_prompts if which == "warm" else control_prompts
             figures[which] = await run.phase(f"ttft_{which}", prompts, repeat=r)
         ratio = _median_ratio(figures["control"], figures["warm"])
@@ -203,24 +220,11 @@ async def _ttft_repeats(run: _Run, work: Workload) -> None:
         decision, _ = sequential_decision(
             run.state.ratios, cfg.min_effect, cfg.confidence, cfg.min_repeats, cfg.max_repeats
         )
-        if decision != "undecided":
+        st = run.state
+        phases = (st.named("ttft_control"), st.named(pf.SHORT_PHASE), st.named("ttft_warm"))
+        enough = len(st.ratios) >= cfg.min_repeats
+        if decision != "undecided" or (enough and pf.below_min_effect(*phases, cfg.min_effect)):
             break
-
-
-async def _later_turns(run: _Run, work: Workload, grade: _Grader) -> None:
-    """Each later turn of the episodes: every live agent's conversation so far, all in flight."""
-    for turn in range(1, run.config.turns):
-        if not grade.observations:
-            return
-        if run.config.api == "chat":
-            prompts: dict[str, Prompt] = {a: grade.infos[a]["messages"] for a in grade.observations}
-        else:
-            prompts = dict(grade.observations)
-        tokenized = await tokenize_prompts(run.facts, list(prompts.values()))
-        if tokenized is not None and run.ids:
-            run.ids.update({key_of(p): ids for p, ids in zip(prompts.values(), tokenized.ids, strict=True)})
-        sessions = {a: str(grade.infos[a].get("session_id", "")) for a in prompts}
-        await run.phase(f"turn{turn}", prompts, grade=grade, sessions=sessions)
 
 
 async def _prefix_evidence(facts: ServerFacts, ids: list[list[int]], by: str) -> PrefixEvidence | None:
@@ -248,32 +252,6 @@ async def _prefix_evidence(facts: ServerFacts, ids: list[list[int]], by: str) ->
     )
 
 
-class _Grader:
-    """Steps the env with a turn's replies once every live agent has one; keeps what it returned."""
-
-    def __init__(self, work: Workload) -> None:
-        self.work = work
-        self.replies: dict[str, Any] = {}
-        self.expected = len(work.prompts)
-        self.observations: dict[str, str] = {}
-        self.infos: dict[str, dict[str, Any]] = {}
-
-    def __call__(self, done: dict[str, Any]) -> list[float]:
-        self.replies.update(done)
-        if len(self.replies) < self.expected:
-            return []
-        env = self.work.env
-        env.set_request_timings({a: c.timing for a, c in self.replies.items()})
-        obs, rewards, _, _, infos = env.step({a: c.text for a, c in self.replies.items()})
-        graded = [rewards[a] for a, c in self.replies.items() if c.error is None]
-        live = set(env.agents)
-        self.observations = {a: o for a, o in obs.items() if a in live}
-        self.infos = {a: i for a, i in infos.items() if a in live}
-        self.replies, self.expected = {}, len(live)
-        # A failed request's empty reply is graded too; it says nothing about the model.
-        return graded
-
-
 async def _measure_server(
     config: PrefixTestConfig, state: _State, server: OpenServer, run_id: str, hook: PhaseHook
 ) -> None:
@@ -292,7 +270,8 @@ async def _measure_server(
         tokenized = await tokenize_prompts(facts, prompts, local_only=config.prompt_format == "tokens")
         sampling = SamplingConfig(
             api=config.api, batching="per_agent", max_tokens=config.max_tokens, temperature=config.temperature,
-            seed=config.seed, prompt_format=config.prompt_format,
+            seed=config.seed, prompt_format=config.prompt_format, stop=stop_strings(config),
+            extra_body=request_fields(config, facts),
         )  # fmt: skip
         tokenizer = facts.tokenizer() if config.prompt_format == "tokens" else None
         run = _Run(config, state, RolloutWorker(client, sampling, tokenizer=tokenizer), hook)
@@ -305,19 +284,22 @@ async def _measure_server(
             workload_ids = [run.ids[key_of(p)] for p in work.prompts.values()]
             state.prefix = await _prefix_evidence(facts, workload_ids, tokenized.by)
         slots = facts.granularity.slots if facts.granularity else None
-        grade = _Grader(work)
+        grade = Grader(work)
         try:
             await run.phase("cold", work.cold, grade=grade)
             if watch is not None:
                 await watch.before_warm()
-            warm = await run.phase("warm", work.warm, extra_cold=max(0, (slots or 1) - 1), grade=grade)
+            warm = await run.phase("warm", work.warm, extra_cold=slot_cold_requests(len(work.warm), slots), grade=grade)
             if watch is not None and state.label == "cache_on":
                 cold_warm = (list(work.cold.values()), list(work.warm.values()))
                 state.fleet = await watch.after_warm(warm, run.ids, *cold_warm, facts.block_size)
             first, prompt = next(iter(work.cold.items()))
             await run.phase("warm_single", {f"{first}-again": prompt})
-            await _later_turns(run, work, grade)
+            state.history = await later_turns(run, work, grade)
             await _ttft_repeats(run, work)
+            if state.label == "cache_on":
+                # After every timed phase, on prompts of their own (echo_env.cachetest.answer_run).
+                state.answers = await measure_answer_checks(config, client, facts, work)
         except _ShortOfEvidence as short:
             log.warning("stopping: the %s phase lost more requests than max_failed_fraction allows", short)
         state.decided_at = time.perf_counter()
@@ -349,7 +331,7 @@ def judge(config: PrefixTestConfig, state: _State, run_error: str | None = None)
     if state.facts is None:
         return None
     turn_names = sorted({p.name for p in state.phases if p.name.startswith("turn")}, key=lambda n: int(n[4:]))
-    names = ("cold", "warm", "warm_single", *turn_names, "ttft_warm", "ttft_control")
+    names = ("cold", "warm", "warm_single", *turn_names, "ttft_warm", "ttft_control", pf.SHORT_PHASE)
     pooled = {n: pool(n, state.named(n), state.label) for n in names if state.named(n)}
     ci = None
     decision: EffectDecision = "undecided"
@@ -357,7 +339,13 @@ def judge(config: PrefixTestConfig, state: _State, run_error: str | None = None)
         decision, ci = sequential_decision(
             state.ratios, config.min_effect, config.confidence, config.min_repeats, config.max_repeats
         )
-    ttft = TTFTEvidence(tuple(state.ratios), ci, decision, tuple(state.orders)) if state.ratios else None
+    ttft = None
+    if state.ratios:
+        warm_of = {p.repeat: p for p in state.named("ttft_warm")}
+        pairs = [(c, warm_of[c.repeat]) for c in state.named("ttft_control") if c.repeat in warm_of]
+        prefill = pf.prefill_evidence(state.named("ttft_control"), state.named(pf.SHORT_PHASE), pooled.get("ttft_warm"))
+        spread = pf.repeat_spread(state.ratios, pairs, state.orders if len(state.orders) == len(state.ratios) else ())
+        ttft = TTFTEvidence(tuple(state.ratios), ci, decision, tuple(state.orders), prefill, spread)
     evidence = Evidence(
         server=_server_evidence(state.facts),
         prefix=state.prefix,
@@ -367,7 +355,12 @@ def judge(config: PrefixTestConfig, state: _State, run_error: str | None = None)
         ttft=ttft,
         other_phases=tuple(pooled[n] for n in ("cold", "warm_single") if n in pooled),
         turns=tuple(pooled[n] for n in turn_names),
+        history=tuple(state.history),
         run_error=run_error,
+        fleet_ceiling=state.fleet.evidence.cache_ceiling() if state.fleet is not None else None,
+        outputs=state.answers.outputs if state.answers else None,
+        weight_update=state.answers.weight_update if state.answers else None,
+        isolation=state.answers.isolation if state.answers else None,
     )
     verdict = decide(evidence, config.rules)
     if state.fleet is not None:
@@ -456,10 +449,10 @@ class NullSink:
 def run_phases_and_judge(config: PrefixTestConfig, sink: ResultSink, out_dir: str | None = None) -> TestResult:
     """Run the whole test, feeding ``sink`` as it goes; the typed result is returned.
 
-    Whatever happens, the sink has the records measured so far and a summary; an error
-    mid-run gives verdict UNKNOWN with ``partial: true``. A Ctrl-C is raised again once the
-    sink is finished, and so is an error that struck before anything was measured (its
-    message is the one line a user needs).
+    Whatever happens, the sink has the records measured so far and a summary; an error mid-run (in
+    the cache-off baseline too: :attr:`TestResult.decision`) gives verdict UNKNOWN with ``partial: true``.
+    A Ctrl-C is raised again once the sink is finished, and so is an error that struck before
+    anything was measured (its message is the one line a user needs).
     """
     started = dt.datetime.now(dt.UTC)
     result = TestResult(config=config.public(), rules=config.rules, started_at=started.isoformat(), out_dir=out_dir)
@@ -513,7 +506,9 @@ async def _run_all(config: PrefixTestConfig, states: list[_State], clock: dict[s
     for label, caching in servers:
         state = _State(label)
         states.append(state)
-        with open_target(config.server, caching=caching, baseline_url=config.baseline_url) as server:
+        # weight_update's reload, pause and reset are served in vLLM's dev mode only.
+        dev_mode = caching and config.weight_update is not None
+        with open_target(config.server, caching=caching, baseline_url=config.baseline_url, dev_mode=dev_mode) as server:
             if label == "cache_on":
                 clock["healthy"] = time.perf_counter()
             await _measure_server(config, state, server, run_id, hook)

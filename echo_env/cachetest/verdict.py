@@ -16,19 +16,30 @@ The order, and why:
 7. hits are visible (counters or ``cached_tokens``);
 8. the counters count only this test's traffic;
 9. the two sources agree;
-10. the hit rate is not above its ceiling;
+10. the hit rate is not above its ceiling (behind a router: the ceiling of the placement that happened);
 11. hits are not zero;
-12. hits reach the ceiling;
+12. hits reach the ceiling (behind a router with no request count per replica: UNKNOWN);
 13. the control phase stays within its own ceiling;
-14. later turns of multi-turn episodes reuse the conversation so far;
-15. warm TTFT beats control TTFT by the minimum effect, over independent repeats.
+14. later turns of multi-turn episodes reuse the conversation so far: first each turn's prompt
+    extends the last prompt plus the generated tokens, then the answers' blocks stay cached
+    (:mod:`echo_env.cachetest.history_checks`), then the hit rate reaches its ceiling;
+15. answers served from the cache equal fresh ones (``check_outputs``, :mod:`echo_env.cachetest.answers`);
+16. no stale KV after a weight update (``weight_update=``, same module);
+17. ``cache_salt`` keeps tenants apart (``isolation=true``, :mod:`echo_env.cachetest.isolation`);
+18. warm TTFT beats control TTFT by the minimum effect, over independent repeats, where the
+    measured prefill cost says the hits can buy it (else PASS on the hits: ``pass_prefill_cheap``).
+
+15-17 come before the TTFT gain: a cache that changes the answers is wrong however fast it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from echo_env.cachetest.results import Decision, Evidence, Rules, Verdict
+from echo_env.cachetest.answers import check_outputs_equal, check_weight_update
+from echo_env.cachetest.history_checks import check_answer_blocks_kept, check_history_extends
+from echo_env.cachetest.isolation import check_isolation
+from echo_env.cachetest.results import Decision, Evidence, Rules, TTFTEvidence, Verdict
 from echo_env.cachetest.steps import Step, failed, note, passed, run_checks, unknown
 from echo_env.measure.figures import PhaseFigures
 
@@ -187,18 +198,36 @@ def check_sources_agree(e: Evidence, r: Rules) -> Step:
     return passed(f"counters {h.counters:.3f}, cached_tokens {h.reported:.3f}")
 
 
+def warm_ceiling(e: Evidence) -> tuple[float | None, str]:
+    """The ceiling the warm hit rate is held to, and its name.
+
+    On one server, the token plan's. Behind a router, the one the placement that happened
+    allows (:attr:`Evidence.fleet_ceiling`), with the one-server ceiling named beside it
+    for reference; None when where the requests went is unknown.
+    """
+    assert e.warm is not None
+    h, f = e.warm.hit, e.fleet_ceiling
+    if f is None:
+        return h.ceiling, "ceiling"
+    one = "n/a" if h.ceiling is None else f"{h.ceiling:.3f}"
+    return f.value, f"fleet ceiling ({f.described}; one server {one})"
+
+
 def check_not_above_ceiling(e: Evidence, r: Rules) -> Step:
     assert e.warm is not None
     h = e.warm.hit
-    if h.value is None or h.ceiling is None:
+    ceiling, name = warm_ceiling(e)
+    if ceiling is None:  # a fleet whose placement is unknown still cannot beat one server
+        ceiling, name = h.ceiling, "one-server ceiling"
+    if h.value is None or ceiling is None:
         return Step("skip", "no ceiling")
-    if h.value > h.ceiling + r.ceiling_tolerance:
+    if h.value > ceiling + r.ceiling_tolerance:
         return unknown(
-            f"warm hit rate {h.value:.3f} ({h.source}) above the ceiling {h.ceiling:.3f}",
-            f"the warm hit rate {h.value:.3f} is above the most the prompts allow ({h.ceiling:.3f}): other traffic "
-            "in the counters, or a wrong block size (block_size=)",
+            f"warm hit rate {h.value:.3f} ({h.source}) above the {name} {ceiling:.3f}",
+            f"the warm hit rate {h.value:.3f} is above the most the prompts allow ({name} {ceiling:.3f}): other "
+            "traffic in the counters, or a wrong block size (block_size=)",
         )
-    return passed(f"{h.value:.3f} <= ceiling {h.ceiling:.3f}")
+    return passed(f"{h.value:.3f} <= {name} {ceiling:.3f}")
 
 
 def check_hits_nonzero(e: Evidence, r: Rules) -> Step:
@@ -216,13 +245,21 @@ def check_hits_nonzero(e: Evidence, r: Rules) -> Step:
 def check_hits_reach_ceiling(e: Evidence, r: Rules) -> Step:
     assert e.warm is not None
     h = e.warm.hit
-    assert h.value is not None and h.ceiling is not None
-    share = h.value / h.ceiling if h.ceiling else 0.0
-    detail = f"warm hit rate {h.value:.3f} ({h.source}) vs ceiling {h.ceiling:.3f}: {share:.0%}"
-    if h.value < r.hit_fraction * h.ceiling:
+    ceiling, name = warm_ceiling(e)
+    assert h.value is not None
+    if ceiling is None:
+        why = e.fleet_ceiling.why_unknown if e.fleet_ceiling else "no ceiling"
+        return unknown(
+            f"fleet placement unknown: {why}",
+            f"behind a router the hit rate depends on where requests went, and {why}: the warm hit rate "
+            f"{h.value:.3f} has no fleet ceiling to be held to; pass replica_urls= so each replica's counters are read",
+        )
+    share = h.value / ceiling if ceiling else 0.0
+    detail = f"warm hit rate {h.value:.3f} ({h.source}) vs {name} {ceiling:.3f}: {share:.0%}"
+    if h.value < r.hit_fraction * ceiling:
         return failed(
             detail,
-            f"hit rate far under the ceiling: {h.value:.3f} vs {h.ceiling:.3f} ({share:.0%}, needs "
+            f"hit rate far under the {name}: {h.value:.3f} vs {ceiling:.3f} ({share:.0%}, needs "
             f"{r.hit_fraction:.0%}); the cache may be too small or evicting",
         )
     return passed(detail)
@@ -259,8 +296,9 @@ def check_history_reuse(e: Evidence, r: Rules) -> Step:
         name, value, ceiling = short[0]
         return failed(
             "; ".join(details),
-            f"history not reused: {name} hit {value:.2f} of a {ceiling:.2f} ceiling (the previous turn's prompt and "
-            "answer); the cache may drop finished requests' blocks, or something in the history changes",
+            f"history not reused: {name} hit {value:.2f} of a {ceiling:.2f} ceiling (the earlier prompts and the full "
+            "blocks of their answers); the cache may drop finished requests' blocks, or something in the history "
+            "changes",
         )
     return passed("; ".join(details))
 
@@ -279,21 +317,65 @@ def check_ttft_gain(e: Evidence, r: Rules) -> Step:
     # The interval is at the per-look confidence; together the looks keep r.confidence.
     detail = (
         f"control/warm TTFT {ci.ratio:.2f}x (CI {ci.low:.2f}-{ci.high:.2f} over {n} repeats, {r.confidence:.0%} over "
-        f"every look: {per}); minimum effect {r.min_effect:.2f}x"
+        f"every look: {per}); minimum effect {r.min_effect:.2f}x{_expected_text(t)}"
     )
     if t.decision == "above":
         return passed(detail)
+    if prefill_too_cheap(e, r):
+        return note(f"{detail}; TTFT cannot show caching here: the hits can buy less than the minimum effect")
+    expected = f"; the hits and the prefill cost should buy {t.prefill.expected_gain:.2f}x" if t.prefill else ""
     if t.decision == "below":
         return failed(
             detail,
             f"hits are there but warm TTFT is not {r.min_effect:.2f}x below control: {ci.ratio:.2f}x "
-            f"(CI {ci.low:.2f}-{ci.high:.2f} over {n} repeats)",
+            f"(CI {ci.low:.2f}-{ci.high:.2f} over {n} repeats){expected}",
         )
     return unknown(
         detail,
         f"TTFT gain undecided: {ci.ratio:.2f}x, CI {ci.low:.2f}-{ci.high:.2f} over {n} repeats includes the "
-        f"minimum effect {r.min_effect:.2f}x; raise max_repeats, or run on a quieter machine",
+        f"minimum effect {r.min_effect:.2f}x{expected}; {_undecided_advice(t)}",
     )
+
+
+def _expected_text(t: TTFTEvidence) -> str:
+    p = t.prefill
+    if p is None:
+        return ""
+    return (
+        f"; expected from the hit rate and the prefill cost: {p.expected_gain:.2f}x; "
+        f"measured {t.ci.ratio if t.ci else 0:.2f}x"
+        f" ({p.prefill_per_token_s * 1e6:.0f} us per prompt token, {p.cached_tokens:.0f} cached tokens a request save "
+        f"{p.saved_s * 1e3:.1f} ms of {p.control_ttft_s * 1e3:.1f} ms)"
+    )
+
+
+def _undecided_advice(t: TTFTEvidence) -> str:
+    """What narrows the interval: a quieter machine only when the repeats disagree beyond their bursts' spread."""
+    s = t.spread
+    if s is not None and s.noisy_machine:
+        return (
+            f"the repeats disagree more than their bursts explain (log-ratio spread {s.between_repeats:.3f} between "
+            f"repeats vs {s.within_bursts:.3f} within bursts): run on a quieter machine, or raise max_repeats"
+        )
+    if s is not None and s.order_effect:
+        return (
+            "the ratio depends on which burst of a repeat runs first (log-ratio spread "
+            f"{s.between_repeats:.3f} between repeats vs {s.within_bursts:.3f} within bursts, agreeing within each "
+            "order): the server keeps state from one burst to the next (llama.cpp's slots hold the last burst's "
+            "prompts); raise ttft_burst well above its slots, or max_repeats"
+        )
+    why = (
+        f" (the repeats agree within their bursts' spread: {s.between_repeats:.3f} vs {s.within_bursts:.3f})"
+        if s is not None
+        else ""
+    )
+    return f"raise max_repeats or ttft_burst{why}"
+
+
+def prefill_too_cheap(e: Evidence, r: Rules) -> bool:
+    """Whether the measured hits and prefill cost can buy less TTFT gain than ``min_effect``, so TTFT cannot judge."""
+    t = e.ttft
+    return t is not None and t.prefill is not None and t.decision != "above" and t.prefill.expected_gain < r.min_effect
 
 
 CHECKS: tuple[tuple[str, str, CheckFn], ...] = (
@@ -310,7 +392,12 @@ CHECKS: tuple[tuple[str, str, CheckFn], ...] = (
     ("hits_nonzero", "the cache hits", check_hits_nonzero),
     ("hits_reach_ceiling", "hits reach the ceiling", check_hits_reach_ceiling),
     ("control_baseline", "the control phase hits only what it shares", check_control_baseline),
+    ("history_extends", "each turn's prompt extends the last prompt + answer", check_history_extends),
+    ("answer_blocks_kept", "the answers' cache blocks are kept", check_answer_blocks_kept),
     ("history_reuse", "later turns reuse the conversation so far", check_history_reuse),
+    ("outputs_equal", "answers from the cache equal fresh ones", check_outputs_equal),
+    ("weight_update", "no stale KV after a weight update", check_weight_update),
+    ("isolation", "cache_salt keeps tenants apart", check_isolation),
     ("ttft_gain", "warm TTFT below control TTFT, over repeats", check_ttft_gain),
 )
 """Every check: (id, title, function), in the order they decide."""
@@ -327,20 +414,38 @@ def decide(evidence: Evidence, rules: Rules | None = None) -> Decision:
         The verdict, the reason from the first check that decides, and every check.
     """
     checks, decided = run_checks(CHECKS, evidence, rules or Rules())
-    final = decided if decided is not None else _passed(evidence)
+    final = decided if decided is not None else _passed(evidence, rules or Rules())
     return Decision(final[0], final[1], final[2], checks)
 
 
-def _passed(evidence: Evidence) -> tuple[Verdict, str, str]:
-    """The PASS sentence, once every check has passed."""
+def _passed(evidence: Evidence, rules: Rules) -> tuple[Verdict, str, str]:
+    """The PASS sentence, once every check has passed (or TTFT could not judge: ``pass_prefill_cheap``)."""
     warm, ttft = evidence.warm, evidence.ttft
     assert warm is not None and ttft is not None and ttft.ci is not None
     h = warm.hit
-    assert h.value is not None and h.ceiling
+    ceiling, name = warm_ceiling(evidence)
+    assert h.value is not None and ceiling
+    hits = f"hit rate {h.value:.2f} of a {ceiling:.2f} {name} ({h.value / ceiling:.0%})"
+    ci = ttft.ci
+    if prefill_too_cheap(evidence, rules):
+        p = ttft.prefill
+        assert p is not None
+        agree = ", counters and cached_tokens agree" if h.counters is not None and h.reported is not None else ""
+        return (
+            "PASS",
+            f"prefix caching works by its hits: {hits}{agree}. TTFT cannot show caching here: prefill costs "
+            f"{p.prefill_per_token_s * 1e6:.0f} us a token (the lowest of {p.repeats} repeats' slopes of TTFT over "
+            f"prompt tokens), so the {p.cached_tokens:.0f} cached tokens a request "
+            f"save {p.saved_s * 1e3:.1f} ms of a {p.control_ttft_s * 1e3:.1f} ms TTFT; expected from the hit rate "
+            f"and the prefill cost: {p.expected_gain:.2f}x, under the minimum effect {rules.min_effect:.2f}x; "
+            f"measured {ci.ratio:.2f}x (CI {ci.low:.2f}-{ci.high:.2f} over {len(ttft.ratios)} repeats)",
+            "pass_prefill_cheap",
+        )
+    p = ttft.prefill
+    expected = f"; expected {p.expected_gain:.1f}x from the hits and the prefill cost" if p else ""
     return (
         "PASS",
-        f"prefix caching works: hit rate {h.value:.2f} of a {h.ceiling:.2f} ceiling ({h.value / h.ceiling:.0%}), "
-        f"warm TTFT {ttft.ci.ratio:.1f}x faster (CI {ttft.ci.low:.1f}-{ttft.ci.high:.1f} over "
-        f"{len(ttft.ratios)} repeats)",
+        f"prefix caching works: {hits}, warm TTFT {ci.ratio:.1f}x faster (CI {ci.low:.1f}-{ci.high:.1f} over "
+        f"{len(ttft.ratios)} repeats{expected})",
         "pass",
     )

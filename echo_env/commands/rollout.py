@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from echo_env.config import check_agents
 from echo_env.errors import ConfigError
 from echo_env.interrupts import run_main
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
@@ -54,6 +55,7 @@ class RolloutConfig:
         for key in ("batch_size", "group_size", "max_turns", "steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        check_agents(self.batch_size, self.group_size)
         self.sampling()
 
     def sampling(self) -> SamplingConfig:

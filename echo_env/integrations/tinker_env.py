@@ -102,6 +102,8 @@ class EchoEnv(Env):
         self.env = EchoPrefixEnv(max_turns=max_turns, task=task, turns=len(self.words))
         self._text = ""
         self._tokens: list[int] = []
+        self.extended = True
+        """Whether the last observation built extended the one before it token for token (``history/extended``)."""
         self._messages: list[dict[str, str]] = []
 
     @property
@@ -139,7 +141,8 @@ class EchoEnv(Env):
         to printable ASCII) the transcript is encoded afresh.
         """
         said = self._text + self.tokenizer.decode(list(action), skip_special_tokens=False)
-        if text.startswith(said):
+        self.extended = text.startswith(said)
+        if self.extended:
             return [*self._tokens, *action, *self.tokenizer.encode(text[len(said) :], add_special_tokens=False)]
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
@@ -163,6 +166,9 @@ class EchoEnv(Env):
             "wrong_word": float(info["outcome"] == "wrong_word"),
             "format_error": float(info["outcome"] == "format_error"),
         }
+        if self.renderer is None and not done:
+            # History reuse next to the reward: did the next observation extend this one token for token?
+            metrics["history/extended"] = float(self.extended)
         if done:
             reason = StopReason.COMPLETED if info["outcome"] == "correct" else StopReason.MAX_TURNS
             metrics[f"stop/{reason}"] = 1.0

@@ -96,6 +96,7 @@ def echo_reward(
     log_metric: Any = None,
     rollout_ttft_s: Sequence[float | None] | None = None,
     rollout_hit_rate: Sequence[float | None] | None = None,
+    rollout_cached_tokens: Sequence[float | int | None] | None = None,
     **_: Any,
 ) -> list[float]:
     """TRL reward function: the env's grading (1.0 correct, 0.0 wrong word, -1.0 format error).
@@ -113,6 +114,7 @@ def echo_reward(
         log_metric: TRL's ``log_metric(name, value)``; None outside a trainer.
         rollout_ttft_s: Per completion, its request's time to first token.
         rollout_hit_rate: The server's prefix-cache hit rate over the batch (repeated).
+        rollout_cached_tokens: Per completion, its prompt's cached tokens (``rollout/cached_tokens_mean``).
 
     Returns:
         One reward per completion.
@@ -128,6 +130,9 @@ def echo_reward(
         hit_rates = [h for h in rollout_hit_rate or () if h is not None]
         if hit_rates:
             log_metric("rollout/hit_rate", hit_rates[0])
+        cached = [c for c in rollout_cached_tokens or () if c is not None]
+        if cached:
+            log_metric("rollout/cached_tokens_mean", sum(cached) / len(cached))
     return [g.reward for g in grades]
 
 
@@ -361,6 +366,8 @@ class EchoRollout:
             "completion_ids": completion_ids,
             "logprobs": logprobs,
             "rollout_ttft_s": ttfts,
+            # Per completion, as the env's info["history_reuse"] carries it: logged by echo_reward.
+            "rollout_cached_tokens": [completions[str(i)].timing.get("cached_tokens") for i in range(len(wire))],
         }
 
 

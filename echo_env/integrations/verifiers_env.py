@@ -117,6 +117,25 @@ def _dataset(num_examples: int, seed: int, task: EchoTask, message_type: str, tu
     )
 
 
+def history_reuse(state: Any, step: Any) -> dict[str, Any]:
+    """``turn``, ``cached_tokens`` and ``extended`` of one trajectory step (None where the server did not say).
+
+    ``extended``: whether the step's prompt ids begin with the last step's prompt and
+    completion ids (verifiers keeps them when the server returns token ids).
+    """
+    usage = getattr(step.get("response"), "usage", None)
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None)
+    tokens = step.get("tokens")
+    earlier = [s for s in state.get("trajectory", []) if s is not step]
+    last = earlier[-1].get("tokens") if earlier else None
+    extended = None
+    if tokens and last:
+        before = [*last["prompt_ids"], *last["completion_ids"]]
+        extended = tokens["prompt_ids"][: len(before)] == before
+    return {"turn": len(earlier), "cached_tokens": cached, "extended": extended}
+
+
 @functools.cache
 def multi_turn_env_class() -> type[Any]:
     """The verifiers ``MultiTurnEnv`` subclass that runs multi-turn echo episodes.
@@ -147,6 +166,8 @@ def multi_turn_env_class() -> type[Any]:
             progress = state[_STATE_KEY]
             result = progress.answer(completion_text(trajectory_step["completion"]))
             trajectory_step["reward"] = result.reward
+            # History reuse next to the reward, as the env's info["history_reuse"] has it.
+            trajectory_step.setdefault("extras", {})["history_reuse"] = history_reuse(state, trajectory_step)
             await super().add_trajectory_step(state, trajectory_step)
 
         async def env_response(self, messages: Any, state: Any, **kwargs: Any) -> Any:

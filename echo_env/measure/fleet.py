@@ -3,8 +3,9 @@
 A prefix cache lives in one replica. Behind a router, a request hits only what earlier
 requests left on the replica it lands on, so the best a fleet can do depends on where
 requests go. For one workload (the prompts' token ids in send order and their groups,
-the agents that share a prompt) this module gives three ceilings, each from the same
-block arithmetic as :func:`echo_env.measure.tokens.plan_tokens`:
+the agents that share a prompt) this module gives the one-server ceiling and models of
+three placements, each from the same block arithmetic as
+:func:`echo_env.measure.tokens.plan_tokens`:
 
 - ``one_server``: every prompt on one server (the single-server ceiling);
 - ``affinity``: every group on one replica, the groups spread evenly (group ``g``, in order
@@ -19,8 +20,11 @@ plus ``round_robin``, the hit rate of request ``i`` on replica ``i mod N`` in se
 (what vllm-router's round_robin does when requests arrive in send order).
 
 Every model takes the cache as large enough to keep everything and counts the first
-request of a prefix on a replica as cold, as ``plan_tokens`` does. Pure functions;
-:func:`probe_router` is the one I/O helper (async HTTP).
+request of a prefix on a replica as cold, as ``plan_tokens`` does. They are models of a
+placement, not ceilings of a run: a router that leaves a replica idle beats the affinity
+model. The ceiling of the placement that happened, from each replica's request count, is
+:attr:`FleetEvidence.placement_ceiling` (:mod:`echo_env.measure.placement`). Pure
+functions; :func:`probe_router` is the one I/O helper (async HTTP).
 """
 
 from __future__ import annotations
@@ -30,13 +34,16 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 
 from echo_env.errors import ConfigError
 from echo_env.measure.tokens import TokenIds, max_cached_tokens, plan_tokens
 from echo_env.serving.metrics import CacheCounters, CounterDelta, Sample, delta
+
+if TYPE_CHECKING:
+    from echo_env.measure.placement import FleetCeiling, PlacementBound
 
 # --------------------------------------------------------------------------------------
 # Ceilings
@@ -56,11 +63,13 @@ class FleetCeilings:
     one_server: float
     """Every prompt on one server."""
     affinity: float
-    """Every group on one replica, groups spread evenly."""
+    """Every group on one replica, groups spread evenly (a model: a run that leaves replicas idle beats it)."""
     scatter: float
     """Each request on a uniformly random replica (the exact expectation)."""
     round_robin: float
     """Request ``i`` on replica ``i mod N``, in send order."""
+    placement: PlacementBound | None = None
+    """The census behind the ceiling that follows each replica's request count (None: not built)."""
 
     @property
     def discriminates(self) -> float:
@@ -177,6 +186,8 @@ def fleet_ceilings(
     _check(prompts, block_size, replicas)
     if len(groups) != len(prompts):
         raise ConfigError(f"{len(groups)} group ids for {len(prompts)} prompts: give one group per prompt")
+    from echo_env.measure.placement import placement_bound
+
     total = sum(len(p) for p in prompts)
 
     def rate(hits: float) -> float:
@@ -190,6 +201,7 @@ def fleet_ceilings(
         affinity=rate(placement_hit_tokens(prompts, affinity_placement(groups, replicas), block_size)),
         scatter=rate(expected_scatter_hit_tokens(prompts, replicas, block_size)),
         round_robin=rate(placement_hit_tokens(prompts, round_robin_placement(len(prompts), replicas), block_size)),
+        placement=placement_bound((), prompts, block_size),
     )
 
 
@@ -250,8 +262,6 @@ class FleetEvidence:
     metrics_source: MetricsSource = "replicas"
     """``replicas`` when each replica's ``/metrics`` was read; ``prometheus`` when each replica's
     series were read through Prometheus; ``router`` when only the router's address was."""
-    router_alternates: bool | None = None
-    """Whether two scrapes of the router's ``/metrics`` came from different replicas (None: not probed)."""
     replica_urls_hint: tuple[str, ...] = ()
     """Replica URLs the router lists (``GET /workers``), for the message that asks for them."""
 
@@ -300,15 +310,40 @@ class FleetEvidence:
         shares = self.request_shares
         return max(shares) if shares else None
 
+    @property
+    def placement_ceiling(self) -> float | None:
+        """The most the fleet could hit given each replica's request count (None: counts or census unknown).
+
+        See :class:`~echo_env.measure.placement.PlacementBound`: the ceiling of the placement that
+        happened, where the affinity, round-robin and scatter figures are models of one.
+        """
+        bound = self.ceilings.placement if self.ceilings else None
+        counts = self.replica_requests
+        return bound.hit_rate(counts) if bound is not None and counts is not None else None
+
+    def cache_ceiling(self) -> FleetCeiling:
+        """The ceiling the cache checks hold the fleet's warm hit rate to (:attr:`placement_ceiling`)."""
+        from echo_env.measure.placement import FleetCeiling
+
+        counts = self.replica_requests
+        n = len(self.replicas) or len(self.replica_urls_hint) or (self.ceilings.replicas if self.ceilings else 0)
+        used = sum(1 for c in counts if c > 0) if counts is not None else None
+        why = None
+        if counts is None:
+            why = "the replicas' request counts were not read"
+        elif self.ceilings is None or self.ceilings.placement is None:
+            why = "the prompts were not tokenized"
+        return FleetCeiling(self.placement_ceiling, n, used, why)
+
     def to_json(self) -> dict[str, object]:
         """A JSON-ready summary (``summary.json``): the derived figures with the inputs."""
         c = self.ceilings
         return {
             "policy": self.policy,
             "metrics_source": self.metrics_source,
-            "router_alternates": self.router_alternates,
             "requests_sent": self.requests_sent,
             "fleet_hit_rate": self.fleet_hit_rate,
+            "placement_ceiling": self.placement_ceiling,
             "hits": self.hits,
             "queries": self.queries,
             "replica_requests": list(self.replica_requests) if self.replica_requests else None,

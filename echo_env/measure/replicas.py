@@ -24,6 +24,7 @@ from typing import Any
 from echo_env.errors import MetricsError
 from echo_env.measure.fleet import FleetCeilings, FleetEvidence, MetricsSource, fleet_ceilings, replica_figures
 from echo_env.measure.phase import CounterProbe
+from echo_env.measure.placement import placement_bound
 from echo_env.measure.tokens import TokenIds
 from echo_env.serving.metrics import COUNTER_FIELDS, CacheCounters, MetricsReader, Snapshot
 from echo_env.serving.prometheus import PrometheusReader
@@ -172,7 +173,10 @@ def phase_ceilings_of(
 
     Every model places request ``i`` from what came before it only, so the hits of the
     history alone are the same with or without the phase after it: the phase's hits are
-    the whole sequence's minus the history's, over the phase's own prompt tokens.
+    the whole sequence's minus the history's, over the phase's own prompt tokens. The
+    census for the ceiling that follows each replica's request count
+    (:func:`~echo_env.measure.placement.placement_bound`) is the phase's, the history
+    credited where it holds the phase's blocks.
 
     Args:
         history: Prompts sent before the phase (their blocks may already be cached).
@@ -188,6 +192,7 @@ def phase_ceilings_of(
     whole = fleet_ceilings([*history, *prompts], [*history_groups, *groups], block_size, replicas)
     if not history:
         return whole
+    bound = placement_bound(history, prompts, block_size)
     before = fleet_ceilings(history, history_groups, block_size, replicas)
     own = sum(len(p) for p in prompts)
     hist = before.prompt_tokens
@@ -203,6 +208,7 @@ def phase_ceilings_of(
         affinity=rate("affinity"),
         scatter=rate("scatter"),
         round_robin=rate("round_robin"),
+        placement=bound,
     )
 
 

@@ -133,7 +133,10 @@ def plan_tokens(
     Args:
         prompts: Token ids of each prompt, in the order they are sent.
         block_size: The cache's block size in tokens (vLLM on CPU: 128; on GPU: 16).
-        warm: Token ids of prompts the cache already holds.
+        warm: Token ids of sequences the cache already holds: earlier prompts, or a prompt
+            followed by the tokens generated for it (vLLM, SGLang and llama.cpp's slots keep
+            the KV of generated tokens too, in full blocks: all but the last token has KV,
+            so the same ``(len - 1) // block_size`` blocks count).
         extra_cold: The first this-many prompts can hit nothing (a cache of several
             independent parts, such as llama.cpp's slots, each filled once by a burst).
 
@@ -181,3 +184,34 @@ def plan_tokens(
         cacheable_shared_tokens=cacheable,
         max_hit_tokens=hits,
     )
+
+
+def slot_cold_requests(burst: int, slots: int | None) -> int:
+    """How many requests of a burst miss entirely on a cache of independent slots (llama.cpp ``-np``).
+
+    Each slot keeps only the last prompt it served. Before the burst one slot (``A``) holds
+    the shared prefix (the cold request's), the others hold nothing of it. llama-server
+    gives a new request the idle slot whose cached prompt shares the largest fraction with
+    it (above ``--slot-prompt-similarity``, 0.1 by default), else the least recently used
+    one (``get_available_slot`` in its ``server-context.cpp``). The burst's requests are sent
+    together, so its first wave of ``min(burst, slots)`` requests is in flight at once, each
+    in a slot of its own: one of them takes ``A`` and hits, the others miss. Every later
+    request finds the prefix in whichever slot frees up. Hence ``min(burst, slots) - 1``.
+
+    The count is the same under pure least-recently-used choice (``--slot-prompt-similarity
+    0``) whenever ``burst >= slots``: ``A``, used last, is then taken by the first wave's
+    last request instead of its first. Only a burst smaller than ``slots`` misses once more
+    there; that setting is not llama-server's default and is not modelled.
+    The host prompt cache (``--cache-ram``) cannot rescue the first wave either: ``A`` is
+    busy while the wave is placed and was never saved while idle.
+
+    Args:
+        burst: Requests sent together, the cold one of the phase before not counted.
+        slots: Independent slots (None: one cache shared by every request).
+
+    Returns:
+        The requests to plan with no hit (``extra_cold`` of :func:`plan_tokens`).
+    """
+    if slots is None or slots <= 1 or burst <= 0:
+        return 0
+    return min(burst, slots) - 1

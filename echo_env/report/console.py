@@ -15,6 +15,7 @@ from pathlib import Path
 
 from echo_env.cachetest.results import Check, Comparison, ServerRun, TestResult, TTFTEvidence
 from echo_env.measure.figures import HitRate, PhaseFigures
+from echo_env.report.answers_console import answer_lines
 from echo_env.report.files import PHASES_FILE
 from echo_env.report.fleet_console import fleet_lines
 from echo_env.report.plots import min_effect, server_label
@@ -389,6 +390,9 @@ def format_console(result: TestResult, *, ascii_only: bool | None = None, width:
     fleet = fleet_lines(result.main.fleet if result.main else None)
     if fleet:
         lines += ["", *fleet]
+    answers = answer_lines(result.main.evidence if result.main else None)
+    if answers:
+        lines += ["", *answers]
     checks = _check_lines(result, _ASCII_MARKS if ascii_only else _MARKS, width)
     if checks:
         lines += ["", *checks]

@@ -2,7 +2,7 @@
 
 :class:`RunWriter` owns a prefix-cache test's ``out_dir``: request records are appended
 to ``requests.jsonl`` as each phase ends, ``summary.json`` is replaced atomically as
-often as the runner likes, and :meth:`RunWriter.finish` adds ``phases.csv`` and the plots.
+often as the runner likes, and :meth:`RunWriter.finish` adds ``phases.csv``, the plots and ``report.html``.
 Every figure comes from one :class:`~echo_env.cachetest.results.TestResult`.
 
 :func:`write_json_file` and :func:`write_records` are the same writers for every other
@@ -29,6 +29,7 @@ from typing import Any
 from echo_env.cachetest.results import ServerRun, TestResult
 from echo_env.errors import ConfigError
 from echo_env.measure.figures import PhaseFigures
+from echo_env.report.html import REPORT_FILE, write_html
 from echo_env.report.plots import draw_plots
 from echo_env.report.redact import redact
 
@@ -309,11 +310,14 @@ class RunWriter:
         phases_path = write_phases_csv(self.out_dir / PHASES_FILE, result.runs)
         log.debug("time/report/csv: %.4f s", time.perf_counter() - start)
         plots, notes = draw_plots(self.out_dir, result)
-        written = [self.summary_path, self.records_path, phases_path, *plots]
+        html_path = self.out_dir / REPORT_FILE
+        written = [self.summary_path, self.records_path, phases_path, *plots, html_path]
         result.files = [str(p) for p in written]
         for note in notes:
             if note not in result.notes:  # finish may run twice (a retry after a crash)
                 result.notes.append(note)
         self.write_summary(result)
+        # The page is made from the summary just written, as `echo-prefix report DIR` makes it.
+        write_html(self.out_dir, result.to_json())
         log.debug("time/report/finish: %.4f s", time.perf_counter() - start)
         return written

@@ -23,6 +23,7 @@ import numpy as np
 from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 from echo_env.errors import ConfigError, ServerUnreachableError
 from echo_env.measure.figures import phase_figures
+from echo_env.rollout.token_in import ReuseLog, TokenHistory, output_ids, prompt_ids
 from echo_env.serving.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
 from echo_env.serving.tokenizer import Tokenizer, encode_prompts
 
@@ -194,10 +195,25 @@ class RolloutWorker:
         self.records: list[RequestRecord] = []
         """Every request this worker sent, in order of completion."""
         self._token_cache: dict[str, list[int]] = {}
+        self.history = TokenHistory(tokenizer) if sampling.prompt_format == "tokens" and tokenizer else None
+        self.reuse = ReuseLog()
+        """Each agent's history reuse, put in every step's ``info["history_reuse"]``."""
+        """Token-in multi-turn: each agent's next prompt appends to its last prompt and generated ids."""
         self.on_record: Callable[[RequestRecord], None] | None = None
         """Called with each request's record as it finishes (progress bars)."""
 
-    def _wire_prompt(self, prompt: Prompt) -> Prompt:
+    def token_prompt(self, agent: str, prompt: str) -> list[int]:
+        """The ids ``prompt_format=tokens`` sends for ``agent``'s ``prompt`` (appended to its last turn's)."""
+        assert self.history is not None
+        key = f"{agent}\x00{prompt}"
+        ids = self._token_cache.get(key)
+        if ids is None:
+            ids = self._token_cache[key] = self.history.prompt_ids(agent, prompt)
+        return ids
+
+    def _wire_prompt(self, prompt: Prompt, agent: str | None = None) -> Prompt:
+        if agent is not None and self.history is not None and isinstance(prompt, str):
+            return self.token_prompt(agent, prompt)
         if self.sampling.prompt_format == "tokens" and isinstance(prompt, str):
             ids = self._token_cache.get(prompt)
             if ids is None:
@@ -248,11 +264,13 @@ class RolloutWorker:
         results: dict[str, AgentCompletion] = {}
         if mode == "per_agent":
             sessions = sessions or {}
-            records = await asyncio.gather(
-                *(self._request(self._wire_prompt(prompts[a]), 1, a, sessions.get(a)) for a in agents)
-            )
+            wires = {a: self._wire_prompt(prompts[a], a) for a in agents}
+            records = await asyncio.gather(*(self._request(wires[a], 1, a, sessions.get(a)) for a in agents))
             for agent, rec in zip(agents, records):
                 out = rec.outputs[0] if rec.ok and rec.outputs else None
+                sent, ids = prompts[agent], wires[agent]
+                if self.history is not None and out is not None and isinstance(sent, str) and isinstance(ids, list):
+                    self.history.record(agent, sent, ids, out.text, output_ids(out))
                 results[agent] = AgentCompletion(
                     out.text if out else "", _timing(rec, out, shared=False), rec.request_id, rec.error, out
                 )
@@ -331,6 +349,13 @@ class RolloutWorker:
         for key, error in failures.items():
             if key in step_infos:
                 step_infos[key]["request_error"] = error
+        for key, c in completions.items():
+            if key in step_infos:
+                sent = prompt_ids(c.output) or self._token_cache.get(f"{key}\x00{prompts[key]}")
+                cached = c.timing.get("cached_tokens")
+                step_infos[key]["history_reuse"] = self.reuse.observe(
+                    key, sent, output_ids(c.output), None if cached is None else int(cached)
+                )
         wall = time.perf_counter() - start
         log.debug("step: %d agents, %d requests, %d failed, %.3f s", len(prompts), len(records), len(failures), wall)
         return StepResult(actions, next_obs, rewards, terms, step_infos, list(records), failures, wall)
@@ -365,6 +390,7 @@ class RolloutWorker:
             One :class:`StepResult` per step.
         """
         observations, infos = env.reset(seed=seed, options=options)
+        self.reuse.forget()
         steps: list[StepResult] = []
         while env.agents:
             result = await self.step(env, {a: observations[a] for a in env.agents}, infos)

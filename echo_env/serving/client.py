@@ -380,7 +380,7 @@ class LLMClient:
                 router that keeps a session on one replica).
             tag: A label kept in the record.
             want_tokens: Keep the generated token ids, prompt token ids and logprobs the
-                server streams (completions only). None: when this request asks for them
+                server streams. None: when this request asks for them
                 (``logprobs``, or ``return_token_ids`` in ``extra_body``).
             want_itl: Keep the gaps between successive text chunks (``Output.itl_s``).
                 False spares a little CPU per chunk when no one reads them.
@@ -396,7 +396,7 @@ class LLMClient:
         )
         if want_tokens is None:
             want_tokens = logprobs is not None or bool(extra_body and extra_body.get("return_token_ids"))
-        want = _Wants(tokens=want_tokens and api == "completions", itl=want_itl, headers=headers)
+        want = _Wants(tokens=want_tokens, itl=want_itl, headers=headers)
         queued = time.perf_counter()
         async with self._sem:
             record.queue_s = time.perf_counter() - queued
@@ -670,6 +670,8 @@ class _Stream:
                     out.chunks += 1
                 if self.tokens:
                     _collect_tokens(out, choice)
+                    if self.chat and chunk.get("prompt_token_ids") and not out.prompt_token_ids:
+                        out.prompt_token_ids = list(chunk["prompt_token_ids"])  # chat: on the chunk, not the choice
                 reason = choice.get("finish_reason")
                 if reason is not None:
                     out.finish_reason = reason

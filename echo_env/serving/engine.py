@@ -95,6 +95,9 @@ class EngineConfig:
     """Set ``VLLM_SERVER_DEV_MODE=1``, which enables ``POST /reset_prefix_cache``."""
     block_size: int | None = None
     """KV block size in tokens (``--block-size``); ``None`` keeps vLLM's (128 on CPU, 16 on GPU)."""
+    trust_request_chat_template: bool = False
+    """Accept a ``chat_template`` sent with a request (``--trust-request-chat-template``); the
+    prefix-cache test's ``chat_template=`` needs it. The server listens on 127.0.0.1 only."""
     dtype: str = "auto"
     """Weights and activations (``--dtype``). ``auto``: float32 on a CPU without bf16
     instructions (AVX-512 BF16 or AMX), where bf16 is emulated and prefill ran 4x slower
@@ -290,6 +293,8 @@ class EmbeddedEngine(ChildServer):
         ]  # fmt: skip
         if cfg.block_size is not None:
             cmd += ["--block-size", str(cfg.block_size)]
+        if cfg.trust_request_chat_template:
+            cmd.append("--trust-request-chat-template")
         dtype = resolve_dtype(cfg.dtype)
         if dtype is not None:
             cmd += ["--dtype", dtype]

@@ -30,7 +30,11 @@ vendored llama.cpp (Gemma 3 270M Q4_K_M, ``-np 4 -c 16384 --metrics``):
   and without ``--swa-full`` a few tokens less: Gemma 3's sliding-window cache can only be
   rolled back to a checkpoint (a repeated 500-token prompt hit 495; with ``--swa-full``
   499). Each slot caches only its own last request: with ``-np 4``, a burst after one
-  cold request missed in the 3 empty slots and hit in the rest.
+  cold request missed in the 3 empty slots and hit in the rest; a burst of 3 (2x2 agents)
+  hit in 1 of 3. A request takes the idle slot whose prompt shares the largest fraction
+  with it (over ``--slot-prompt-similarity``, 0.1), else the least recently used one, so a
+  burst's first wave misses ``min(burst, slots) - 1`` times
+  (:func:`echo_env.measure.tokens.slot_cold_requests`).
 - ``/props`` has ``total_slots``, ``build_info``, ``model_path``, ``endpoint_metrics`` and
   ``default_generation_settings``; it does not say whether ``--no-cache-prompt`` is set.
 """

@@ -1,0 +1,85 @@
+"""The answer checks' place in a run: after the phases, on prompts of their own, one request at a time.
+
+The runner calls :func:`measure_answer_checks` once the cache-on server's phases are done
+(the TTFT repeats included, so nothing here disturbs their timing). Each check gets its
+own prompt (the cold agent's under a new run tag), so none hits what another sent:
+output equivalence (``check_outputs``), then isolation (``isolation``), then the weight
+update last (``weight_update``), since it changes the server's weights for good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from echo_env.cachetest.answer_evidence import IsolationEvidence, OutputsEvidence, WeightUpdateEvidence
+from echo_env.cachetest.answers import measure_outputs, measure_weight_update
+from echo_env.cachetest.config import PrefixTestConfig
+from echo_env.cachetest.isolation import measure_isolation
+from echo_env.cachetest.weights import BUILT_IN_UPDATES, perturbed_weights_dir
+from echo_env.cachetest.workload import Workload, run_tag
+from echo_env.serving.client import LLMClient
+from echo_env.serving.control import VllmControl
+from echo_env.serving.info import ServerFacts
+
+
+@dataclass(frozen=True)
+class AnswerChecks:
+    """What the answer checks measured (None: not asked for)."""
+
+    outputs: OutputsEvidence | None = None
+    """Cached vs fresh answers."""
+    isolation: IsolationEvidence | None = None
+    """``cache_salt`` isolation."""
+    weight_update: WeightUpdateEvidence | None = None
+    """Answers across a weight update."""
+
+
+def _prompt(work: Workload, purpose: str) -> str:
+    """The cold agent's prompt as text, under a run tag of its own (``[echo-prefix run <tag>-<purpose>]``).
+
+    Sent to completions whatever ``api`` says: token ids and logprobs come with
+    completions only, and what is checked is the cache, not the chat template (with
+    ``api=chat`` the messages' texts are joined).
+    """
+    prompt = next(iter(work.cold.values()))
+    text = prompt if isinstance(prompt, str) else "\n\n".join(str(m["content"]) for m in prompt)
+    tag = work.task.run_tag
+    return text.replace(tag, run_tag(tag.removeprefix("[echo-prefix run ").removesuffix("]") + f"-{purpose}"), 1)
+
+
+def default_weights_path(config: PrefixTestConfig, embedded: bool) -> str | None:
+    """The new weights for a built-in ``weight_update``: ``weights_path``, or the default model perturbed."""
+    if config.weights_path is not None or config.weight_update not in BUILT_IN_UPDATES:
+        return config.weights_path
+    if not embedded or config.server.model_name not in (None, "default"):
+        return None
+    from echo_env.serving.model import default_cache_dir, prepare_default_model
+
+    return str(perturbed_weights_dir(prepare_default_model(), Path(default_cache_dir())))
+
+
+async def measure_answer_checks(
+    config: PrefixTestConfig, client: LLMClient, facts: ServerFacts, work: Workload
+) -> AnswerChecks:
+    """Run the answer checks the config asks for, one request at a time.
+
+    Args:
+        config: The test's settings.
+        client: The client of the server under test.
+        facts: What the server is (its kind decides whether it takes ``cache_salt``).
+        work: The run's workload (its cold prompt is the template of each check's prompt).
+    """
+    salted = facts.kind.name == "vllm"
+    outputs = isolation = update = None
+    if config.check_outputs:
+        outputs = await measure_outputs(client, _prompt(work, "answers"), salted)
+    if config.isolation:
+        isolation = await measure_isolation(client, _prompt(work, "tenants"), facts.kind.name)
+    if config.weight_update is not None:
+        control = VllmControl(facts.root, facts.headers())
+        path = default_weights_path(config, facts.embedded)
+        update = await measure_weight_update(
+            client, control, _prompt(work, "weights"), config.weight_update, path, salted
+        )
+    return AnswerChecks(outputs, isolation, update)
