@@ -55,7 +55,7 @@ $(STAMP_FLEET): $(STAMP_CORE)
 
 $(LLAMA_SERVER): | $(STAMP_CORE)
 	$(PIP) install -q -e '.[llamacpp]'
-	$(PY) -m echo_env.serving.llamacpp_build
+	$(PY) -m echo_env.launch.llamacpp_build
 
 # Headless Chromium from Debian's package, for the test that opens report.html as a user
 # would (needs root, as CI has; elsewhere: sudo make chromium).
@@ -68,7 +68,7 @@ $(CHROMIUM):
 chromium: $(CHROMIUM)
 
 $(PROMETHEUS): | $(STAMP_CORE)
-	$(PY) -m echo_env.serving.prometheus_server
+	$(PY) -m echo_env.launch.prometheus_server
 
 prometheus: $(PROMETHEUS)
 

@@ -46,12 +46,12 @@ from tqdm.auto import tqdm
 
 from echo_env.cachetest.align import align_system_prompt, prefix_geometry
 from echo_env.envs.task import EchoTask, find_worked_examples
+from echo_env.launch.target import OpenServer, ServerTarget, open_target
 from echo_env.measure.tokens import plan_tokens
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.info import ServerFacts, server_root
-from echo_env.serving.target import OpenServer, ServerTarget, open_target
-from echo_env.serving.tokenizer import encode_prompts
+from echo_env.wire.client import ClientConfig, LLMClient
+from echo_env.wire.info import ServerFacts, server_root
+from echo_env.wire.tokenizer import encode_prompts
 
 NAME = "block_alignment"
 TAG = "[echo-prefix run 5f3a9c2e-on00]"
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     agents = args.agents or (16 if args.quick else 48)
     runs = args.runs or (2 if args.quick else 4)
 
-    from echo_env.serving.model import load_tokenizer
+    from echo_env.launch.model import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     computed = computed_table(tokenizer)

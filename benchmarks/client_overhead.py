@@ -12,7 +12,7 @@ same prompts (the echo env's real ~2 KB transcripts), 16 streamed tokens per req
 
 - ``worker``: this package's ``RolloutWorker`` over ``LLMClient`` as shipped
   (``transport="sse"``: aiohttp, a pool sized to the concurrency, server-sent events
-  parsed by ``echo_env.serving.sse.SSEDecoder``);
+  parsed by ``echo_env.wire.sse.SSEDecoder``);
 - ``worker+openai``: the same worker with ``transport="openai"``: generation through the
   ``openai`` SDK's streaming client and its default httpx transport (the shipped path
   before this benchmark chose the other);
@@ -115,7 +115,7 @@ async def _trial_worker(variant: str, url: str, prompts: dict[str, str], concurr
     import openai
 
     from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-    from echo_env.serving.client import ClientConfig, LLMClient, Transport
+    from echo_env.wire.client import ClientConfig, LLMClient, Transport
 
     transport: Transport = "sse" if variant == "worker" else "openai"
     config = ClientConfig(
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from echo_env import parallel_env
-    from echo_env.serving.model import load_tokenizer, resolve_model
+    from echo_env.launch.model import load_tokenizer, resolve_model
 
     concurrencies = args.concurrency or ([64, 256] if args.quick else [64, 256, 1024])
     repeats = args.repeats or (1 if args.quick else 2)

@@ -49,12 +49,12 @@ from tqdm.auto import tqdm
 
 from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.envs.task import EchoTask
+from echo_env.launch.target import OpenServer, ServerTarget, open_target
 from echo_env.measure.phase import CounterProbe, counter_delta
 from echo_env.measure.stats import summarize
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.metrics import CounterDelta
-from echo_env.serving.target import OpenServer, ServerTarget, open_target
+from echo_env.wire.client import ClientConfig, LLMClient
+from echo_env.wire.metrics import CounterDelta
 
 NAME = "clock_honesty"
 TOKENS = 16
@@ -141,7 +141,7 @@ def one_run(
 
 def measure_all(batch: int, group: int, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Both clients in both modes, alternating, on one embedded engine; the runs and the server's facts."""
-    from echo_env.serving.model import resolve_model
+    from echo_env.launch.model import resolve_model
 
     tokenizer = str(resolve_model(None))
     run_id = uuid.uuid4().hex[:8]

@@ -6,8 +6,8 @@ run, because the machine is shared and a lone wall-clock number says more about 
 neighbours than about the code.
 
 The measuring is the package's own: servers are opened with
-:func:`echo_env.serving.target.open_target`, described by
-:func:`echo_env.serving.info.read_server_facts`, and every phase is measured and pooled
+:func:`echo_env.launch.target.open_target`, described by
+:func:`echo_env.wire.info.read_server_facts`, and every phase is measured and pooled
 by :func:`echo_env.measure.phase.measure_phase` into
 :class:`echo_env.measure.figures.PhaseFigures`. The scripts keep only their workloads
 and their tables.
@@ -31,15 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from echo_env.errors import ConfigError
+from echo_env.launch.target import OpenServer
 from echo_env.measure.phase import CounterProbe, measure_phase
-from echo_env.serving.target import OpenServer
 
 if TYPE_CHECKING:
     from echo_env.measure.figures import PhaseFigures
     from echo_env.measure.tokens import TokenPlan
     from echo_env.rollout.worker import RolloutWorker
-    from echo_env.serving.client import RequestRecord
-    from echo_env.serving.info import ServerFacts
+    from echo_env.wire.client import RequestRecord
+    from echo_env.wire.info import ServerFacts
 
 BENCH_DIR = Path(__file__).resolve().parent
 """This folder."""
@@ -215,8 +215,8 @@ def server_facts(server: OpenServer, log: Callable[[str], None] = print) -> Serv
 
     Call it outside a running event loop (it runs its own).
     """
-    from echo_env.serving.client import ClientConfig, LLMClient
-    from echo_env.serving.info import read_server_facts
+    from echo_env.wire.client import ClientConfig, LLMClient
+    from echo_env.wire.info import read_server_facts
 
     async def read() -> ServerFacts:
         model = server.model
@@ -359,8 +359,8 @@ async def warm_up_engine(engine: Any, prompts: int = 24, log: Callable[[str], No
     measures is touched.
 
     Args:
-        engine: An open server (:class:`~echo_env.serving.target.OpenServer`) or an
-            :class:`~echo_env.serving.engine.EmbeddedEngine` (a fleet's replica).
+        engine: An open server (:class:`~echo_env.launch.target.OpenServer`) or an
+            :class:`~echo_env.launch.engine.EmbeddedEngine` (a fleet's replica).
         prompts: Distinct prompts in the burst.
         log: Where the one line about it goes.
 
@@ -370,7 +370,7 @@ async def warm_up_engine(engine: Any, prompts: int = 24, log: Callable[[str], No
     import uuid
 
     from echo_env.envs.task import EchoTask
-    from echo_env.serving.client import ClientConfig, LLMClient
+    from echo_env.wire.client import ClientConfig, LLMClient
 
     tag = uuid.uuid4().hex[:8]
     texts = [EchoTask(run_tag=f"[engine warm-up {tag}-{i:03d}]").transcript("apple") for i in range(prompts)]

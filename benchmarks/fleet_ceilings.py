@@ -41,7 +41,7 @@ from echo_env.measure.figures import HitRate, PhaseFigures
 from echo_env.measure.fleet import FleetEvidence, ReplicaFigures, affinity_placement
 from echo_env.measure.placement import replica_hits
 from echo_env.measure.replicas import phase_ceilings_of
-from echo_env.serving.metrics import CounterDelta
+from echo_env.wire.metrics import CounterDelta
 
 RESULTS = Path(os.environ.get("ECHO_ENV_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 """Where the JSON goes (``$ECHO_ENV_BENCH_RESULTS`` when set, as for every benchmark)."""

@@ -32,7 +32,7 @@ from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.results import TestResult
 from echo_env.cachetest.runner import NullSink, run_phases_and_judge
 from echo_env.config import build
-from echo_env.serving.target import ServerTarget, open_target
+from echo_env.launch.target import ServerTarget, open_target
 
 NAME = "history_reuse"
 TURNS = 3

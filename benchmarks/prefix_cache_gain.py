@@ -55,13 +55,13 @@ from common import (
 from tqdm.auto import tqdm
 
 from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples
+from echo_env.launch.target import OpenServer, ServerTarget, open_target
 from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.tokens import plan_tokens, shared_prefix_length
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.info import ServerFacts
-from echo_env.serving.target import OpenServer, ServerTarget, open_target
-from echo_env.serving.tokenizer import encode_prompts
+from echo_env.wire.client import ClientConfig, LLMClient
+from echo_env.wire.info import ServerFacts
+from echo_env.wire.tokenizer import encode_prompts
 
 NAME = "prefix_cache_gain"
 
@@ -438,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(agents % p.group_size for p in points):
         parser.error(f"--agents must be a multiple of every group size ({sorted({p.group_size for p in points})})")
 
-    from echo_env.serving.model import load_tokenizer
+    from echo_env.launch.model import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     # Keyed by share: the cache-off baselines use a share's shape with group_size 1.

@@ -58,14 +58,14 @@ from common import fmt, machine_facts, markdown_table, ratio, table, warm_up_eng
 from echo_env.cachetest.fleet_checks import decide_fleet
 from echo_env.envs.task import EchoTask, Turn, default_system_prompt, find_worked_examples, grade, with_examples
 from echo_env.errors import MetricsError
+from echo_env.launch.engine import group_members
+from echo_env.launch.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig, mem_available_gib
 from echo_env.measure.fleet import FleetEvidence, fleet_ceilings, router_worker_requests
 from echo_env.measure.replicas import ReplicaProbe, fleet_evidence
 from echo_env.measure.stats import summarize
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.serving.engine import group_members
-from echo_env.serving.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig, mem_available_gib
-from echo_env.serving.metrics import parse_prometheus
-from echo_env.serving.tokenizer import encode_prompts
+from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.wire.metrics import parse_prometheus
+from echo_env.wire.tokenizer import encode_prompts
 
 NAME = "routing"
 MAX_TOKENS = 8
@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A partial sweep writes a file of its own, so it never replaces the whole sweep's.
     name = args.name or (NAME if workloads == WORKLOADS and not args.policies else f"{NAME}-{'-'.join(workloads)}")
 
-    from echo_env.serving.model import load_tokenizer
+    from echo_env.launch.model import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     rows: list[dict[str, Any]] = []

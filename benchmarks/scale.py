@@ -73,7 +73,7 @@ async def _point(url: str, model: str, agents: int, system_prompt: str) -> dict[
     from echo_env import ParallelTimingWrapper, parallel_env
     from echo_env.envs.task import EchoTask
     from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-    from echo_env.serving.client import ClientConfig, LLMClient
+    from echo_env.wire.client import ClientConfig, LLMClient
 
     task = EchoTask(system_prompt=system_prompt)
     rss0 = _rss_mb()
@@ -147,8 +147,8 @@ def measure_engine(points: Sequence[int], prompt_file: Path, bar: Any) -> tuple[
     """
     from echo_env.cachetest.align import align_system_prompt
     from echo_env.envs.task import EchoTask
-    from echo_env.serving.model import load_tokenizer
-    from echo_env.serving.target import ServerTarget, open_target
+    from echo_env.launch.model import load_tokenizer
+    from echo_env.launch.target import ServerTarget, open_target
 
     rows: list[dict[str, Any]] = []
     with open_target(ServerTarget()) as server:

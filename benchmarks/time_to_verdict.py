@@ -63,13 +63,13 @@ from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.workload import build_workload, control_tag
 from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
+from echo_env.launch.target import OpenServer, ServerTarget, open_target
 from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.stats import RatioCI, bootstrap_ratio_ci
 from echo_env.measure.tokens import TokenPlan, plan_tokens
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.info import read_server_facts, tokenize_prompts
-from echo_env.serving.target import OpenServer, ServerTarget, open_target
+from echo_env.wire.client import ClientConfig, LLMClient
+from echo_env.wire.info import read_server_facts, tokenize_prompts
 
 NAME = "time_to_verdict"
 OLD_REPEATS = 3

@@ -59,7 +59,7 @@ class ServeCommand:
 
     def __post_init__(self) -> None:
         # The same checks (and messages) as every command's server keys.
-        from echo_env.serving.target import ServerTarget
+        from echo_env.launch.target import ServerTarget
 
         ServerTarget(replicas=self.replicas, router=self.router)
         if self.replicas > 1 and self.port is not None:
@@ -145,7 +145,7 @@ def cmd_rollout(args: Sequence[str]) -> int:
 
 def cmd_serve(args: Sequence[str]) -> int:
     """``echo-prefix serve``: the embedded engine in the foreground."""
-    from echo_env.serving.engine import EngineConfig, serve_forever
+    from echo_env.launch.engine import EngineConfig, serve_forever
 
     config = parse_overrides(ServeCommand, args)
     _setup_logging(config.debug)
@@ -163,7 +163,7 @@ def _serve_fleet(config: ServeCommand) -> int:
     """``echo-prefix serve replicas=N``: the fleet in the foreground, its addresses printed, until Ctrl-C."""
     import time
 
-    from echo_env.serving.fleet import EmbeddedFleet, FleetConfig
+    from echo_env.launch.fleet import EmbeddedFleet, FleetConfig
 
     fleet = EmbeddedFleet(
         FleetConfig(

@@ -292,7 +292,7 @@ def _load_model(config: TrainConfig) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from echo_env.serving.model import resolve_model
+    from echo_env.launch.model import resolve_model
 
     torch.set_num_threads(config.threads)
     path = resolve_model(config.model_name)

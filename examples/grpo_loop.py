@@ -31,7 +31,7 @@ from echo_env import ParallelTimingWrapper, agent_group, parallel_env
 from echo_env.config import parse_overrides
 from echo_env.errors import ConfigError, EchoEnvError
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.wire.client import ClientConfig, LLMClient
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.base_url:
         asyncio.run(run_loop(config, config.base_url))
         return 0
-    from echo_env.serving.engine import EmbeddedEngine
+    from echo_env.launch.engine import EmbeddedEngine
 
     print("starting the embedded vLLM engine (about a minute on a CPU)...", file=sys.stderr)
     with EmbeddedEngine() as engine:

@@ -65,7 +65,7 @@ if collect_ignore and os.environ.get("ECHO_ENV_REQUIRE_RL") == "1":
 
 def _llama_server_missing() -> bool:
     try:
-        from echo_env.serving.llamacpp_build import llama_server_binary
+        from echo_env.launch.llamacpp_build import llama_server_binary
 
         llama_server_binary(build=False)
     except Exception:
@@ -140,7 +140,7 @@ def engine() -> Iterator[Any]:
     if url:
         yield _running_server(url)
         return
-    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
+    from echo_env.launch.engine import EmbeddedEngine, EngineConfig
 
     # Request chat templates are trusted so tests/test_turns_real.py can send a stripping one.
     config = EngineConfig(prefix_caching=True, dev_mode=True, trust_request_chat_template=True)

@@ -20,7 +20,7 @@ from echo_env.cachetest.align import align_system_prompt, prefix_geometry
 from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples, worked_example
 from echo_env.errors import ConfigError
 from echo_env.measure.tokens import plan_tokens
-from echo_env.serving.tokenizer import encode_prompts
+from echo_env.wire.tokenizer import encode_prompts
 
 BOS = 2
 
@@ -213,7 +213,7 @@ def test_trim_only_with_too_few_examples_to_remove_says_so() -> None:
 
 @pytest.fixture(scope="module")
 def gemma() -> Any:
-    from echo_env.serving.model import load_tokenizer, prepare_default_model
+    from echo_env.launch.model import load_tokenizer, prepare_default_model
 
     return load_tokenizer(str(prepare_default_model()))
 
@@ -245,8 +245,8 @@ def test_alignment_reaches_095_for_the_real_tokenizer(gemma: Any, block: int, re
 
 
 def _facts(block: int | None) -> Any:
-    from echo_env.serving.info import ServerFacts
-    from echo_env.serving.kinds import CacheGranularity
+    from echo_env.wire.info import ServerFacts
+    from echo_env.wire.kinds import CacheGranularity
 
     facts = ServerFacts(base_url="http://127.0.0.1:9/v1", metrics_url=None, model="m")
     facts.granularity = CacheGranularity(block, "test") if block else None

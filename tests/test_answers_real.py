@@ -25,8 +25,8 @@ from echo_env.cachetest.results import Decision
 from echo_env.cachetest.verdict import decide
 from echo_env.cachetest.weights import perturbed_weights_dir
 from echo_env.cachetest.workload import build_workload
-from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.control import VllmControl
+from echo_env.wire.client import ClientConfig, LLMClient
+from echo_env.wire.control import VllmControl
 
 pytestmark = pytest.mark.engine
 
@@ -71,7 +71,7 @@ def weights(engine: Any) -> Iterator[tuple[str, VllmControl]]:
     answers: a test that leaves perturbed weights (or blocks computed with them) behind
     would change theirs, so the finalizer reloads the original folder and resets the cache.
     """
-    from echo_env.serving.model import default_cache_dir, prepare_default_model
+    from echo_env.launch.model import default_cache_dir, prepare_default_model
 
     if not hasattr(engine, "config"):
         pytest.skip("weight updates need the embedded engine (its model folder is local)")

@@ -35,9 +35,9 @@ from echo_env.config import build
 from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 from echo_env.errors import ConfigError
+from echo_env.launch.engine import find_free_port
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.serving.engine import find_free_port
+from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -139,13 +139,13 @@ def test_absurd_sizes_fail_before_any_engine_starts(
     """No base_url: the embedded engine would start, then build 80 million prompts; the config says no first."""
     import echo_env.commands.rollout
     import echo_env.commands.test
-    import echo_env.serving.target
+    import echo_env.launch.target
     from echo_env.cli import main
 
     def no_server(*args: object, **kwargs: object) -> None:
         raise AssertionError("a server was opened for a config that cannot work")
 
-    monkeypatch.setattr(echo_env.serving.target, "open_target", no_server)
+    monkeypatch.setattr(echo_env.launch.target, "open_target", no_server)
     monkeypatch.setattr(echo_env.commands.test, "run_prefix_test", no_server)
     monkeypatch.setattr(echo_env.commands.rollout, "run_rollout", no_server)
     status = main([command, "batch_size=10000000", "group_size=8"])

@@ -42,7 +42,7 @@ def test_debug_shows_the_traceback() -> None:
 
 
 def test_unreachable_server_is_reported_not_crashed(tmp_path: Path) -> None:
-    from echo_env.serving.engine import find_free_port
+    from echo_env.launch.engine import find_free_port
 
     url = f"http://127.0.0.1:{find_free_port()}/v1"
     proc = _cli("test", f"base_url={url}", f"out_dir={tmp_path}", "max_repeats=2", "min_repeats=2")

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from echo_env.errors import ConfigError, ServerResponseError, ServerUnreachableError
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.serving.sse import SSEDecoder
+from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.wire.sse import SSEDecoder
 
 
 def _run(coro: Any) -> Any:
@@ -40,7 +40,7 @@ def test_config_rejects_bad_values() -> None:
 
 
 def test_dead_port_ends_in_project_error_quickly() -> None:
-    from echo_env.serving.engine import find_free_port
+    from echo_env.launch.engine import find_free_port
 
     url = f"http://127.0.0.1:{find_free_port()}/v1"
 

@@ -16,7 +16,7 @@ import pytest
 
 from echo_env.envs.task import EchoTask, grade
 from echo_env.errors import ConfigError, EngineError
-from echo_env.serving.engine import (
+from echo_env.launch.engine import (
     HOST,
     EmbeddedEngine,
     EngineConfig,
@@ -25,7 +25,7 @@ from echo_env.serving.engine import (
     find_free_port,
     group_members,
 )
-from echo_env.serving.model import DEFAULT_SERVED_MODEL_NAME
+from echo_env.launch.model import DEFAULT_SERVED_MODEL_NAME
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -111,7 +111,7 @@ def test_command_line_carries_the_settings() -> None:
     ],
 )
 def test_auto_dtype_is_float32_only_on_cpus_without_bf16(flags: str, cpu_only: bool, expected: str | None) -> None:
-    from echo_env.serving.engine import cpu_has_bf16, resolve_dtype
+    from echo_env.launch.engine import cpu_has_bf16, resolve_dtype
 
     assert resolve_dtype("auto", cpu_only=cpu_only, bf16=cpu_has_bf16(flags)) == expected
     assert resolve_dtype("bfloat16", cpu_only=True, bf16=False) == "bfloat16"

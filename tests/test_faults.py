@@ -37,9 +37,9 @@ from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.envs.task import EchoTask
 from echo_env.envs.wrappers import ParallelTimingWrapper
 from echo_env.errors import ServerUnreachableError
+from echo_env.launch.engine import EmbeddedEngine, EngineConfig, group_members
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.serving.engine import EmbeddedEngine, EngineConfig, group_members
+from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
 
 pytestmark = pytest.mark.faults
 
@@ -174,7 +174,7 @@ def test_sigterm_to_the_test_command_leaves_partial_results(tmp_path: Path) -> N
 _CHILD_PRELUDE = """
 import asyncio, sys, time
 from echo_env.interrupts import run_main, sigterm_as_interrupt
-from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.wire.client import ClientConfig, LLMClient
 
 async def spin():
     while True:

@@ -19,6 +19,15 @@ import numpy as np
 import pytest
 
 from echo_env.errors import ConfigError, EngineError
+from echo_env.launch.fleet import (
+    POLICIES,
+    SESSION_HEADER,
+    EmbeddedFleet,
+    FleetConfig,
+    kv_events_config,
+    router_command,
+    split_cpus,
+)
 from echo_env.measure.fleet import (
     FleetEvidence,
     ReplicaFigures,
@@ -36,16 +45,7 @@ from echo_env.measure.fleet import (
 )
 from echo_env.measure.placement import assigned_hit_tokens, placement_bound, replica_hits
 from echo_env.measure.tokens import plan_tokens
-from echo_env.serving.fleet import (
-    POLICIES,
-    SESSION_HEADER,
-    EmbeddedFleet,
-    FleetConfig,
-    kv_events_config,
-    router_command,
-    split_cpus,
-)
-from echo_env.serving.metrics import CacheCounters, CounterDelta, parse_prometheus
+from echo_env.wire.metrics import CacheCounters, CounterDelta, parse_prometheus
 
 # ----- a workload counted by hand ------------------------------------------------------------
 # Blocks of 4 tokens. Every prompt: 8 shared tokens (2 blocks), 8 tokens of its group's own
@@ -388,7 +388,7 @@ def test_fleet_addresses_before_start_say_how_to_start() -> None:
 
 
 def test_not_enough_memory_is_refused_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    import echo_env.serving.fleet as fleet_mod
+    import echo_env.launch.fleet as fleet_mod
 
     monkeypatch.setattr(fleet_mod, "mem_available_gib", lambda: 4.0)
     monkeypatch.setattr(fleet_mod, "check_router_installed", lambda: None)

@@ -24,10 +24,10 @@ from echo_env.cachetest.fleet_run import FleetWatch
 from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
 from echo_env.errors import EngineError
+from echo_env.launch.prometheus_server import EmbeddedPrometheus, prometheus_binary
 from echo_env.measure.replicas import FleetCounterProbe, ReplicaProbe, fleet_evidence
 from echo_env.report.console import format_console
-from echo_env.serving.metrics import CacheCounters, delta
-from echo_env.serving.prometheus_server import EmbeddedPrometheus, prometheus_binary
+from echo_env.wire.metrics import CacheCounters, delta
 
 
 @pytest.fixture(scope="module", autouse=True)

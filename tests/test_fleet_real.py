@@ -19,6 +19,7 @@ import pytest
 
 from echo_env.cachetest.fleet_checks import decide_fleet
 from echo_env.envs.task import EchoTask
+from echo_env.launch.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig
 from echo_env.measure.fleet import (
     FleetEvidence,
     fleet_ceilings,
@@ -27,10 +28,9 @@ from echo_env.measure.fleet import (
     scrapes_alternate,
 )
 from echo_env.measure.tokens import shared_prefix_length
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.serving.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig
-from echo_env.serving.metrics import CacheCounters, MetricsReader, fetch_metrics, parse_prometheus, read_counters
-from echo_env.serving.tokenizer import encode_prompts
+from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.wire.metrics import CacheCounters, MetricsReader, fetch_metrics, parse_prometheus, read_counters
+from echo_env.wire.tokenizer import encode_prompts
 
 pytestmark = pytest.mark.fleet
 
@@ -121,7 +121,7 @@ def echo_burst() -> tuple[list[str], list[str]]:
 
 
 def test_round_robin_splits_a_burst_evenly_and_hits_as_its_model_says(fleet: EmbeddedFleet) -> None:
-    from echo_env.serving.model import load_tokenizer
+    from echo_env.launch.model import load_tokenizer
 
     prompts, groups = echo_burst()
     before = snapshots(fleet)
@@ -182,8 +182,8 @@ def test_consistent_hash_keeps_a_session_on_one_replica(fleet: EmbeddedFleet) ->
 
 
 def test_kv_events_show_every_replica_storing_the_shared_prefix(fleet: EmbeddedFleet) -> None:
+    from echo_env.launch.model import load_tokenizer
     from echo_env.measure.kv_events import KVEventSubscriber
-    from echo_env.serving.model import load_tokenizer
 
     prompts, _ = echo_burst()
     ids = encode_prompts(load_tokenizer(None), prompts)

@@ -24,11 +24,11 @@ from echo_env.commands.rollout import RolloutConfig
 from echo_env.commands.test import run_prefix_test
 from echo_env.config import build, parse_overrides
 from echo_env.errors import ConfigError
+from echo_env.launch.target import ServerTarget
 from echo_env.measure.fleet import FleetCeilings, FleetEvidence, fleet_ceilings, replica_figures
 from echo_env.measure.replicas import phase_ceilings_of, sum_counters
 from echo_env.report.console import format_console
-from echo_env.serving.metrics import CacheCounters, delta
-from echo_env.serving.target import ServerTarget
+from echo_env.wire.metrics import CacheCounters, delta
 
 # ----- keys --------------------------------------------------------------------------------
 

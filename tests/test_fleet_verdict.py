@@ -29,7 +29,7 @@ from echo_env.cachetest.verdict import decide
 from echo_env.measure.fleet import FleetCeilings, FleetEvidence, ReplicaFigures
 from echo_env.measure.placement import FleetCeiling
 from echo_env.measure.replicas import phase_ceilings_of
-from echo_env.serving.metrics import CounterDelta
+from echo_env.wire.metrics import CounterDelta
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import fleet_ceilings as table

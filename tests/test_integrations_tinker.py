@@ -27,8 +27,8 @@ from echo_env.integrations.tinker_env import (
     OpenAITokenCompleter,
     recipe_config,
 )
-from echo_env.serving.client import ClientConfig, LLMClient
-from echo_env.serving.model import load_tokenizer
+from echo_env.launch.model import load_tokenizer
+from echo_env.wire.client import ClientConfig, LLMClient
 
 
 def run(coro: Any) -> Any:

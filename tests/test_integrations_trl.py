@@ -24,8 +24,8 @@ from echo_env.integrations.trl_grpo import (
     newline_token_ids,
     stop_at_newline,
 )
+from echo_env.launch.model import load_tokenizer
 from echo_env.measure.tokens import reusable_prefix_length
-from echo_env.serving.model import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import pytest
 
 from echo_env.cachetest.results import Rules
 from echo_env.errors import ConfigError, EngineError, ModelError
+from echo_env.launch import llamacpp_build
+from echo_env.launch.llamacpp_server import EmbeddedLlamaServer, LlamaServerConfig, resolve_gguf
 from echo_env.measure.tokens import plan_tokens, slot_cold_requests
-from echo_env.serving import llamacpp_build
-from echo_env.serving.kinds import ServerKind, ServerProps, plausible_tokenization
-from echo_env.serving.kinds.llamacpp import (
+from echo_env.wire.kinds import ServerKind, ServerProps, plausible_tokenization
+from echo_env.wire.kinds.llamacpp import (
     LlamaCppKind,
     apply_template_request,
     detect_llamacpp,
@@ -26,8 +27,7 @@ from echo_env.serving.kinds.llamacpp import (
     parse_apply_template,
     read_props,
 )
-from echo_env.serving.llamacpp_server import EmbeddedLlamaServer, LlamaServerConfig, resolve_gguf
-from echo_env.serving.metrics import delta, parse_prometheus
+from echo_env.wire.metrics import delta, parse_prometheus
 
 DATA = Path(__file__).parent / "data"
 KIND = LlamaCppKind()

@@ -1,7 +1,7 @@
 """llama.cpp's llama-server as a real target: tokenizing, per-slot caching, counters, the verdict.
 
 Every test here is marked ``llamacpp``: it needs the ``llama-server`` binary (built once
-into the cache by ``python -m echo_env.serving.llamacpp_build``, 8-13 minutes; or
+into the cache by ``python -m echo_env.launch.llamacpp_build``, 8-13 minutes; or
 ``ECHO_ENV_LLAMA_SERVER=/path/to/llama-server``) and starts it with the default Gemma 3
 270M GGUF. The session starts one server with prompt caching on and one with
 ``--no-cache-prompt``, each once.
@@ -20,10 +20,10 @@ import pytest
 
 from echo_env.envs.task import EchoTask
 from echo_env.errors import MetricsError
-from echo_env.serving.engine import group_members
-from echo_env.serving.kinds.llamacpp import LlamaCppKind, detect_llamacpp, metrics_status_hint, read_props
-from echo_env.serving.llamacpp_server import EmbeddedLlamaServer, LlamaServerConfig
-from echo_env.serving.metrics import CacheCounters, delta, fetch_metrics, parse_prometheus
+from echo_env.launch.engine import group_members
+from echo_env.launch.llamacpp_server import EmbeddedLlamaServer, LlamaServerConfig
+from echo_env.wire.kinds.llamacpp import LlamaCppKind, detect_llamacpp, metrics_status_hint, read_props
+from echo_env.wire.metrics import CacheCounters, delta, fetch_metrics, parse_prometheus
 
 pytestmark = pytest.mark.llamacpp
 
@@ -119,7 +119,7 @@ def test_detokenize_round_trip(llama: EmbeddedLlamaServer) -> None:
 
 
 def test_chat_template_endpoint_exists(llama: EmbeddedLlamaServer) -> None:
-    from echo_env.serving.kinds.llamacpp import apply_template_request, parse_apply_template
+    from echo_env.wire.kinds.llamacpp import apply_template_request, parse_apply_template
 
     messages = [{"role": "user", "content": "Please echo: apple"}]
     path, body = apply_template_request(messages)
@@ -243,7 +243,7 @@ def test_stop_leaves_no_process() -> None:
 def _run_test(server: EmbeddedLlamaServer, out_dir: Path, max_repeats: int = 8, ttft_burst: int = 8) -> Any:
     from echo_env.cachetest.config import PrefixTestConfig
     from echo_env.commands.test import run_prefix_test
-    from echo_env.serving.target import ServerTarget
+    from echo_env.launch.target import ServerTarget
 
     config = PrefixTestConfig(
         server=ServerTarget(base_url=server.base_url, model_name=server.served_model_name),

@@ -1,6 +1,6 @@
 """A fast-prefill server: llama-server on a tiny random-weight model, where caching buys no TTFT.
 
-The model (:mod:`echo_env.serving.tiny_gguf`) has Gemma 3's real tokenizer and random
+The model (:mod:`echo_env.launch.tiny_gguf`) has Gemma 3's real tokenizer and random
 weights of a tiny shape (one Qwen3 block, 64 wide). Random weights compute exactly as
 trained ones of that shape, so the cache hits, the TTFT and the verdict are real; the
 answers mean nothing (the echo rewards are noise). Its prefill of ~525 tokens costs about
@@ -22,9 +22,9 @@ import pytest
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.results import TestResult
 from echo_env.commands.test import run_prefix_test
-from echo_env.serving.llamacpp_server import EmbeddedLlamaServer, LlamaServerConfig
-from echo_env.serving.target import ServerTarget
-from echo_env.serving.tiny_gguf import tiny_gguf
+from echo_env.launch.llamacpp_server import EmbeddedLlamaServer, LlamaServerConfig
+from echo_env.launch.target import ServerTarget
+from echo_env.launch.tiny_gguf import tiny_gguf
 
 pytestmark = pytest.mark.llamacpp
 

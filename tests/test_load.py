@@ -34,7 +34,7 @@ from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.envs.task import EchoTask
 from echo_env.envs.wrappers import ParallelTimingWrapper
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
-from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.wire.client import ClientConfig, LLMClient
 
 # Minutes of load against the engine and the stand-in: run by `make test-all`.
 pytestmark = pytest.mark.faults

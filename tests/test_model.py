@@ -16,7 +16,7 @@ import pytest
 
 from echo_env.envs.task import EchoTask
 from echo_env.errors import ModelError
-from echo_env.serving.model import (
+from echo_env.launch.model import (
     BOS_TOKEN_ID,
     COMPLETE_MARKER,
     MODEL_FORMAT_VERSION,
@@ -78,7 +78,7 @@ def test_only_a_current_marker_counts_as_prepared(tmp_path: Path) -> None:
 def test_second_process_waits_for_the_first_and_reuses_its_work(tmp_path: Path) -> None:
     folder = default_model_dir(tmp_path)
     folder.parent.mkdir(parents=True)
-    code = "import sys, pathlib, echo_env.serving.model as m; print(m.prepare_default_model(pathlib.Path(sys.argv[1])))"
+    code = "import sys, pathlib, echo_env.launch.model as m; print(m.prepare_default_model(pathlib.Path(sys.argv[1])))"
     with _exclusive_lock(folder.parent / f".{folder.name}.lock"):
         waiter = subprocess.Popen(
             [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="module")
 def engine_off() -> Iterator[Any]:
     """A second embedded engine, with prefix caching off."""
-    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
+    from echo_env.launch.engine import EmbeddedEngine, EngineConfig
 
     with EmbeddedEngine(EngineConfig(prefix_caching=False)) as server:
         yield server

@@ -1,4 +1,4 @@
-"""Reading per-replica counters through Prometheus's HTTP API (``echo_env.serving.prometheus``).
+"""Reading per-replica counters through Prometheus's HTTP API (``echo_env.wire.prometheus``).
 
 Offline tests drive :class:`PrometheusReader` against a scripted API (an httpx mock
 transport); the last test runs the real Prometheus (Debian's package, fetched once).
@@ -19,11 +19,12 @@ import httpx
 import pytest
 
 from echo_env.errors import EngineError, MetricsError
+from echo_env.launch.engine import find_free_port
+from echo_env.launch.prometheus_server import EmbeddedPrometheus, prometheus_binary, scrape_config
 from echo_env.measure.fleet import replica_figures
-from echo_env.serving.engine import find_free_port
-from echo_env.serving.kinds.llamacpp import LlamaCppKind
-from echo_env.serving.metrics import delta
-from echo_env.serving.prometheus import (
+from echo_env.wire.kinds.llamacpp import LlamaCppKind
+from echo_env.wire.metrics import delta
+from echo_env.wire.prometheus import (
     PrometheusReader,
     api_data,
     check_targets,
@@ -33,7 +34,6 @@ from echo_env.serving.prometheus import (
     parse_targets,
     vector_series,
 )
-from echo_env.serving.prometheus_server import EmbeddedPrometheus, prometheus_binary, scrape_config
 
 R1, R2 = "http://127.0.0.1:8001", "http://127.0.0.1:8002"
 

@@ -49,7 +49,7 @@ from echo_env.report.plots import (
     TTFT_REPEATS_PLOT_FILE,
 )
 from echo_env.report.redact import REDACTED, is_secret_key
-from echo_env.serving.metrics import CounterDelta
+from echo_env.wire.metrics import CounterDelta
 
 FAKE_KEY = "sk-test-DO-NOT-LEAK-4242"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

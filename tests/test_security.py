@@ -17,9 +17,9 @@ from fake_servers import FakeOpenAIServer
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.commands.rollout import RolloutConfig
 from echo_env.config import build
-from echo_env.serving.client import ClientConfig
-from echo_env.serving.engine import EmbeddedEngine, group_members
-from echo_env.serving.info import ServerFacts
+from echo_env.launch.engine import EmbeddedEngine, group_members
+from echo_env.wire.client import ClientConfig
+from echo_env.wire.info import ServerFacts
 
 SECRET = "sk-echo-test-5ecr3t-9f8e7d6c5b4a"
 """A key no output may contain."""

@@ -18,7 +18,7 @@ from typing import ClassVar
 import pytest
 
 from echo_env.errors import MetricsError
-from echo_env.serving.metrics import (
+from echo_env.wire.metrics import (
     CacheConfig,
     CacheCounters,
     MetricsReader,

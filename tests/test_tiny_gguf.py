@@ -16,8 +16,8 @@ gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
 
 from echo_env.errors import ConfigError, ModelError  # noqa: E402
-from echo_env.serving.llamacpp_server import DEFAULT_GGUF_NAME  # noqa: E402
-from echo_env.serving.tiny_gguf import TinyModelSpec, tensor_shapes, tiny_gguf  # noqa: E402
+from echo_env.launch.llamacpp_server import DEFAULT_GGUF_NAME  # noqa: E402
+from echo_env.launch.tiny_gguf import TinyModelSpec, tensor_shapes, tiny_gguf  # noqa: E402
 
 VOCAB = 300
 

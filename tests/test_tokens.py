@@ -17,7 +17,7 @@ from echo_env.measure.tokens import (
     plan_tokens,
     shared_prefix_length,
 )
-from echo_env.serving.tokenizer import encode_prompts
+from echo_env.wire.tokenizer import encode_prompts
 
 BOS = 2
 

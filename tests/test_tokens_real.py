@@ -12,7 +12,7 @@ import pytest
 
 from echo_env.envs.task import EchoTask
 from echo_env.measure.tokens import first_difference, max_cached_tokens, plan_tokens, shared_prefix_length
-from echo_env.serving.tokenizer import encode_prompts
+from echo_env.wire.tokenizer import encode_prompts
 
 pytestmark = pytest.mark.engine
 
@@ -22,7 +22,7 @@ CPU_BLOCK = 128
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from echo_env.serving.model import load_tokenizer, prepare_default_model
+    from echo_env.launch.model import load_tokenizer, prepare_default_model
 
     return load_tokenizer(str(prepare_default_model()))
 

@@ -26,7 +26,7 @@ from echo_env.cachetest.results import (
 from echo_env.cachetest.verdict import CHECKS, decide
 from echo_env.measure.figures import HitRate, PhaseFigures
 from echo_env.measure.stats import sequential_decision
-from echo_env.serving.metrics import CounterDelta
+from echo_env.wire.metrics import CounterDelta
 
 
 def phase(

@@ -233,7 +233,7 @@ def test_the_answer_checks_reach_summary_json_and_the_console() -> None:
 def test_answer_keys_are_checked_where_they_are_given() -> None:
     from echo_env.cachetest.config import PrefixTestConfig
     from echo_env.errors import ConfigError
-    from echo_env.serving.target import ServerTarget
+    from echo_env.launch.target import ServerTarget
 
     with pytest.raises(ConfigError, match="needs weights_path="):
         PrefixTestConfig(server=ServerTarget(base_url="http://127.0.0.1:8000/v1"), weight_update="reload")
@@ -253,8 +253,8 @@ def test_a_server_that_ignores_the_salt_and_serves_no_control_endpoints() -> Non
 
     from echo_env.cachetest.answers import measure_outputs, measure_weight_update
     from echo_env.cachetest.isolation import measure_isolation
-    from echo_env.serving.client import ClientConfig, LLMClient
-    from echo_env.serving.control import VllmControl
+    from echo_env.wire.client import ClientConfig, LLMClient
+    from echo_env.wire.control import VllmControl
 
     prompt = "[echo-prefix run answers] " + "the same long shared text " * 40
 
@@ -283,7 +283,7 @@ def test_the_runner_measures_the_asked_checks_after_the_phases(tmp_path: object)
 
     from echo_env.cachetest.config import PrefixTestConfig
     from echo_env.cachetest.runner import NullSink, run_phases_and_judge
-    from echo_env.serving.target import ServerTarget
+    from echo_env.launch.target import ServerTarget
 
     with FakeOpenAIServer() as fake:
         config = PrefixTestConfig(

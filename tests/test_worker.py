@@ -14,7 +14,7 @@ from echo_env.envs.parallel import EchoPrefixParallelEnv
 from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 from echo_env.errors import ConfigError
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
-from echo_env.serving.client import ClientConfig, LLMClient
+from echo_env.wire.client import ClientConfig, LLMClient
 
 pytestmark = pytest.mark.engine
 

@@ -17,7 +17,7 @@ from typing import Literal
 from echo_env.envs.task import EchoTask, find_worked_examples, with_examples
 from echo_env.errors import ConfigError
 from echo_env.measure.tokens import max_cached_tokens, shared_prefix_length
-from echo_env.serving.tokenizer import Tokenizer, encode_prompts
+from echo_env.wire.tokenizer import Tokenizer, encode_prompts
 
 
 def _check_block_size(block_size: int) -> None:

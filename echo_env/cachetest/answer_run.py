@@ -18,9 +18,9 @@ from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.isolation import measure_isolation
 from echo_env.cachetest.weights import BUILT_IN_UPDATES, perturbed_weights_dir
 from echo_env.cachetest.workload import Workload, run_tag
-from echo_env.serving.client import LLMClient
-from echo_env.serving.control import VllmControl
-from echo_env.serving.info import ServerFacts
+from echo_env.wire.client import LLMClient
+from echo_env.wire.control import VllmControl
+from echo_env.wire.info import ServerFacts
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def default_weights_path(config: PrefixTestConfig, embedded: bool) -> str | None
         return config.weights_path
     if not embedded or config.server.model_name not in (None, "default"):
         return None
-    from echo_env.serving.model import default_cache_dir, prepare_default_model
+    from echo_env.launch.model import default_cache_dir, prepare_default_model
 
     return str(perturbed_weights_dir(prepare_default_model(), Path(default_cache_dir())))
 

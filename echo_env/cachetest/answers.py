@@ -39,8 +39,8 @@ from echo_env.cachetest.results import Evidence, Rules
 from echo_env.cachetest.steps import Step, failed, passed, unknown
 from echo_env.cachetest.weights import apply_update
 from echo_env.errors import EchoEnvError
-from echo_env.serving.client import LLMClient
-from echo_env.serving.control import VllmControl
+from echo_env.wire.client import LLMClient
+from echo_env.wire.control import VllmControl
 
 ANSWER_TOKENS = 8
 """Tokens generated per answer: enough to show a changed answer, few enough to stay cheap."""

@@ -10,7 +10,7 @@ from echo_env.cachetest.fleet_checks import FleetRules
 from echo_env.cachetest.results import Rules
 from echo_env.config import MAX_AGENTS, check_agents
 from echo_env.errors import ConfigError
-from echo_env.serving.target import ServerTarget
+from echo_env.launch.target import ServerTarget
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,14 @@ from collections.abc import Mapping, Sequence
 from echo_env.cachetest.fleet_checks import FleetRules, decide_fleet
 from echo_env.cachetest.results import Decision, FleetResult, Verdict
 from echo_env.cachetest.workload import Prompt, key_of
+from echo_env.launch.target import OpenServer
 from echo_env.measure.figures import PhaseFigures
 from echo_env.measure.fleet import FleetCeilings, FleetEvidence, probe_router
 from echo_env.measure.phase import CounterProbe
 from echo_env.measure.replicas import FleetCounterProbe, ReplicaProbe, fleet_evidence, phase_ceilings_of
 from echo_env.measure.tokens import TokenIds
-from echo_env.serving.info import ServerFacts, server_root
-from echo_env.serving.metrics import CacheCounters
-from echo_env.serving.target import OpenServer
+from echo_env.wire.info import ServerFacts, server_root
+from echo_env.wire.metrics import CacheCounters
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from echo_env.cachetest.answer_evidence import Answer, IsolationEvidence
 from echo_env.cachetest.answers import RequestFailed, ask, new_salt
 from echo_env.cachetest.results import Evidence, Rules
 from echo_env.cachetest.steps import Step, failed, passed, unknown
-from echo_env.serving.client import LLMClient
+from echo_env.wire.client import LLMClient
 
 
 async def measure_isolation(client: LLMClient, prompt: Any, kind: str) -> IsolationEvidence:

@@ -47,14 +47,14 @@ from echo_env.cachetest.verdict import decide
 from echo_env.cachetest.workload import Prompt, Workload, all_prompts, build_workload, key_of, run_tag
 from echo_env.errors import ConfigError, EchoEnvError, ServerUnreachableError
 from echo_env.interrupts import run_main
+from echo_env.launch.target import OpenServer, open_target
 from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.phase import CounterProbe, measure_phase
 from echo_env.measure.stats import EffectDecision, sequential_decision
 from echo_env.measure.tokens import first_difference, plan_tokens, slot_cold_requests
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
-from echo_env.serving.client import LLMClient, RequestRecord
-from echo_env.serving.info import ServerFacts, read_server_facts, tokenize_prompts
-from echo_env.serving.target import OpenServer, open_target
+from echo_env.wire.client import LLMClient, RequestRecord
+from echo_env.wire.info import ServerFacts, read_server_facts, tokenize_prompts
 
 log = logging.getLogger(__name__)
 

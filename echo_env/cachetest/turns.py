@@ -28,7 +28,7 @@ from echo_env.measure.extension import (
     slices_to_decode,
 )
 from echo_env.measure.tokens import plan_tokens
-from echo_env.serving.info import ServerFacts, tokenize_prompts
+from echo_env.wire.info import ServerFacts, tokenize_prompts
 
 if TYPE_CHECKING:
     from echo_env.cachetest.config import PrefixTestConfig

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from echo_env.errors import ConfigError, EchoEnvError, ModelError
-from echo_env.serving.control import VllmControl
+from echo_env.wire.control import VllmControl
 
 BUILT_IN_UPDATES = ("reload", "pause_reload_resume", "reload_reset")
 """The ``weight_update`` values this package performs itself; any other value is a command."""

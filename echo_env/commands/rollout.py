@@ -1,6 +1,6 @@
 """``echo-prefix rollout``: run echo episodes against a server and report reward and latency.
 
-The config names its server with the shared :class:`~echo_env.serving.target.ServerTarget`
+The config names its server with the shared :class:`~echo_env.launch.target.ServerTarget`
 keys; the records and the summary go to disk through the report's redacting writers.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, Literal
 from echo_env.config import check_agents
 from echo_env.errors import ConfigError
 from echo_env.interrupts import run_main
+from echo_env.launch.target import OpenServer, ServerTarget, open_target
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig, summarize_rollout
-from echo_env.serving.target import OpenServer, ServerTarget, open_target
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,14 @@ async def _rollout(config: RolloutConfig, server: OpenServer) -> dict[str, Any]:
     from echo_env.envs.parallel import EchoPrefixParallelEnv
     from echo_env.envs.wrappers import ParallelTimingWrapper
     from echo_env.report.files import write_json_file, write_records
-    from echo_env.serving.client import LLMClient
+    from echo_env.wire.client import LLMClient
 
     target = config.server
     async with LLMClient(target.client_config(server)) as client:
         model = await client.model()
         tokenizer = None
         if config.prompt_format == "tokens":
-            from echo_env.serving.model import load_tokenizer
+            from echo_env.launch.model import load_tokenizer
 
             tokenizer = load_tokenizer(server.tokenizer_source or target.model_name)
         worker = RolloutWorker(client, config.sampling(), tokenizer=tokenizer)

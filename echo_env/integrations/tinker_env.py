@@ -52,7 +52,7 @@ from tinker_cookbook.tokenizer_utils import get_tokenizer
 from echo_env.envs.gym_env import EchoPrefixEnv, check_turns
 from echo_env.envs.task import EchoTask
 from echo_env.errors import ConfigError, ServerResponseError
-from echo_env.serving.client import LLMClient
+from echo_env.wire.client import LLMClient
 
 TRANSCRIPT_RENDERER = "echo_transcript"
 """Renderer name for the plain-text transcript (base models), stopping at ``"\\n"``."""
@@ -65,7 +65,7 @@ DEFAULT_MODEL_NAME = "meta-llama/Llama-3.2-1B"
 
 
 def _tokenizer(model_name_for_tokenizer: str) -> Any:
-    from echo_env.serving.model import resolve_model
+    from echo_env.launch.model import resolve_model
 
     # resolve_model turns "default" into the prepared Gemma 3 270M folder; hub ids pass through.
     return get_tokenizer(resolve_model(model_name_for_tokenizer))

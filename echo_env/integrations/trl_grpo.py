@@ -48,8 +48,8 @@ from echo_env.measure.phase import CounterProbe, measure_phase
 from echo_env.measure.stats import percentiles
 from echo_env.measure.tokens import reusable_prefix_length
 from echo_env.rollout.worker import AgentCompletion, RolloutWorker, SamplingConfig
-from echo_env.serving.client import ClientConfig, LLMClient, RequestRecord
-from echo_env.serving.metrics import MetricsReader, Snapshot
+from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.wire.metrics import MetricsReader, Snapshot
 
 log = logging.getLogger(__name__)
 

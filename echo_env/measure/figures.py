@@ -14,8 +14,8 @@ from typing import Any
 
 from echo_env.measure.stats import LatencySummary, summarize
 from echo_env.measure.tokens import TokenPlan
-from echo_env.serving.client import RequestRecord
-from echo_env.serving.metrics import CounterDelta
+from echo_env.wire.client import RequestRecord
+from echo_env.wire.metrics import CounterDelta
 
 
 @dataclass(frozen=True)

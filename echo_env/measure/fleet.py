@@ -40,7 +40,7 @@ import httpx
 
 from echo_env.errors import ConfigError
 from echo_env.measure.tokens import TokenIds, max_cached_tokens, plan_tokens
-from echo_env.serving.metrics import CacheCounters, CounterDelta, Sample, delta
+from echo_env.wire.metrics import CacheCounters, CounterDelta, Sample, delta
 
 if TYPE_CHECKING:
     from echo_env.measure.placement import FleetCeiling, PlacementBound

@@ -1,7 +1,7 @@
 """Which replica holds which prefix: vLLM's KV-cache events, read while a phase runs.
 
 Counters say how often a replica hit; KV events say what it holds. A vLLM replica
-started with ``--kv-events-config`` (see :func:`echo_env.serving.fleet.kv_events_config`;
+started with ``--kv-events-config`` (see :func:`echo_env.launch.fleet.kv_events_config`;
 ``FleetConfig(kv_events=True)`` sets one ``ipc://`` endpoint per replica) publishes every
 block it stores, evicts or clears on a ZeroMQ PUB socket. A message is three frames:
 the topic, an 8-byte big-endian sequence number, and a msgpack payload

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from echo_env.errors import MetricsError
 from echo_env.measure.figures import PhaseFigures, phase_figures
 from echo_env.measure.tokens import TokenPlan
-from echo_env.serving.client import RequestRecord
-from echo_env.serving.metrics import CounterDelta, MetricsReader, Snapshot, delta
+from echo_env.wire.client import RequestRecord
+from echo_env.wire.metrics import CounterDelta, MetricsReader, Snapshot, delta
 
 log = logging.getLogger(__name__)
 

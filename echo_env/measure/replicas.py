@@ -26,8 +26,8 @@ from echo_env.measure.fleet import FleetCeilings, FleetEvidence, MetricsSource, 
 from echo_env.measure.phase import CounterProbe
 from echo_env.measure.placement import placement_bound
 from echo_env.measure.tokens import TokenIds
-from echo_env.serving.metrics import COUNTER_FIELDS, CacheCounters, MetricsReader, Snapshot
-from echo_env.serving.prometheus import PrometheusReader
+from echo_env.wire.metrics import COUNTER_FIELDS, CacheCounters, MetricsReader, Snapshot
+from echo_env.wire.prometheus import PrometheusReader
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def sum_counters(parts: Sequence[CacheCounters]) -> CacheCounters:
 
     A field is None when any replica lacks it (a partial sum would pass for the whole
     fleet). ``started_at`` is the sum of the replicas' start times, so it changes when
-    any one replica restarts and :func:`~echo_env.serving.metrics.delta` sees the reset.
+    any one replica restarts and :func:`~echo_env.wire.metrics.delta` sees the reset.
     The TTFT histograms add up per bound when every replica has the same bounds.
 
     Args:
@@ -65,7 +65,7 @@ class ReplicaProbe:
 
     Through Prometheus (``prometheus_url``), one read asks for every replica's series,
     split by ``instance``, and waits for a scrape of each that started after the call
-    (:meth:`~echo_env.serving.prometheus.PrometheusReader.snapshots`): up to one scrape
+    (:meth:`~echo_env.wire.prometheus.PrometheusReader.snapshots`): up to one scrape
     interval per read, so no read misses the end of a phase.
 
     Args:

@@ -4,7 +4,7 @@ A paged prefix cache (vLLM, SGLang) reuses KV blocks of ``block_size`` tokens, a
 full blocks (llama.cpp reuses single tokens: a block size of 1). vLLM also always
 recomputes the last prompt token, so a prompt of ``P``
 tokens can take at most ``B * floor((P - 1) / B)`` tokens from the cache. The functions
-here are pure; :mod:`echo_env.serving.tokenizer` is where a tokenizer is called.
+here are pure; :mod:`echo_env.wire.tokenizer` is where a tokenizer is called.
 
 :mod:`echo_env.cachetest.align` uses this arithmetic the other way round, to move the
 end of the task's shared prefix just past a block boundary.

@@ -31,7 +31,7 @@ from echo_env.cachetest.results import (
 from echo_env.measure.figures import HitRate, PhaseFigures
 from echo_env.measure.fleet import FleetCeilings, FleetEvidence, ReplicaFigures
 from echo_env.measure.stats import LatencySummary, RepeatRatioCI
-from echo_env.serving.metrics import CounterDelta
+from echo_env.wire.metrics import CounterDelta
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from echo_env.envs.task import transcript_reply
-from echo_env.serving.tokenizer import Tokenizer, encode_prompts
+from echo_env.wire.tokenizer import Tokenizer, encode_prompts
 
 
 @dataclass(frozen=True)

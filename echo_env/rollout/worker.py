@@ -24,8 +24,8 @@ from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
 from echo_env.errors import ConfigError, ServerUnreachableError
 from echo_env.measure.figures import phase_figures
 from echo_env.rollout.token_in import ReuseLog, TokenHistory, output_ids, prompt_ids
-from echo_env.serving.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
-from echo_env.serving.tokenizer import Tokenizer, encode_prompts
+from echo_env.wire.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
+from echo_env.wire.tokenizer import Tokenizer, encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _prompt_key(prompt: Prompt) -> str:
 
 
 class RolloutWorker:
-    """Drives envs with an LLM behind an :class:`~echo_env.serving.client.LLMClient`.
+    """Drives envs with an LLM behind an :class:`~echo_env.wire.client.LLMClient`.
 
     Args:
         client: The client (its concurrency limit applies to every batch).

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from echo_env.serving.metrics import CacheConfig, CacheCounters, Sample
+from echo_env.wire.metrics import CacheConfig, CacheCounters, Sample
 
 Prompt = str | Sequence[Mapping[str, str]]
 """A completion prompt (text) or chat messages."""

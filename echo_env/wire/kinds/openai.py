@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from echo_env.serving.kinds import CacheGranularity, ServerProps
-from echo_env.serving.kinds.vllm import VllmKind
+from echo_env.wire.kinds import CacheGranularity, ServerProps
+from echo_env.wire.kinds.vllm import VllmKind
 
 
 class OpenAIKind(VllmKind):

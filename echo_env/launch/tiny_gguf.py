@@ -16,7 +16,7 @@ verdict are real; the generated text means nothing (rewards of the echo task are
 :func:`tiny_gguf` writes it once into ``<cache>/models`` (40 MB; 15-45 s on 2 cores, nearly
 all of it ``GGUFReader`` parsing the default GGUF's 262k-token vocabulary) and returns the
 cached file after that; serve it with
-:class:`~echo_env.serving.llamacpp_server.EmbeddedLlamaServer` (``model=str(path)``).
+:class:`~echo_env.launch.llamacpp_server.EmbeddedLlamaServer` (``model=str(path)``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from echo_env.errors import ConfigError, ModelError
-from echo_env.serving.llamacpp_server import MODEL_INSTALL_HINT, default_gguf
-from echo_env.serving.model import default_cache_dir
+from echo_env.launch.llamacpp_server import MODEL_INSTALL_HINT, default_gguf
+from echo_env.launch.model import default_cache_dir
 
 TOKENIZER_KEY_PREFIX = "tokenizer."
 """Metadata keys copied from the default GGUF: the whole tokenizer, nothing of the model."""
@@ -111,7 +111,7 @@ def tiny_gguf(cache_dir: Path | None = None, spec: TinyModelSpec | None = None) 
     """The tiny model's GGUF, written once into ``<cache>/models`` and reused.
 
     Args:
-        cache_dir: The cache folder; None means :func:`~echo_env.serving.model.default_cache_dir`
+        cache_dir: The cache folder; None means :func:`~echo_env.launch.model.default_cache_dir`
             (``ECHO_ENV_CACHE``).
         spec: The shape and seed; None means :class:`TinyModelSpec` ``()`` (one block, 64 wide).
 

@@ -36,7 +36,7 @@ import openai
 from yarl import URL
 
 from echo_env.errors import ConfigError, ServerResponseError, ServerUnreachableError
-from echo_env.serving.sse import SSEDecoder
+from echo_env.wire.sse import SSEDecoder
 
 __all__ = [
     "Api",

@@ -19,12 +19,12 @@ from typing import Any
 import httpx
 
 from echo_env.errors import MetricsError
-from echo_env.serving.kinds import CacheGranularity, Prompt, ServerKind, ServerProps, plausible_tokenization
-from echo_env.serving.kinds.openai import OpenAIKind
-from echo_env.serving.kinds.sglang import SglangKind
-from echo_env.serving.kinds.vllm import VllmKind
-from echo_env.serving.metrics import MetricsReader, Snapshot
-from echo_env.serving.tokenizer import Tokenizer, encode_prompts
+from echo_env.wire.kinds import CacheGranularity, Prompt, ServerKind, ServerProps, plausible_tokenization
+from echo_env.wire.kinds.openai import OpenAIKind
+from echo_env.wire.kinds.sglang import SglangKind
+from echo_env.wire.kinds.vllm import VllmKind
+from echo_env.wire.metrics import MetricsReader, Snapshot
+from echo_env.wire.tokenizer import Tokenizer, encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def server_root(base_url: str) -> str:
 
 
 def _llamacpp() -> Any:
-    from echo_env.serving.kinds import llamacpp
+    from echo_env.wire.kinds import llamacpp
 
     return llamacpp
 
@@ -138,7 +138,7 @@ class ServerFacts:
 
 @functools.cache
 def _local_tokenizer(model: str) -> Tokenizer:
-    from echo_env.serving.model import load_tokenizer
+    from echo_env.launch.model import load_tokenizer
 
     return load_tokenizer(model)  # type: ignore[no-any-return]
 

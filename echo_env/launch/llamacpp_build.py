@@ -13,7 +13,7 @@ appears under its final name only when it is complete.
 
 ``ECHO_ENV_LLAMA_SERVER=/path/to/llama-server`` uses an existing binary instead.
 
-Run ``python -m echo_env.serving.llamacpp_build`` to build (or find) it and print its path.
+Run ``python -m echo_env.launch.llamacpp_build`` to build (or find) it and print its path.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TextIO
 
 from echo_env.errors import EngineError
-from echo_env.serving.model import default_cache_dir
+from echo_env.launch.model import default_cache_dir
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 """The ``llama-cpp-python`` sdist whose vendored llama.cpp is built; also the cache folder's name."""
@@ -134,7 +134,7 @@ def llama_server_binary(
             raise EngineError(
                 f"{BINARY_ENV}={override} is not a llama-server binary that runs (`{path} --version` failed): "
                 f"point it at a working llama-server, or unset it to build one with "
-                f"`python -m echo_env.serving.llamacpp_build`"
+                f"`python -m echo_env.launch.llamacpp_build`"
             )
         return path.resolve()
     binary = cached_binary_path(cache_dir, version)
@@ -143,7 +143,7 @@ def llama_server_binary(
     if not build:
         raise EngineError(
             f"llama-server is not built yet ({binary} is missing or does not run): run "
-            f"`python -m echo_env.serving.llamacpp_build` (8-13 minutes), or set {BINARY_ENV}=/path/to/llama-server"
+            f"`python -m echo_env.launch.llamacpp_build` (8-13 minutes), or set {BINARY_ENV}=/path/to/llama-server"
         )
     return build_llama_server(cache_dir, version)
 
@@ -301,7 +301,7 @@ def _build_error(what: str, log_path: Path) -> EngineError:
     except OSError:
         tail = ""
     return EngineError(
-        f"building llama-server failed: {what}. Retry with `python -m echo_env.serving.llamacpp_build`, "
+        f"building llama-server failed: {what}. Retry with `python -m echo_env.launch.llamacpp_build`, "
         f"or set {BINARY_ENV}=/path/to/llama-server.\nLog: {log_path}\n--- last lines ---\n{tail}"
     )
 

@@ -1,8 +1,8 @@
 """llama.cpp's ``llama-server`` run as a child process: a second real server to test.
 
 :class:`EmbeddedLlamaServer` is the llama.cpp counterpart of
-:class:`~echo_env.serving.engine.EmbeddedEngine`. It finds (or builds, see
-:mod:`echo_env.serving.llamacpp_build`) the ``llama-server`` binary, assembles the
+:class:`~echo_env.launch.engine.EmbeddedEngine`. It finds (or builds, see
+:mod:`echo_env.launch.llamacpp_build`) the ``llama-server`` binary, assembles the
 default model's GGUF once into ``<cache>/models/``, starts the server on 127.0.0.1 and a
 free port with ``--metrics``, waits until ``/health`` answers, and on stop takes down
 its whole process group.
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Self
 
 from echo_env.errors import ConfigError, EngineError, ModelError
-from echo_env.serving.llamacpp_build import llama_server_binary
-from echo_env.serving.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir
-from echo_env.serving.process import HOST, ChildServer, ServerProcess, log_path
+from echo_env.launch.llamacpp_build import llama_server_binary
+from echo_env.launch.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir
+from echo_env.launch.process import HOST, ChildServer, ServerProcess, log_path
 
 DEFAULT_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 """The default model's GGUF inside ``<cache>/models``."""
@@ -272,7 +272,7 @@ class EmbeddedLlamaServer(ChildServer):
             self._child = ServerProcess(self.command(binary, model, port), self._log_path)
         except OSError as exc:
             raise EngineError(
-                f"cannot start {binary}: {exc}; rebuild it with `python -m echo_env.serving.llamacpp_build`"
+                f"cannot start {binary}: {exc}; rebuild it with `python -m echo_env.launch.llamacpp_build`"
             ) from exc
 
     @property

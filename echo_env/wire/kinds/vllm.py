@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from echo_env.serving.kinds import CacheGranularity, Prompt, ServerProps
-from echo_env.serving.metrics import CacheCounters, Sample, read_counters
+from echo_env.wire.kinds import CacheGranularity, Prompt, ServerProps
+from echo_env.wire.metrics import CacheCounters, Sample, read_counters
 
 
 class VllmKind:

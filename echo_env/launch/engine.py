@@ -27,12 +27,12 @@ from typing import Self
 
 from echo_env.errors import ConfigError, EngineError
 from echo_env.interrupts import sigterm_as_interrupt
-from echo_env.serving.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir, resolve_model
-from echo_env.serving.process import HOST, ChildServer, ServerProcess, ensure_dir, log_path
+from echo_env.launch.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir, resolve_model
+from echo_env.launch.process import HOST, ChildServer, ServerProcess, ensure_dir, log_path
 
 # Re-exported: callers found these here before serving/process.py held them.
-from echo_env.serving.process import find_free_port as find_free_port
-from echo_env.serving.process import group_members as group_members
+from echo_env.launch.process import find_free_port as find_free_port
+from echo_env.launch.process import group_members as group_members
 
 INSTALL_HINT = (
     "pip install 'echo-prefix-env[engine]' (or `make install-engine`) for vLLM's CPU build; "

@@ -5,7 +5,7 @@ for the series :class:`MetricsReader` reads from a ``/metrics`` page (``METRIC_B
 llama.cpp's counters), summed inside Prometheus over the labels a reading does not need
 (engine, finish reason...) and split by ``instance``; the server kind's ``read_counters``
 reads each instance's series. The result is one :class:`Snapshot` per replica, the type
-the direct path produces, so :func:`~echo_env.serving.metrics.delta` and
+the direct path produces, so :func:`~echo_env.wire.metrics.delta` and
 :func:`~echo_env.measure.fleet.replica_figures` work unchanged::
 
     reader = PrometheusReader("http://prometheus:9090", kind=VllmKind())
@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from echo_env.errors import MetricsError
-from echo_env.serving.kinds.llamacpp import CACHED_TOKENS, PROMPT_TOKENS
-from echo_env.serving.metrics import METRIC_BASES, Sample, Snapshot, read_cache_config, read_counters
+from echo_env.wire.kinds.llamacpp import CACHED_TOKENS, PROMPT_TOKENS
+from echo_env.wire.metrics import METRIC_BASES, Sample, Snapshot, read_cache_config, read_counters
 
 log = logging.getLogger(__name__)
 

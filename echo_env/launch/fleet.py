@@ -3,7 +3,7 @@
 Users who outgrow one server run several replicas behind a router; the prefix cache then
 pays only when requests that share a prefix land on the replica that holds it.
 :class:`EmbeddedFleet` builds that setup from real parts so it can be measured: N
-:class:`~echo_env.serving.engine.EmbeddedEngine` replicas, started one after another
+:class:`~echo_env.launch.engine.EmbeddedEngine` replicas, started one after another
 (two starting at once fight over the cores and the memory peak of loading), each with its
 OpenMP threads bound to its own cores, then PyPI ``vllm-router`` in front of them. Every
 process listens on 127.0.0.1 only, runs in its own process group, and is stopped on
@@ -38,9 +38,9 @@ from pathlib import Path
 from types import TracebackType
 
 from echo_env.errors import ConfigError, EngineError
-from echo_env.serving.engine import EmbeddedEngine, EngineConfig, is_cpu_only
-from echo_env.serving.model import default_cache_dir
-from echo_env.serving.process import HOST, ServerProcess, find_free_port, log_path
+from echo_env.launch.engine import EmbeddedEngine, EngineConfig, is_cpu_only
+from echo_env.launch.model import default_cache_dir
+from echo_env.launch.process import HOST, ServerProcess, find_free_port, log_path
 
 POLICIES = ("round_robin", "random", "cache_aware", "consistent_hash", "power_of_two", "sticky_least_loaded")
 """The router policies a fleet accepts (vllm-router 0.1.17 also has ``kv_aware``, which needs KV-event sources)."""

@@ -10,7 +10,7 @@ vendored llama.cpp (Gemma 3 270M Q4_K_M, ``-np 4 -c 16384 --metrics``):
 - ``POST /apply-template`` turns chat messages into the prompt text the chat endpoint
   tokenizes; that text through ``/tokenize`` (``add_special``) gave exactly
   ``usage.prompt_tokens`` of the chat request (45 and 45). Two requests are more than the
-  one-request tokenize shape of :class:`~echo_env.serving.kinds.ServerKind` expresses, so
+  one-request tokenize shape of :class:`~echo_env.wire.kinds.ServerKind` expresses, so
   :meth:`LlamaCppKind.tokenize_request` returns None for chat and
   :func:`apply_template_request` gives the first step. The default GGUF has no chat
   template: llama-server falls back to ChatML (``<|im_start|>user``), not Gemma's turns.
@@ -44,8 +44,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from echo_env.serving.kinds import CacheGranularity, Prompt, ServerProps
-from echo_env.serving.metrics import CacheCounters, Sample
+from echo_env.wire.kinds import CacheGranularity, Prompt, ServerProps
+from echo_env.wire.metrics import CacheCounters, Sample
 
 PROMPT_TOKENS = "llamacpp:prompt_tokens_total"
 """Prompt tokens computed (cache hits excluded)."""

@@ -10,7 +10,7 @@ starts Prometheus on 127.0.0.1 and a free port with its storage in a temporary f
 waits until it is ready and has every target listed, and on exit stops its process
 group and removes the folder.
 
-``python -m echo_env.serving.prometheus_server`` only fetches the binary and prints its path.
+``python -m echo_env.launch.prometheus_server`` only fetches the binary and prints its path.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from echo_env.errors import EngineError
-from echo_env.serving.model import default_cache_dir
-from echo_env.serving.process import HOST, ServerProcess, find_free_port, log_path, read_tail
+from echo_env.launch.model import default_cache_dir
+from echo_env.launch.process import HOST, ServerProcess, find_free_port, log_path, read_tail
 
 BINARY_ENV = "ECHO_ENV_PROMETHEUS"
 """Environment variable naming a ``prometheus`` binary to use instead of the fetched one."""
@@ -55,7 +55,7 @@ def prometheus_binary(cache_dir: Path | None = None, fetch: bool = True) -> Path
     """The ``prometheus`` binary: ``$ECHO_ENV_PROMETHEUS``, else the cached copy, else fetched now.
 
     Args:
-        cache_dir: The cache folder (None: :func:`~echo_env.serving.model.default_cache_dir`).
+        cache_dir: The cache folder (None: :func:`~echo_env.launch.model.default_cache_dir`).
         fetch: Fetch Debian's package when there is no cached copy.
 
     Returns:
@@ -76,7 +76,7 @@ def prometheus_binary(cache_dir: Path | None = None, fetch: bool = True) -> Path
     if _binary_in(folder).is_file():
         return _binary_in(folder)
     if not fetch:
-        raise EngineError(f"no Prometheus in {folder}: run `python -m echo_env.serving.prometheus_server`, {_FIX}.")
+        raise EngineError(f"no Prometheus in {folder}: run `python -m echo_env.launch.prometheus_server`, {_FIX}.")
     return _fetch(folder)
 
 

@@ -246,7 +246,7 @@ METRIC_BASES: tuple[str, ...] = tuple(
 )
 """Base names of every series :func:`read_counters` reads; on a page they carry a suffix
 (``_total``, ``_created``, ``_bucket``, ``_sum``, ``_count``) or none. A reader that fetches
-series by name (the Prometheus API, :mod:`echo_env.serving.prometheus`) asks for these."""
+series by name (the Prometheus API, :mod:`echo_env.wire.prometheus`) asks for these."""
 
 LabelFilter = Callable[[Mapping[str, str]], bool]
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from echo_env.errors import ConfigError
-from echo_env.serving.fleet import POLICIES as ROUTER_POLICIES
+from echo_env.launch.fleet import POLICIES as ROUTER_POLICIES
 
 if TYPE_CHECKING:
-    from echo_env.serving.client import ClientConfig
+    from echo_env.wire.client import ClientConfig
 
 PROMETHEUS_EMBEDDED = "embedded"
 """The ``prometheus_url`` value that starts a Prometheus scraping the replicas for the run."""
@@ -168,7 +168,7 @@ class ServerTarget:
         Args:
             server: The server :func:`open_target` opened.
         """
-        from echo_env.serving.client import ClientConfig  # aiohttp and openai load slowly
+        from echo_env.wire.client import ClientConfig  # aiohttp and openai load slowly
 
         return ClientConfig(
             base_url=server.base_url,
@@ -255,7 +255,7 @@ def open_target(
         with _open_fleet(target, caching=caching, dev_mode=dev_mode, announce=announce) as server:
             yield server
         return
-    from echo_env.serving.engine import EmbeddedEngine, EngineConfig
+    from echo_env.launch.engine import EmbeddedEngine, EngineConfig
 
     if announce:
         state = "on" if caching else "off"
@@ -271,7 +271,7 @@ def open_target(
 @contextlib.contextmanager
 def _open_fleet(target: ServerTarget, *, caching: bool, dev_mode: bool, announce: bool) -> Iterator[OpenServer]:
     """An embedded fleet (``replicas`` engines behind vllm-router) for the length of the ``with`` block."""
-    from echo_env.serving.fleet import EmbeddedFleet, FleetConfig
+    from echo_env.launch.fleet import EmbeddedFleet, FleetConfig
 
     config = FleetConfig(
         replicas=target.replicas, router=target.policy, model=target.model_name, prefix_caching=caching,
@@ -297,7 +297,7 @@ def _prometheus_for(prometheus_url: str | None, replica_urls: Sequence[str], ann
     if prometheus_url != PROMETHEUS_EMBEDDED:
         yield prometheus_url
         return
-    from echo_env.serving.prometheus_server import EmbeddedPrometheus
+    from echo_env.launch.prometheus_server import EmbeddedPrometheus
 
     if announce:
         print(f"starting Prometheus, scraping {len(replica_urls)} replicas every second...", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Starting servers: the embedded vLLM engine, fleets, llama-server, Prometheus, models they serve."""

@@ -1,1 +1,0 @@
-"""Talking to inference servers: the client, the embedded engine and model, server kinds and their metrics."""
