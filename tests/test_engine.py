@@ -20,12 +20,12 @@ from echo_env.launch.engine import (
     HOST,
     EmbeddedEngine,
     EngineConfig,
-    _cpu_list,
     _last_error_line,
     find_free_port,
     group_members,
 )
 from echo_env.launch.model import DEFAULT_SERVED_MODEL_NAME
+from echo_env.launch.process import cpu_list
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -135,9 +135,9 @@ def test_free_port_is_bindable() -> None:
 
 
 def test_cpu_list_is_compact() -> None:
-    assert _cpu_list([0, 1]) == "0-1"
-    assert _cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
-    assert _cpu_list([3]) == "3"
+    assert cpu_list([0, 1]) == "0-1"
+    assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert cpu_list([3]) == "3"
 
 
 def test_error_headline_names_the_cause() -> None:

@@ -21,7 +21,6 @@ import pytest
 from echo_env.errors import ConfigError, EngineError
 from echo_env.launch.fleet import (
     POLICIES,
-    SESSION_HEADER,
     EmbeddedFleet,
     FleetConfig,
     kv_events_config,
@@ -45,6 +44,7 @@ from echo_env.measure.fleet import (
 )
 from echo_env.measure.placement import assigned_hit_tokens, placement_bound, replica_hits
 from echo_env.measure.tokens import plan_tokens
+from echo_env.rollout.worker import SESSION_HEADER
 from echo_env.wire.metrics import CacheCounters, CounterDelta, parse_prometheus
 
 # ----- a workload counted by hand ------------------------------------------------------------

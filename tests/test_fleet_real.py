@@ -19,7 +19,7 @@ import pytest
 
 from echo_env.cachetest.fleet_checks import decide_fleet
 from echo_env.envs.task import EchoTask
-from echo_env.launch.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig
+from echo_env.launch.fleet import EmbeddedFleet, FleetConfig
 from echo_env.measure.fleet import (
     FleetEvidence,
     fleet_ceilings,
@@ -28,6 +28,7 @@ from echo_env.measure.fleet import (
     scrapes_alternate,
 )
 from echo_env.measure.tokens import shared_prefix_length
+from echo_env.rollout.worker import SESSION_HEADER
 from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.wire.metrics import CacheCounters, MetricsReader, fetch_metrics, parse_prometheus, read_counters
 from echo_env.wire.tokenizer import encode_prompts

@@ -19,8 +19,9 @@ from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.fleet_checks import decide_fleet
 from echo_env.cachetest.fleet_run import join_decisions, warm_ceilings
 from echo_env.cachetest.results import Check, Decision, Evidence, FleetResult, ServerEvidence, ServerRun, TestResult
-from echo_env.cli import ServeCommand, main
+from echo_env.cli import main
 from echo_env.commands.rollout import RolloutConfig
+from echo_env.commands.serve import ServeConfig
 from echo_env.commands.test import run_prefix_test
 from echo_env.config import build, parse_overrides
 from echo_env.errors import ConfigError
@@ -72,9 +73,9 @@ def test_fleet_keys_are_shared_by_test_rollout_and_serve() -> None:
     assert mine.server.prometheus_url == "http://p:9090"
     assert not ServerTarget().is_fleet
     with pytest.raises(ConfigError, match="port= is the single engine's"):
-        parse_overrides(ServeCommand, ["replicas=2", "port=8000"])
+        parse_overrides(ServeConfig, ["replicas=2", "port=8000"])
     with pytest.raises(ConfigError, match="did you mean router=power_of_two"):
-        parse_overrides(ServeCommand, ["replicas=2", "router=power_of_too"])
+        parse_overrides(ServeConfig, ["replicas=2", "router=power_of_too"])
 
 
 def test_serve_with_a_bad_router_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:

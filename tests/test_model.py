@@ -20,7 +20,6 @@ from echo_env.launch.model import (
     BOS_TOKEN_ID,
     COMPLETE_MARKER,
     MODEL_FORMAT_VERSION,
-    _exclusive_lock,
     default_cache_dir,
     default_model_dir,
     is_prepared,
@@ -28,6 +27,7 @@ from echo_env.launch.model import (
     prepare_default_model,
     resolve_model,
 )
+from echo_env.launch.process import exclusive_lock
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_second_process_waits_for_the_first_and_reuses_its_work(tmp_path: Path) 
     folder = default_model_dir(tmp_path)
     folder.parent.mkdir(parents=True)
     code = "import sys, pathlib, echo_env.launch.model as m; print(m.prepare_default_model(pathlib.Path(sys.argv[1])))"
-    with _exclusive_lock(folder.parent / f".{folder.name}.lock"):
+    with exclusive_lock(folder.parent / f".{folder.name}.lock", "preparing the model"):
         waiter = subprocess.Popen(
             [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )

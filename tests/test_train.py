@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from echo_env.cli import main as cli_main
+from echo_env.commands.train import TrainConfig, freeze_all_but_last, step_line, summarize_run
 from echo_env.config import parse_overrides
 from echo_env.errors import ConfigError
-from echo_env.train import TrainConfig, freeze_all_but_last, step_line, summarize_run
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_sync_weights_needs_a_gpu(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: pushing weights is possible")
     args = ["generation=server", "base_url=http://127.0.0.1:9/v1", f"out_dir={tmp_path}"]
-    from echo_env.train import run
+    from echo_env.commands.train import run
 
     with pytest.raises(ConfigError, match="GPU"):
         run(parse_overrides(TrainConfig, args))

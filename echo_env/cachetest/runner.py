@@ -23,7 +23,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from echo_env.cachetest import prefill as pf
@@ -433,19 +433,6 @@ class ResultSink(Protocol):
         ...
 
 
-class NullSink:
-    """A sink that keeps nothing (for callers that only want the returned result)."""
-
-    def append_records(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        return 0
-
-    def write_summary(self, result: TestResult) -> None:
-        return None
-
-    def finish(self, result: TestResult) -> None:
-        return None
-
-
 def run_phases_and_judge(config: PrefixTestConfig, sink: ResultSink, out_dir: str | None = None) -> TestResult:
     """Run the whole test, feeding ``sink`` as it goes; the typed result is returned.
 
@@ -512,8 +499,3 @@ async def _run_all(config: PrefixTestConfig, states: list[_State], clock: dict[s
             if label == "cache_on":
                 clock["healthy"] = time.perf_counter()
             await _measure_server(config, state, server, run_id, hook)
-
-
-def replace_server(config: PrefixTestConfig, **server: Any) -> PrefixTestConfig:
-    """``config`` with some server keys changed (tests and benchmarks)."""
-    return replace(config, server=replace(config.server, **server))

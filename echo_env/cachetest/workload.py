@@ -10,8 +10,7 @@ the same lengths, nothing to hit).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,16 +127,6 @@ def all_prompts(workload: Workload, repeats: int) -> list[Prompt]:
     return out
 
 
-def retagged(task: EchoTask, tag: str) -> EchoTask:
-    """The task with another run tag (for the plan of a prompt alignment)."""
-    return dataclasses.replace(task, run_tag=run_tag(tag))
-
-
 def key_of(prompt: Prompt) -> str:
     """A hashable key of a prompt (text as is, messages as their repr)."""
     return prompt if isinstance(prompt, str) else repr(prompt)
-
-
-def keys(prompts: Sequence[Prompt]) -> list[str]:
-    """:func:`key_of` of each prompt."""
-    return [key_of(p) for p in prompts]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from echo_env.commands.common import emit, fmt, setup_logging
 from echo_env.config import check_agents
 from echo_env.errors import ConfigError
 from echo_env.interrupts import run_main
@@ -68,6 +69,24 @@ class RolloutConfig:
             seed=self.seed,
             prompt_format=self.prompt_format,
         )
+
+
+Config = RolloutConfig
+"""The command's settings (``echo-prefix rollout --help`` lists them)."""
+
+
+def command(config: RolloutConfig) -> int:
+    """``echo-prefix rollout``: run the episodes and print the summary as a table."""
+    setup_logging(config.debug)
+    lines = []
+    for key, value in run_rollout(config).items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k}={fmt(v, 1000, 1)}ms" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.3f}"
+        lines.append(f"{key:>24}  {value}")
+    emit("\n".join(lines))
+    return 0
 
 
 def run_rollout(config: RolloutConfig) -> dict[str, Any]:

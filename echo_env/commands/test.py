@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import sys
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,15 +11,25 @@ from typing import Any
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.results import TestResult
 from echo_env.cachetest.runner import ResultSink, run_phases_and_judge
+from echo_env.commands.common import default_out_dir, emit, setup_logging
+from echo_env.report.console import format_console
 from echo_env.report.files import RunWriter
 
 log = logging.getLogger(__name__)
 
+Config = PrefixTestConfig
+"""The command's settings (``echo-prefix test --help`` lists them)."""
 
-def default_out_dir() -> Path:
-    """``echo_prefix_results/<UTC time>-<short id>`` under the current folder."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    return Path("echo_prefix_results") / f"{stamp}-{uuid.uuid4().hex[:6]}"
+
+def command(config: PrefixTestConfig) -> int:
+    """``echo-prefix test``: run, print the report; exit 0 PASS, 1 FAIL, 2 UNKNOWN."""
+    setup_logging(config.debug)
+    result = run_prefix_test(config, show_progress=True)
+    emit(format_console(result))
+    if result.error:
+        # The report above is the record; stderr says why the run stopped, for scripts and logs.
+        emit(f"echo-prefix test: error: {result.error}; partial results are in {result.out_dir}", err=True)
+    return result.exit_code
 
 
 def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> TestResult:
@@ -60,7 +68,7 @@ class _Progress:
             failed = sum(1 for r in self._rows if not r.get("ok"))
             where = f" #{first['repeat']}" if first.get("repeat") is not None else ""
             tail = f", {failed} failed" if failed else ""
-            print(f"  {first['server']} {first['phase']}{where}: {len(self._rows)} requests{tail}", file=sys.stderr)
+            emit(f"  {first['server']} {first['phase']}{where}: {len(self._rows)} requests{tail}", err=True)
         return self.inner.write_summary(result)
 
     def finish(self, result: TestResult) -> Any:

@@ -28,7 +28,7 @@ from typing import Self
 from echo_env.errors import ConfigError, EngineError
 from echo_env.interrupts import sigterm_as_interrupt
 from echo_env.launch.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir, resolve_model
-from echo_env.launch.process import HOST, ChildServer, ServerProcess, ensure_dir, log_path
+from echo_env.launch.process import HOST, ChildServer, ServerProcess, cpu_list, ensure_dir, log_path
 
 # Re-exported: callers found these here before serving/process.py held them.
 from echo_env.launch.process import find_free_port as find_free_port
@@ -328,7 +328,7 @@ class EmbeddedEngine(ChildServer):
         if is_cpu_only():
             env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
             # vLLM's default keeps one core back, halving throughput on a small machine.
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(sorted(os.sched_getaffinity(0))))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_list(sorted(os.sched_getaffinity(0))))
         return env
 
     def _launch(self, model: str, port: int) -> None:
@@ -414,16 +414,3 @@ def _last_error_line(log_tail: str, limit: int = 300) -> str:
         if _ERROR_LINE.match(text):
             return text if len(text) <= limit else text[: limit - 3] + "..."
     return ""
-
-
-def _cpu_list(cpus: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"``: the form VLLM_CPU_OMP_THREADS_BIND takes."""
-    ranges: list[str] = []
-    start = prev = cpus[0]
-    for cpu in [*cpus[1:], -2]:
-        if cpu == prev + 1:
-            prev = cpu
-            continue
-        ranges.append(f"{start}-{prev}" if prev > start else str(start))
-        start = prev = cpu
-    return ",".join(ranges)

@@ -40,22 +40,10 @@ from types import TracebackType
 from echo_env.errors import ConfigError, EngineError
 from echo_env.launch.engine import EmbeddedEngine, EngineConfig, is_cpu_only
 from echo_env.launch.model import default_cache_dir
-from echo_env.launch.process import HOST, ServerProcess, find_free_port, log_path
+from echo_env.launch.process import HOST, ServerProcess, cpu_list, find_free_port, log_path
 
 POLICIES = ("round_robin", "random", "cache_aware", "consistent_hash", "power_of_two", "sticky_least_loaded")
 """The router policies a fleet accepts (vllm-router 0.1.17 also has ``kv_aware``, which needs KV-event sources)."""
-
-SESSION_POLICIES = frozenset({"consistent_hash", "sticky_least_loaded"})
-"""Policies that route on a session key (without one, consistent_hash hashes the whole request body)."""
-
-SESSION_HEADER = "X-Session-ID"
-"""The header vllm-router's ``consistent_hash`` and ``sticky_least_loaded`` read first (case-insensitive).
-
-After it come ``X-User-ID``, ``X-Tenant-ID``, ``X-Correlation-ID``, ``X-Request-ID`` and ``X-Trace-ID``.
-Its docs also list body fields (``session_params.session_id``, ``user``...), but for ``/v1/completions``
-0.1.17 hashed the prompt text instead (measured: 16 requests with 16 different ``user`` values and one
-prompt all went to one replica), so send the header. Without any key, identical prompts meet on one
-replica and a conversation's turns (different prompts) scatter."""
 
 ROUTER_INSTALL_HINT = "pip install vllm-router==0.1.17 (or pip install 'echo-prefix-env[fleet]')"
 """How to install the router."""
@@ -196,21 +184,9 @@ def split_cpus(cpus: Sequence[int], parts: int) -> list[str]:
     start = 0
     for i in range(parts):
         size = base + (1 if i < extra else 0)
-        out.append(_cpu_list(ordered[start : start + size]))
+        out.append(cpu_list(ordered[start : start + size]))
         start += size
     return out
-
-
-def _cpu_list(cpus: Sequence[int]) -> str:
-    ranges: list[str] = []
-    start = prev = cpus[0]
-    for cpu in [*cpus[1:], -2]:
-        if cpu == prev + 1:
-            prev = cpu
-            continue
-        ranges.append(f"{start}-{prev}" if prev > start else str(start))
-        start = prev = cpu
-    return ",".join(ranges)
 
 
 def mem_available_gib() -> float | None:
@@ -338,11 +314,6 @@ class EmbeddedFleet:
     def replica_urls(self) -> list[str]:
         """Each replica's root (``http://127.0.0.1:PORT``), as the router names its workers."""
         return [r.server_url for r in self.replicas]
-
-    @property
-    def replica_base_urls(self) -> list[str]:
-        """Each replica's OpenAI API root, for sending to one replica directly."""
-        return [r.base_url for r in self.replicas]
 
     @property
     def replica_metrics_urls(self) -> list[str]:

