@@ -47,6 +47,7 @@ from echo_env.cachetest.verdict import decide
 from echo_env.cachetest.workload import Prompt, Workload, all_prompts, build_workload, key_of, run_tag
 from echo_env.errors import ConfigError, EchoEnvError, ServerUnreachableError
 from echo_env.interrupts import run_main
+from echo_env.launch.model import load_tokenizer
 from echo_env.launch.target import OpenServer, open_target
 from echo_env.measure.figures import PhaseFigures, pool
 from echo_env.measure.phase import CounterProbe, measure_phase
@@ -264,6 +265,7 @@ async def _measure_server(
             block_size=target.block_size,
         )  # fmt: skip
         facts.tokenizer_source = server.tokenizer_source or target.model_name
+        facts.tokenizer_loader = load_tokenizer  # the default model's name may need its conversion first
         state.facts = facts
         work = build_workload(config, f"{run_id}-{state.label}", aligned_system_prompt(config, facts))
         prompts = all_prompts(work, config.max_repeats)

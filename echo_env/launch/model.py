@@ -9,7 +9,6 @@ under the cache folder, and every later call just returns that folder.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 from echo_env.errors import ModelError
 from echo_env.launch.process import exclusive_lock
+from echo_env.wire.tokenizer import load_local_tokenizer
 
 DEFAULT_MODEL = "default"
 """The name that selects the default model (as does leaving the model unset)."""
@@ -205,22 +205,8 @@ def load_tokenizer(model: str | None = None, cache_dir: Path | None = None) -> A
     Raises:
         ModelError: ``transformers`` is missing or the tokenizer cannot be loaded.
     """
-    return _load_tokenizer_cached(resolve_model(model, cache_dir))
+    return load_local_tokenizer(resolve_model(model, cache_dir))
 
-
-@functools.cache
-def _load_tokenizer_cached(resolved: str) -> Any:
-    if importlib.util.find_spec("transformers") is None:
-        raise ModelError("loading a tokenizer needs transformers: pip install transformers")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(resolved)
-    except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors...
-        raise ModelError(
-            f"cannot load the tokenizer of {resolved!r}: {exc}. Check the model name, or network access "
-            "for a hub id (HF_HUB_OFFLINE=1 blocks downloads)"
-        ) from exc
 
 
 def _check_conversion_dependencies() -> None:

@@ -10,9 +10,8 @@ prompt) is an error to fall back from, never evidence.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ from echo_env.wire.kinds.openai import OpenAIKind
 from echo_env.wire.kinds.sglang import SglangKind
 from echo_env.wire.kinds.vllm import VllmKind
 from echo_env.wire.metrics import MetricsReader, Snapshot
-from echo_env.wire.tokenizer import Tokenizer, encode_prompts
+from echo_env.wire.tokenizer import Tokenizer, encode_prompts, load_local_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +70,8 @@ class ServerFacts:
     """Sent to the server; never written out (nor shown by ``repr``)."""
     tokenizer_source: str | None = None
     """Folder or hub id of a local tokenizer for the model (default: ``model``)."""
+    tokenizer_loader: Callable[[str], Tokenizer] = field(default=load_local_tokenizer, repr=False)
+    """Loads :attr:`tokenizer_source`; whoever started the server may pass one that prepares its model first."""
 
     @property
     def root(self) -> str:
@@ -111,7 +112,7 @@ class ServerFacts:
 
     def tokenizer(self) -> Tokenizer:
         """A local tokenizer for the served model (the embedded model, a folder or a hub id)."""
-        return _local_tokenizer(self.tokenizer_source or self.model)
+        return self.tokenizer_loader(self.tokenizer_source or self.model)
 
     def metrics_reader(self) -> MetricsReader | None:
         """A reader of the server's counters (None: metrics off or unreadable)."""
@@ -135,12 +136,6 @@ class ServerFacts:
         except Exception:
             return " ".join(map(str, ids))
 
-
-@functools.cache
-def _local_tokenizer(model: str) -> Tokenizer:
-    from echo_env.launch.model import load_tokenizer
-
-    return load_tokenizer(model)  # type: ignore[no-any-return]
 
 
 async def _get_json(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> Any | None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+from echo_env.errors import ModelError
 
 
 class Tokenizer(Protocol):
@@ -31,3 +35,26 @@ def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str | Sequence[dict[s
                 ids = ids["input_ids"]
         out.append([int(t) for t in ids])
     return out
+
+
+@functools.cache
+def load_local_tokenizer(source: str) -> Any:
+    """The ``transformers`` tokenizer in a folder or of a hub id, loaded once per process.
+
+    It only loads: a model that must first be prepared (the default model's conversion) is
+    the launching side's job (:func:`echo_env.launch.model.load_tokenizer`).
+
+    Raises:
+        ModelError: ``transformers`` is missing or the tokenizer cannot be loaded.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        raise ModelError("loading a tokenizer needs transformers: pip install transformers")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors...
+        raise ModelError(
+            f"cannot load the tokenizer of {source!r}: {exc}. Check the model name, or network access "
+            "for a hub id (HF_HUB_OFFLINE=1 blocks downloads)"
+        ) from exc
