@@ -110,5 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a crash is no verdict: exit as UNKNOWN does, never as FAIL
         if debug:
             raise
-        emit(f"echo-prefix {name}: internal error: {type(exc).__name__}: {exc} (debug=true shows the traceback)", err=True)
+        emit(
+            f"echo-prefix {name}: internal error: {type(exc).__name__}: {exc} (debug=true shows the traceback)",
+            err=True,
+        )
         return 2

@@ -19,7 +19,9 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         if not self.dir:
-            raise ConfigError("report takes one folder: echo-prefix report DIR (the out_dir of an `echo-prefix test` run)")
+            raise ConfigError(
+                "report takes one folder: echo-prefix report DIR (the out_dir of an `echo-prefix test` run)"
+            )
 
 
 Config = ReportConfig
