@@ -153,7 +153,6 @@ def test_cut_off_output_returns_the_exit_code_of_every_verdict(
     import io
 
     import echo_env.commands.test
-    import echo_env.report.console
     from echo_env.cachetest.results import EXIT_CODES
     from echo_env.cli import main
 
@@ -170,7 +169,7 @@ def test_cut_off_output_returns_the_exit_code_of_every_verdict(
             raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(echo_env.commands.test, "run_prefix_test", lambda config, show_progress: _Result())
-    monkeypatch.setattr(echo_env.report.console, "format_console", lambda result: f"{verdict}: the report\n" * 5000)
+    monkeypatch.setattr(echo_env.commands.test, "format_console", lambda result: f"{verdict}: the report\n" * 5000)
     monkeypatch.setattr(sys, "stdout", _ClosedPipe())
     assert main(["test", "base_url=http://127.0.0.1:9/v1"]) == EXIT_CODES[verdict]
     assert "Traceback" not in capsys.readouterr().err

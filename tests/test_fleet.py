@@ -35,17 +35,16 @@ from echo_env.measure.fleet import (
     expected_scatter_hit_tokens,
     fleet_ceilings,
     placement_hit_tokens,
-    probe_router,
     replica_figures,
     round_robin_placement,
     router_worker_requests,
     scrapes_alternate,
-    worker_urls_from,
 )
 from echo_env.measure.placement import assigned_hit_tokens, placement_bound, replica_hits
 from echo_env.measure.tokens import plan_tokens
 from echo_env.rollout.worker import SESSION_HEADER
 from echo_env.wire.metrics import CacheCounters, CounterDelta, parse_prometheus
+from echo_env.wire.router import probe_router, worker_urls_from
 
 # ----- a workload counted by hand ------------------------------------------------------------
 # Blocks of 4 tokens. Every prompt: 8 shared tokens (2 blocks), 8 tokens of its group's own

@@ -23,7 +23,6 @@ from echo_env.launch.fleet import EmbeddedFleet, FleetConfig
 from echo_env.measure.fleet import (
     FleetEvidence,
     fleet_ceilings,
-    probe_router,
     replica_figures,
     scrapes_alternate,
 )
@@ -31,6 +30,7 @@ from echo_env.measure.tokens import shared_prefix_length
 from echo_env.rollout.worker import SESSION_HEADER
 from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.wire.metrics import CacheCounters, MetricsReader, fetch_metrics, parse_prometheus, read_counters
+from echo_env.wire.router import probe_router
 from echo_env.wire.tokenizer import encode_prompts
 
 pytestmark = pytest.mark.fleet

@@ -357,7 +357,7 @@ def test_cached_binary_is_used_without_building(tmp_path: Path, monkeypatch: pyt
 def test_missing_binary_without_build_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(llamacpp_build.BINARY_ENV, raising=False)
     fake_binary(llamacpp_build.cached_binary_path(tmp_path), exit_code=1)  # there, but does not run
-    with pytest.raises(EngineError, match=r"python -m echo_env\.serving\.llamacpp_build"):
+    with pytest.raises(EngineError, match=r"python -m echo_env\.launch\.llamacpp_build"):
         llamacpp_build.llama_server_binary(build=False, cache_dir=tmp_path)
 
 

@@ -26,12 +26,13 @@ from echo_env.cachetest.results import Decision, FleetResult, Verdict
 from echo_env.cachetest.workload import Prompt, key_of
 from echo_env.launch.target import OpenServer
 from echo_env.measure.figures import PhaseFigures
-from echo_env.measure.fleet import FleetCeilings, FleetEvidence, probe_router
+from echo_env.measure.fleet import FleetCeilings, FleetEvidence
 from echo_env.measure.phase import CounterProbe
 from echo_env.measure.replicas import FleetCounterProbe, ReplicaProbe, fleet_evidence, phase_ceilings_of
 from echo_env.measure.tokens import TokenIds
 from echo_env.wire.info import ServerFacts, server_root
 from echo_env.wire.metrics import CacheCounters
+from echo_env.wire.router import probe_router
 
 log = logging.getLogger(__name__)
 

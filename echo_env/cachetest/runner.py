@@ -435,6 +435,19 @@ class ResultSink(Protocol):
         ...
 
 
+class NullSink:
+    """A sink that keeps nothing (for callers that only want the returned result: benchmarks)."""
+
+    def append_records(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        return 0
+
+    def write_summary(self, result: TestResult) -> None:
+        return None
+
+    def finish(self, result: TestResult) -> None:
+        return None
+
+
 def run_phases_and_judge(config: PrefixTestConfig, sink: ResultSink, out_dir: str | None = None) -> TestResult:
     """Run the whole test, feeding ``sink`` as it goes; the typed result is returned.
 

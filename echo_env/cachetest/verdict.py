@@ -39,7 +39,7 @@ from collections.abc import Callable
 from echo_env.cachetest.answers import check_outputs_equal, check_weight_update
 from echo_env.cachetest.history_checks import check_answer_blocks_kept, check_history_extends
 from echo_env.cachetest.isolation import check_isolation
-from echo_env.cachetest.results import Decision, Evidence, Rules, TTFTEvidence, Verdict
+from echo_env.cachetest.results import Decision, Evidence, PrefillEvidence, Rules, TTFTEvidence, Verdict
 from echo_env.cachetest.steps import Step, failed, note, passed, run_checks, unknown
 from echo_env.measure.figures import PhaseFigures
 
@@ -372,6 +372,14 @@ def _undecided_advice(t: TTFTEvidence) -> str:
     return f"raise max_repeats or ttft_burst{why}"
 
 
+def _prefill_cost(p: PrefillEvidence) -> str:
+    slope = f"the lowest of {p.repeats} repeats' slopes of TTFT over prompt tokens"
+    if p.prefill_per_token_s <= 0:
+        # A slope at or under zero is TTFT noise hiding prefill, not prefill that costs nothing.
+        return f"prefill costs less than TTFT can resolve here ({slope} is not above zero)"
+    return f"prefill costs {p.prefill_per_token_s * 1e6:.0f} us a token ({slope})"
+
+
 def prefill_too_cheap(e: Evidence, r: Rules) -> bool:
     """Whether the measured hits and prefill cost can buy less TTFT gain than ``min_effect``, so TTFT cannot judge."""
     t = e.ttft
@@ -433,9 +441,8 @@ def _passed(evidence: Evidence, rules: Rules) -> tuple[Verdict, str, str]:
         agree = ", counters and cached_tokens agree" if h.counters is not None and h.reported is not None else ""
         return (
             "PASS",
-            f"prefix caching works by its hits: {hits}{agree}. TTFT cannot show caching here: prefill costs "
-            f"{p.prefill_per_token_s * 1e6:.0f} us a token (the lowest of {p.repeats} repeats' slopes of TTFT over "
-            f"prompt tokens), so the {p.cached_tokens:.0f} cached tokens a request "
+            f"prefix caching works by its hits: {hits}{agree}. TTFT cannot show caching here: {_prefill_cost(p)}, "
+            f"so the {p.cached_tokens:.0f} cached tokens a request "
             f"save {p.saved_s * 1e3:.1f} ms of a {p.control_ttft_s * 1e3:.1f} ms TTFT; expected from the hit rate "
             f"and the prefill cost: {p.expected_gain:.2f}x, under the minimum effect {rules.min_effect:.2f}x; "
             f"measured {ci.ratio:.2f}x (CI {ci.low:.2f}-{ci.high:.2f} over {len(ttft.ratios)} repeats)",

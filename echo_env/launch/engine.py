@@ -30,7 +30,7 @@ from echo_env.interrupts import sigterm_as_interrupt
 from echo_env.launch.model import DEFAULT_MODEL, DEFAULT_SERVED_MODEL_NAME, default_cache_dir, resolve_model
 from echo_env.launch.process import HOST, ChildServer, ServerProcess, cpu_list, ensure_dir, log_path
 
-# Re-exported: callers found these here before serving/process.py held them.
+# Re-exported: callers found these here before launch/process.py held them.
 from echo_env.launch.process import find_free_port as find_free_port
 from echo_env.launch.process import group_members as group_members
 

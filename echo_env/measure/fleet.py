@@ -24,7 +24,7 @@ request of a prefix on a replica as cold, as ``plan_tokens`` does. They are mode
 placement, not ceilings of a run: a router that leaves a replica idle beats the affinity
 model. The ceiling of the placement that happened, from each replica's request count, is
 :attr:`FleetEvidence.placement_ceiling` (:mod:`echo_env.measure.placement`). Pure
-functions; :func:`probe_router` is the one I/O helper (async HTTP).
+functions (asking a router for its replicas is the wire's: :mod:`echo_env.wire.router`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
-
-import httpx
 
 from echo_env.errors import ConfigError
 from echo_env.measure.tokens import TokenIds, max_cached_tokens, plan_tokens
@@ -436,53 +434,3 @@ def router_worker_requests(samples: Sequence[Sample]) -> dict[str, float]:
         if s.name in (ROUTER_METRIC, ROUTER_METRIC.removesuffix("_total")) and "worker" in s.labels:
             out[s.labels["worker"]] = out.get(s.labels["worker"], 0.0) + s.value
     return out
-
-
-def worker_urls_from(body: object) -> list[str] | None:
-    """Replica URLs from a router's ``GET /workers`` or ``GET /list_workers`` answer (None: not a worker list).
-
-    vllm-router answers ``/workers`` with ``{"workers": [{"url": ...}, ...]}`` and
-    ``/list_workers`` with ``{"urls": [...]}``; SGLang's router answers the latter too.
-    """
-    if not isinstance(body, Mapping):
-        return None
-    urls = body.get("urls")
-    if isinstance(urls, list) and all(isinstance(u, str) for u in urls):
-        return list(urls)
-    workers = body.get("workers")
-    if isinstance(workers, list):
-        found = [w.get("url") for w in workers if isinstance(w, Mapping)]
-        if found and all(isinstance(u, str) for u in found):
-            return [str(u) for u in found]
-    return None
-
-
-async def probe_router(root: str, timeout_s: float = 5.0) -> list[str] | None:
-    """Ask a server whether it is a router, and for its replicas.
-
-    Tries ``GET /workers`` then ``GET /list_workers`` on the server's root.
-
-    Args:
-        root: The server root (``http://host:port``; a trailing ``/v1`` is dropped).
-        timeout_s: Seconds to wait for each answer.
-
-    Returns:
-        The replica URLs when the target is a router; None when neither path answers
-        with a worker list (a plain vLLM or SGLang server answers 404).
-    """
-    base = root.rstrip("/").removesuffix("/v1")
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
-        for path in ("/workers", "/list_workers"):
-            try:
-                response = await client.get(base + path)
-            except httpx.HTTPError:
-                continue
-            if response.status_code != 200:
-                continue
-            try:
-                urls = worker_urls_from(response.json())
-            except ValueError:
-                continue
-            if urls is not None:
-                return urls
-    return None
