@@ -12,9 +12,9 @@ last prompt plus the generated tokens (:mod:`echo_env.measure.extension`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from echo_env.cachetest.workload import Prompt, Workload, key_of
 from echo_env.errors import ConfigError
@@ -32,7 +32,30 @@ from echo_env.wire.info import ServerFacts, tokenize_prompts
 
 if TYPE_CHECKING:
     from echo_env.cachetest.config import PrefixTestConfig
-    from echo_env.cachetest.runner import _Run
+    from echo_env.measure.figures import PhaseFigures
+    from echo_env.rollout.worker import RolloutWorker
+
+
+class TurnRun(Protocol):
+    """What the turn loop needs of the runner's per-server state (the runner's ``TurnRun`` has it)."""
+
+    config: PrefixTestConfig
+    facts: ServerFacts
+    worker: RolloutWorker
+    ids: dict[str, list[int]]
+    sent: list[list[int]]
+    answers: list[list[int]]
+
+    async def phase(
+        self,
+        name: str,
+        prompts: dict[str, Prompt],
+        repeat: int | None = None,
+        extra_cold: int = 0,
+        grade: Callable[[dict[str, Any]], list[float]] | None = None,
+        sessions: dict[str, str] | None = None,
+    ) -> PhaseFigures: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +144,7 @@ async def _generated(
     return tokenized.ids[0][len(prompt_ids) :], "retokenized"
 
 
-def _sent_ids(run: _Run, prompt: Prompt, completion: Any) -> list[int] | None:
+def _sent_ids(run: TurnRun, prompt: Prompt, completion: Any) -> list[int] | None:
     """A prompt's ids as the server took them: its own ``prompt_token_ids``, else the plan's."""
     out = completion.output if completion is not None else None
     if out is not None and out.prompt_token_ids:
@@ -130,7 +153,7 @@ def _sent_ids(run: _Run, prompt: Prompt, completion: Any) -> list[int] | None:
 
 
 async def _answers(
-    run: _Run, prompts: Mapping[str, Prompt], grade: Grader
+    run: TurnRun, prompts: Mapping[str, Prompt], grade: Grader
 ) -> dict[str, tuple[list[int], list[int], GeneratedBy]]:
     """Each agent's last prompt ids and generated ids, where both are known."""
     out: dict[str, tuple[list[int], list[int], GeneratedBy]] = {}
@@ -145,7 +168,7 @@ async def _answers(
     return out
 
 
-async def _next_prompts(run: _Run, grade: Grader) -> dict[str, Prompt]:
+async def _next_prompts(run: TurnRun, grade: Grader) -> dict[str, Prompt]:
     """The live agents' next prompts, with their ids in ``run.ids`` for the plan."""
     if run.config.api == "chat":
         prompts: dict[str, Prompt] = {a: grade.infos[a]["messages"] for a in grade.observations}
@@ -161,7 +184,7 @@ async def _next_prompts(run: _Run, grade: Grader) -> dict[str, Prompt]:
     return prompts
 
 
-async def later_turns(run: _Run, work: Workload, grade: Grader) -> list[TurnReuse]:
+async def later_turns(run: TurnRun, work: Workload, grade: Grader) -> list[TurnReuse]:
     """Each later turn of the episodes: every live agent's conversation so far, all in flight."""
     reuse: list[TurnReuse] = []
     previous: dict[str, Prompt] = dict(work.prompts)

@@ -31,7 +31,8 @@ Config = ReportConfig
 def command(config: ReportConfig) -> int:
     """Write report.html again, print the console summary; exit as the run did (0 PASS, 1 FAIL, 2 UNKNOWN)."""
     from echo_env.report.console import format_console
-    from echo_env.report.html import load_summary, write_html
+    from echo_env.report.files import write_html
+    from echo_env.report.html import load_summary
     from echo_env.report.summary_load import result_from_summary
 
     summary = load_summary(config.dir)

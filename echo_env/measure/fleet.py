@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from echo_env.errors import ConfigError
-from echo_env.measure.tokens import TokenIds, max_cached_tokens, plan_tokens
+from echo_env.measure.tokens import TokenIds, block_chain, plan_tokens
 from echo_env.wire.metrics import CacheCounters, CounterDelta, Sample, delta
 
 if TYPE_CHECKING:
@@ -80,29 +80,6 @@ def _check(prompts: Sequence[TokenIds], block_size: int, replicas: int) -> None:
         raise ConfigError(f"block_size must be a positive number of tokens, got {block_size}")
     if replicas < 1:
         raise ConfigError(f"replicas must be at least 1, got {replicas}")
-
-
-def block_chain(seq: TokenIds, block_size: int, *, whole: bool = False) -> list[Hashable]:
-    """The keys of the blocks of ``seq`` a cache can serve, each naming its whole prefix.
-
-    The same chaining as ``plan_tokens`` (and vLLM's block hashes): equal keys mean
-    equal prefixes up to and including that block. A key is ``(parent key, block tokens)``.
-
-    Args:
-        seq: Token ids.
-        block_size: The cache block size in tokens.
-        whole: Key every whole block (what a server stores), not only those a prompt of
-            this length can hit (its last token is always computed).
-    """
-    usable = len(seq) if whole else max_cached_tokens(len(seq), block_size)
-    n = usable // block_size
-    chain: list[Hashable] = []
-    parent: Hashable = None
-    for k in range(n):
-        key = (parent, tuple(seq[k * block_size : (k + 1) * block_size]))
-        chain.append(key)
-        parent = key
-    return chain
 
 
 def placement_hit_tokens(prompts: Sequence[TokenIds], placement: Sequence[int], block_size: int) -> int:

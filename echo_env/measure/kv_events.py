@@ -13,7 +13,7 @@ the topic, an 8-byte big-endian sequence number, and a msgpack payload
 blocks (:class:`ReplicaBlocks`); :func:`block_census` then says which replicas hold a
 shared prefix and how many blocks are stored on more than one replica. Blocks are
 compared by content (the tokens of the whole prefix up to the block, the chaining of
-:func:`echo_env.measure.fleet.block_chain`), never by hash: replicas need not hash alike.
+:func:`echo_env.measure.tokens.block_chain`), never by hash: replicas need not hash alike.
 Only what happens while subscribed is seen, so subscribe before the phase, on caches
 that start empty (``POST /reset_prefix_cache``) or whose earlier content does not matter.
 """
@@ -28,8 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from echo_env.errors import EngineError
-from echo_env.measure.fleet import block_chain
-from echo_env.measure.tokens import TokenIds
+from echo_env.measure.tokens import TokenIds, block_chain
 
 TOPIC = "kv"
 """The topic the fleet's replicas publish on."""

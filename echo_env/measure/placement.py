@@ -33,8 +33,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from echo_env.errors import ConfigError
-from echo_env.measure.fleet import block_chain
-from echo_env.measure.tokens import TokenIds, plan_tokens
+from echo_env.measure.tokens import TokenIds, block_chain, plan_tokens
 
 
 @dataclass(frozen=True)

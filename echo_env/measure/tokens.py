@@ -12,7 +12,7 @@ end of the task's shared prefix just past a block boundary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from echo_env.errors import ConfigError
@@ -215,3 +215,26 @@ def slot_cold_requests(burst: int, slots: int | None) -> int:
     if slots is None or slots <= 1 or burst <= 0:
         return 0
     return min(burst, slots) - 1
+
+
+def block_chain(seq: TokenIds, block_size: int, *, whole: bool = False) -> list[Hashable]:
+    """The keys of the blocks of ``seq`` a cache can serve, each naming its whole prefix.
+
+    The same chaining as ``plan_tokens`` (and vLLM's block hashes): equal keys mean
+    equal prefixes up to and including that block. A key is ``(parent key, block tokens)``.
+
+    Args:
+        seq: Token ids.
+        block_size: The cache block size in tokens.
+        whole: Key every whole block (what a server stores), not only those a prompt of
+            this length can hit (its last token is always computed).
+    """
+    usable = len(seq) if whole else max_cached_tokens(len(seq), block_size)
+    n = usable // block_size
+    chain: list[Hashable] = []
+    parent: Hashable = None
+    for k in range(n):
+        key = (parent, tuple(seq[k * block_size : (k + 1) * block_size]))
+        chain.append(key)
+        parent = key
+    return chain

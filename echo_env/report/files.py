@@ -29,7 +29,7 @@ from typing import Any
 from echo_env.cachetest.results import ServerRun, TestResult
 from echo_env.errors import ConfigError
 from echo_env.measure.figures import PhaseFigures
-from echo_env.report.html import REPORT_FILE, write_html
+from echo_env.report.html import REPORT_FILE, render_html
 from echo_env.report.plots import draw_plots
 from echo_env.report.redact import redact
 
@@ -321,3 +321,18 @@ class RunWriter:
         write_html(self.out_dir, result.to_json())
         log.debug("time/report/finish: %.4f s", time.perf_counter() - start)
         return written
+
+
+def write_html(out_dir: Path | str, summary: Mapping[str, Any]) -> Path:
+    """Write ``report.html`` into ``out_dir`` (atomically) and return its path.
+
+    Args:
+        out_dir: The run's folder.
+        summary: ``TestResult.to_json()``.
+
+    Returns:
+        The page's path.
+    """
+    path = Path(out_dir) / REPORT_FILE
+    _atomic_write_text(path, render_html(summary))
+    return path

@@ -237,23 +237,6 @@ def render_html(summary: Mapping[str, Any]) -> str:
     )
 
 
-def write_html(out_dir: Path | str, summary: Mapping[str, Any]) -> Path:
-    """Write ``report.html`` into ``out_dir`` (atomically) and return its path.
-
-    Args:
-        out_dir: The run's folder.
-        summary: ``TestResult.to_json()``.
-
-    Returns:
-        The page's path.
-    """
-    from echo_env.report.files import _atomic_write_text
-
-    path = Path(out_dir) / REPORT_FILE
-    _atomic_write_text(path, render_html(summary))
-    return path
-
-
 def load_summary(run_dir: Path | str) -> dict[str, Any]:
     """``run_dir/summary.json``, loaded.
 
