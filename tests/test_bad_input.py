@@ -458,6 +458,8 @@ def test_a_crash_in_the_cache_off_baseline_gives_unknown_not_the_cache_on_pass(
         assert (s["verdict"], s["exit_code"], s["partial"]) == ("UNKNOWN", 2, True), s["reason"]
         assert s["reason_id"] == "run_finished"
         assert "cache-off baseline" in s["reason"] and "could not reach the server" in s["reason"]
+        # The server that went missing is named by its own key, not as base_url.
+        assert f"baseline_url={baseline.base_url}" in s["reason"], s["reason"]
         assert "cache-on run alone says PASS" in s["reason"]
         # The cache-on run's own evidence and verdict stay in the summary.
         on, off = s["runs"]

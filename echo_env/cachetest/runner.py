@@ -513,4 +513,13 @@ async def _run_all(config: PrefixTestConfig, states: list[_State], clock: dict[s
         with open_target(config.server, caching=caching, baseline_url=config.baseline_url, dev_mode=dev_mode) as server:
             if label == "cache_on":
                 clock["healthy"] = time.perf_counter()
-            await _measure_server(config, state, server, run_id, hook)
+            try:
+                await _measure_server(config, state, server, run_id, hook)
+            except ServerUnreachableError as exc:
+                if label == "cache_on" or config.baseline_url is None:
+                    raise
+                # The client's message names base_url; here the server that went missing is the baseline.
+                raise ServerUnreachableError(
+                    f"the cache-off baseline at baseline_url={config.baseline_url} does not answer ({exc}): start it "
+                    "(the same model, --no-enable-prefix-caching) or drop baseline_url"
+                ) from exc

@@ -36,9 +36,11 @@ def _rates(result: FleetResult) -> str:
     rate = f"warm burst: fleet hit rate {_f(e.fleet_hit_rate)}"
     if c is None:
         return f"        {rate} · ceilings {_NA} (prompts not tokenized)"
+    # Only the placement that happened bounds the rate; the routing figures are models a run can beat.
     return (
-        f"        {rate} · ceilings: one server {c.one_server:.2f}, affinity {c.affinity:.2f}, "
-        f"round robin {c.round_robin:.2f}, scatter {c.scatter:.2f} ({c.block_size}-token blocks)"
+        f"        {rate} · ceiling of the placement that happened {_f(e.placement_ceiling)} (one server "
+        f"{c.one_server:.2f}) · models: affinity {c.affinity:.2f}, round robin {c.round_robin:.2f}, "
+        f"scatter {c.scatter:.2f} ({c.block_size}-token blocks)"
     )
 
 
