@@ -64,9 +64,9 @@ def _strip_template(engine: Any) -> str:
     As templates that strip reasoning drop a whole think block; here the whole reply goes,
     so the break does not depend on what the model happens to answer.
     """
-    from echo_env.wire.info import _local_tokenizer
+    from echo_env.launch.model import load_tokenizer
 
-    template = str(_local_tokenizer(engine.served_model_name).chat_template)
+    template = str(load_tokenizer(engine.served_model_name).chat_template)
     own = "{{ message['content'] | trim }}"
     assert own in template
     return template.replace(own, "{{ '' if message['role'] == 'assistant' else message['content'] | trim }}")
