@@ -262,6 +262,8 @@ def test_router_worker_requests_reads_the_routers_own_counter() -> None:
     ("body", "urls"),
     [
         ({"urls": ["http://a", "http://b"]}, ["http://a", "http://b"]),
+        ({"urls": ["http://b", "http://a", "http://b"]}, ["http://a", "http://b"]),
+        ({"workers": [{"url": "http://b"}, {"url": "http://a"}]}, ["http://a", "http://b"]),
         ({"workers": [{"url": "http://a", "is_healthy": True}], "total": 1}, ["http://a"]),
         ({"detail": "Not Found"}, None),
         (["http://a"], None),

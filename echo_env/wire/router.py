@@ -12,17 +12,19 @@ def worker_urls_from(body: object) -> list[str] | None:
 
     vllm-router answers ``/workers`` with ``{"workers": [{"url": ...}, ...]}`` and
     ``/list_workers`` with ``{"urls": [...]}``; SGLang's router answers the latter too.
+    The URLs come back sorted and without repeats: vllm-router lists its workers in its
+    hash map's order, which changes from one start to the next.
     """
     if not isinstance(body, Mapping):
         return None
     urls = body.get("urls")
     if isinstance(urls, list) and all(isinstance(u, str) for u in urls):
-        return list(urls)
+        return sorted(set(urls))
     workers = body.get("workers")
     if isinstance(workers, list):
         found = [w.get("url") for w in workers if isinstance(w, Mapping)]
         if found and all(isinstance(u, str) for u in found):
-            return [str(u) for u in found]
+            return sorted({str(u) for u in found})
     return None
 
 
