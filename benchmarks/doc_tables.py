@@ -493,6 +493,11 @@ def history_reuse_table(doc: Doc) -> str:
     return doc["table_markdown"].strip("\n") + f"\n\nVerdicts: {verdicts}.\n\n" + machine_line(doc)
 
 
+def decode_blocks_table(doc: Doc) -> str:
+    """Turn 2's hits with and without Gemma 3's sliding window, beside the two ceilings."""
+    return doc["table_markdown"].strip("\n") + "\n\n" + machine_line(doc)
+
+
 # ----- fleet ceilings (computed, no server) ---------------------------------------------
 
 

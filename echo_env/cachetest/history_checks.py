@@ -79,7 +79,8 @@ def check_answer_blocks_kept(e: Evidence, r: Rules) -> Step:
                 f"the server does not keep the cache blocks filled by generated tokens: {h.phase} hit {value:.2f}, "
                 f"the previous prompts alone allow {h.prompt_only_ceiling:.2f} and their answers' full blocks "
                 f"{answer_part:.2f} more ({h.ceiling:.2f}); the prompts extended, so the answers' blocks were dropped "
-                "(check whether the server caches the blocks of output tokens at all)",
+                "(check whether the server caches the blocks of output tokens at all; vLLM serving a sliding-window "
+                "model such as Gemma 3 did not, until started with --disable-sliding-window: benchmarks/README.md 9b)",
             )
     if not details:
         return Step("skip", "no hit rate or ceilings for the later turns")
