@@ -215,8 +215,7 @@ def _ratios_by_repeat(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run every client at every concurrency, print the ratios, write the JSON."""
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="concurrency 64 and 256, 256 requests, 1 repeat")
     parser.add_argument("--concurrency", type=int, nargs="+", help="requests in flight (default 64 256 1024)")
@@ -227,21 +226,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.trial:
-        run_trial(args.trial, args.url, args.prompts, args.concurrency[0], args.requests)
-        return 0
+    return parser.parse_args(argv)
 
+
+def _n_requests(quick: bool, concurrency: int) -> int:
+    """Requests per trial: enough for several waves at every concurrency."""
+    return 256 if quick else max(1024, 3 * concurrency)
+
+
+def _run_trials(args: argparse.Namespace, concurrencies: Sequence[int], repeats: int) -> list[dict[str, Any]]:
+    """Every client at every concurrency in every repeat, each in its own process; one row per trial."""
     from tqdm.auto import tqdm
 
     from echo_env import parallel_env
     from echo_env.launch.model import load_tokenizer, resolve_model
-
-    concurrencies = args.concurrency or ([64, 256] if args.quick else [64, 256, 1024])
-    repeats = args.repeats or (1 if args.quick else 2)
-
-    def n_requests(c: int) -> int:
-        return 256 if args.quick else max(1024, 3 * c)
 
     tokenizer = resolve_model(None)  # vLLM's client needs a tokenizer to size prompts
     load_tokenizer(tokenizer)
@@ -256,19 +254,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k, c in enumerate(concurrencies):
                 shift = (repeat + k) % len(args.clients)
                 for client in args.clients[shift:] + args.clients[:shift]:
+                    n = _n_requests(args.quick, c)
                     server_cpu = _cpu_of(server_pid)
-                    fig = _child(client, url, prompts, c, n_requests(c), tokenizer)
+                    fig = _child(client, url, prompts, c, n, tokenizer)
                     fig["server_cpu_s"] = _cpu_of(server_pid) - server_cpu
-                    fig.update({"client": client, "concurrency": c, "requests": n_requests(c), "repeat": repeat})
+                    fig.update({"client": client, "concurrency": c, "requests": n, "repeat": repeat})
                     rows.append(fig)
                     bar.set_postfix_str(f"{client}@{c}: {fig['ok'] / fig['wall_s']:.0f} req/s")
                     bar.update(1)
         bar.close()
+    return rows
 
+
+def _summarize(
+    rows: Sequence[dict[str, Any]], concurrencies: Sequence[int], clients: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per concurrency and client: medians over repeats, and the ratios to the other clients."""
     summary = []
     for c in concurrencies:
         by: dict[str, dict[str, Any]] = {}
-        for client in args.clients:
+        for client in clients:
             mine = [r for r in rows if r["client"] == client and r["concurrency"] == c]
             by[client] = {
                 "requests_per_s": median([r["ok"] / r["wall_s"] for r in mine]),
@@ -283,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f["vs_naive"] = ratio(f["requests_per_s"], by.get("naive", {}).get("requests_per_s"))
             f["vs_worker"] = ratio(f["requests_per_s"], base_w)
             summary.append({"concurrency": c, "client": client, **f})
+    return summary
 
+
+def _summary_table(summary: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     headers = ["concurrency", "client", "req/s", "CPU ms/req", "vs vllm-bench", "vs naive", "ok", "stand-in CPU ms/req"]
     body = [
         [
@@ -298,6 +306,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         for s in summary
     ]
+    return headers, body
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every client at every concurrency, print the ratios, write the JSON."""
+    args = _parse_args(argv)
+    if args.trial:
+        run_trial(args.trial, args.url, args.prompts, args.concurrency[0], args.requests)
+        return 0
+    concurrencies = args.concurrency or ([64, 256] if args.quick else [64, 256, 1024])
+    repeats = args.repeats or (1 if args.quick else 2)
+    rows = _run_trials(args, concurrencies, repeats)
+    summary = _summarize(rows, concurrencies, args.clients)
+    headers, body = _summary_table(summary)
     pacing = "each answer written whole" if args.all_at_once else "one event per token, one per loop turn"
     print(
         f"\nclient cost against the STAND-IN server ({TOKENS} streamed tokens/request, {pacing}; "
@@ -318,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "worker_vs_vllm_bench_by_repeat": {str(c): r for c, r in by_repeat.items()},
             "settings": {
                 "concurrency": concurrencies,
-                "requests": {str(c): n_requests(c) for c in concurrencies},
+                "requests": {str(c): _n_requests(args.quick, c) for c in concurrencies},
                 "streamed_tokens": TOKENS,
                 "standin_pacing": pacing,
                 "repeats": repeats,

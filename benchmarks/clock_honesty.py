@@ -176,56 +176,31 @@ def measure_all(batch: int, group: int, repeats: int) -> tuple[list[dict[str, An
     return runs, facts.to_json()
 
 
-def summarize_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], list[list[str]]]:
-    """Per mode: medians over repeats of each client's TTFT p50 and of its offset from the server.
+def _ms(a: float | None, b: float | None) -> float | None:
+    """``a - b`` in milliseconds (None when either is missing)."""
+    return 1000 * (a - b) if a is not None and b is not None else None
 
-    The offsets are paired per run (a client's figure minus the server's histogram over
-    the same requests), so a server slowed by the neighbours moves both and cancels;
-    the raw p50 ratio between the clients is given too, as the issue asks.
-    """
 
-    def ms(a: float | None, b: float | None) -> float | None:
-        return 1000 * (a - b) if a is not None and b is not None else None
+def _client_figures(mine: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """One client's runs in one mode: medians over repeats, offsets from the server paired per run."""
+    return {
+        "ttft_p50_s": median([r["client_ttft_p50_s"] for r in mine]),
+        "ttft_mean_s": median([r["client_ttft_mean_s"] for r in mine]),
+        "server_ttft_mean_s": median([r["server_ttft_mean_s"] for r in mine if r["server_ttft_mean_s"]]),
+        "minus_server_mean_ms": median(
+            [x for r in mine if (x := _ms(r["client_ttft_mean_s"], r["server_ttft_mean_s"])) is not None]
+        ),
+        "minus_server_p50_ms": median(
+            [x for r in mine if (x := _ms(r["client_ttft_p50_s"], r["server_ttft_p50_s"])) is not None]
+        ),
+        "below_server_mean_runs": sum(
+            1 for r in mine if r["server_ttft_mean_s"] and r["client_ttft_mean_s"] < r["server_ttft_mean_s"]
+        ),
+        "runs": len(mine),
+    }
 
-    rows = []
-    for mode in ("burst", "serial"):
-        by: dict[str, dict[str, float | None]] = {}
-        for client in CLIENTS:
-            mine = [r for r in runs if r["mode"] == mode and r["client"] == client]
-            by[client] = {
-                "ttft_p50_s": median([r["client_ttft_p50_s"] for r in mine]),
-                "ttft_mean_s": median([r["client_ttft_mean_s"] for r in mine]),
-                "server_ttft_mean_s": median([r["server_ttft_mean_s"] for r in mine if r["server_ttft_mean_s"]]),
-                "minus_server_mean_ms": median(
-                    [x for r in mine if (x := ms(r["client_ttft_mean_s"], r["server_ttft_mean_s"])) is not None]
-                ),
-                "minus_server_p50_ms": median(
-                    [x for r in mine if (x := ms(r["client_ttft_p50_s"], r["server_ttft_p50_s"])) is not None]
-                ),
-                "below_server_mean_runs": sum(
-                    1 for r in mine if r["server_ttft_mean_s"] and r["client_ttft_mean_s"] < r["server_ttft_mean_s"]
-                ),
-                "runs": len(mine),
-            }
-        o, v = by["echo_env"], by["vllm-bench"]
-        p50_ratio = ratio(o["ttft_p50_s"], v["ttft_p50_s"])
-        rows.append(
-            {
-                "mode": mode,
-                "requests": next(r["requests"] for r in runs if r["mode"] == mode),
-                "echo_env_ttft_p50_s": o["ttft_p50_s"],
-                "vllm_bench_ttft_p50_s": v["ttft_p50_s"],
-                "echo_env_over_vllm_bench_p50": p50_ratio,
-                "echo_env_minus_vllm_bench_p50_ms": ms(o["ttft_p50_s"], v["ttft_p50_s"]),
-                "echo_env_minus_server_mean_ms": o["minus_server_mean_ms"],
-                "vllm_bench_minus_server_mean_ms": v["minus_server_mean_ms"],
-                "echo_env_minus_server_p50_ms": o["minus_server_p50_ms"],
-                "vllm_bench_minus_server_p50_ms": v["minus_server_p50_ms"],
-                "within_10pct_of_vllm_bench": abs(p50_ratio - 1) <= 0.10 if p50_ratio is not None else None,
-                "never_below_server": o["below_server_mean_runs"] == 0,
-                "by_client": by,
-            }
-        )
+
+def _runs_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     headers = [
         "mode",
         "requests",
@@ -251,6 +226,42 @@ def summarize_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]]
         ]
         for r in rows
     ]
+    return headers, body
+
+
+def summarize_runs(runs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], list[list[str]]]:
+    """Per mode: medians over repeats of each client's TTFT p50 and of its offset from the server.
+
+    The offsets are paired per run (a client's figure minus the server's histogram over
+    the same requests), so a server slowed by the neighbours moves both and cancels;
+    the raw p50 ratio between the clients is given too, as the issue asks.
+    """
+    rows = []
+    for mode in ("burst", "serial"):
+        by = {
+            client: _client_figures([r for r in runs if r["mode"] == mode and r["client"] == client])
+            for client in CLIENTS
+        }
+        o, v = by["echo_env"], by["vllm-bench"]
+        p50_ratio = ratio(o["ttft_p50_s"], v["ttft_p50_s"])
+        rows.append(
+            {
+                "mode": mode,
+                "requests": next(r["requests"] for r in runs if r["mode"] == mode),
+                "echo_env_ttft_p50_s": o["ttft_p50_s"],
+                "vllm_bench_ttft_p50_s": v["ttft_p50_s"],
+                "echo_env_over_vllm_bench_p50": p50_ratio,
+                "echo_env_minus_vllm_bench_p50_ms": _ms(o["ttft_p50_s"], v["ttft_p50_s"]),
+                "echo_env_minus_server_mean_ms": o["minus_server_mean_ms"],
+                "vllm_bench_minus_server_mean_ms": v["minus_server_mean_ms"],
+                "echo_env_minus_server_p50_ms": o["minus_server_p50_ms"],
+                "vllm_bench_minus_server_p50_ms": v["minus_server_p50_ms"],
+                "within_10pct_of_vllm_bench": abs(p50_ratio - 1) <= 0.10 if p50_ratio is not None else None,
+                "never_below_server": o["below_server_mean_runs"] == 0,
+                "by_client": by,
+            }
+        )
+    headers, body = _runs_table(rows)
     return rows, headers, body
 
 

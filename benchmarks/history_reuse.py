@@ -29,8 +29,9 @@ from typing import Any
 from common import fmt, machine_facts, markdown_table, ratio, table, write_result
 
 from echo_env.cachetest.config import PrefixTestConfig
+from echo_env.cachetest.record import NullSink
 from echo_env.cachetest.results import TestResult
-from echo_env.cachetest.runner import NullSink, run_phases_and_judge
+from echo_env.commands.test import run_test
 from echo_env.config import build
 from echo_env.launch.target import ServerTarget, open_target
 
@@ -46,7 +47,7 @@ def _case(base_url: str, fmt_: str, long_answer: bool, agents: tuple[int, int]) 
         PrefixTestConfig, base_url=base_url, turns=TURNS, prompt_format=fmt_, batch_size=agents[0],
         group_size=agents[1], ttft_burst=2, min_repeats=2, max_repeats=2, **extra,
     )  # fmt: skip
-    return run_phases_and_judge(config, NullSink())
+    return run_test(config, NullSink())
 
 
 def turn_rows(result: TestResult) -> list[dict[str, Any]]:

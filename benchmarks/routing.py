@@ -59,10 +59,11 @@ from echo_env.cachetest.fleet_checks import decide_fleet
 from echo_env.envs.task import EchoTask, Turn, default_system_prompt, find_worked_examples, grade, with_examples
 from echo_env.errors import MetricsError
 from echo_env.launch.engine import group_members
-from echo_env.launch.fleet import SESSION_HEADER, EmbeddedFleet, FleetConfig, mem_available_gib
+from echo_env.launch.fleet import EmbeddedFleet, FleetConfig, mem_available_gib
 from echo_env.measure.fleet import FleetEvidence, fleet_ceilings, router_worker_requests
 from echo_env.measure.replicas import ReplicaProbe, fleet_evidence
 from echo_env.measure.stats import summarize
+from echo_env.rollout.worker import SESSION_HEADER
 from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
 from echo_env.wire.metrics import parse_prometheus
 from echo_env.wire.tokenizer import encode_prompts
@@ -358,8 +359,8 @@ async def _warm_up(fleet: EmbeddedFleet) -> None:
     await asyncio.gather(*(warm_up_engine(r, prompts=4) for r in fleet.replicas))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the sweep, print the table, write the JSON."""
+def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Sizes, tuple[PolicyRun, ...]]:
+    """The command line, with the workload sizes and policy runs it picks."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small workloads, three policies (CI)")
     parser.add_argument("--seed", type=int, default=0)
@@ -378,10 +379,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown policy runs {unknown}: choose from {[r.label for r in FULL_RUNS]}")
         runs = tuple(known[p.replace(" ", "")] for p in args.policies)
-    workloads = tuple(args.workloads or WORKLOADS)
-    # A partial sweep writes a file of its own, so it never replaces the whole sweep's.
-    name = args.name or (NAME if workloads == WORKLOADS and not args.policies else f"{NAME}-{'-'.join(workloads)}")
+    return args, sizes, runs
 
+
+def _run_sweep(
+    runs: Sequence[PolicyRun], workloads: Sequence[str], sizes: Sizes, seed: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One fleet, one router restart per policy run, every workload under each: the rows and the fleet's facts."""
     from echo_env.launch.model import load_tokenizer
 
     tokenizer = load_tokenizer(None)
@@ -406,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if i > 0:
                 fleet.restart_router(run.policy)
             for workload in workloads:
-                phase = asyncio.run(run_phase(fleet, run, workload, sizes, args.seed, tokenizer))
+                phase = asyncio.run(run_phase(fleet, run, workload, sizes, seed, tokenizer))
                 row = summarize_phase(phase)
                 rows.append(row)
                 print(
@@ -416,7 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         facts["router_restart_s"] = fleet.timings.router_s
     add_ratios(rows)
+    return rows, facts
 
+
+def _rows_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     headers = [
         "policy", "workload", "hit rate", "one server", "affinity", "scatter", "hit/affinity", "shares",
         "TTFT p50", "TTFT p99", "req/s", "p50 vs rr", "req/s vs rr", "verdict",
@@ -440,6 +447,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         for r in rows
     ]
+    return headers, body
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep, print the table, write the JSON."""
+    args, sizes, runs = _parse_args(argv)
+    workloads = tuple(args.workloads or WORKLOADS)
+    # A partial sweep writes a file of its own, so it never replaces the whole sweep's.
+    name = args.name or (NAME if workloads == WORKLOADS and not args.policies else f"{NAME}-{'-'.join(workloads)}")
+    rows, facts = _run_sweep(runs, workloads, sizes, args.seed)
+    headers, body = _rows_table(rows)
     print()
     print(table(headers, body))
     path = write_result(

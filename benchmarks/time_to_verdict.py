@@ -65,11 +65,12 @@ from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
 from echo_env.launch.target import OpenServer, ServerTarget, open_target
 from echo_env.measure.figures import PhaseFigures, pool
+from echo_env.measure.phase import CounterProbe
 from echo_env.measure.stats import RatioCI, bootstrap_ratio_ci
 from echo_env.measure.tokens import TokenPlan, plan_tokens
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 from echo_env.wire.client import ClientConfig, LLMClient
-from echo_env.wire.info import read_server_facts, tokenize_prompts
+from echo_env.wire.info import ServerFacts, read_server_facts, tokenize_prompts
 
 NAME = "time_to_verdict"
 OLD_REPEATS = 3
@@ -180,6 +181,38 @@ def _plans(ids: list[list[int]] | None, block: int, warm_n: int) -> dict[str, To
     }
 
 
+async def _old_repeat(
+    config: PrefixTestConfig,
+    worker: RolloutWorker,
+    facts: ServerFacts,
+    probe: CounterProbe,
+    tag: str,
+    repeat: int,
+    log: Callable[[str], None],
+) -> tuple[list[PhaseFigures], TokenPlan | None]:
+    """One repeat of the old design (cold, warm, warm_single, control): its phases and its shared-prefix plan."""
+    work = build_workload(dataclasses.replace(config, seed=config.seed + repeat), tag)
+    cold, warm = work.cold, work.warm
+    # A tag of its own per control request in place of the run tag: same lengths, nothing to hit.
+    control = {
+        f"control{i}": p.replace(work.task.run_tag, control_tag(tag, repeat, i), 1) for i, p in enumerate(warm.values())
+    }
+    tokenized = await tokenize_prompts(facts, [*cold.values(), *warm.values(), *control.values()])
+    plans = _plans(tokenized.ids if tokenized else None, cache_block_size(facts), len(warm))
+    first, prompt = next(iter(cold.items()))
+    phases: list[PhaseFigures] = []
+    for name, prompts in (
+        ("cold", cold),
+        ("warm", warm),
+        ("warm_single", {f"{first}-again": prompt}),
+        ("control", control),
+    ):
+        measured = await measure_burst(name, worker, prompts, probe, plan=plans[name], repeat=repeat, log=log)
+        phases.append(measured.figures)
+        log(f"  old #{repeat} {name}: {measured.figures.requests} requests in {measured.figures.wall_s:.1f} s")
+    return phases, plans["shared"]
+
+
 async def old_design(config: PrefixTestConfig, server: OpenServer, log: Callable[[str], None] = print) -> Outcome:
     """The old design's run on ``server``: 3 x (cold, warm, warm_single, control), pooled TTFT bootstrap."""
     load_start = os.getloadavg()[0]
@@ -193,34 +226,17 @@ async def old_design(config: PrefixTestConfig, server: OpenServer, log: Callable
     shared: TokenPlan | None = None
     async with LLMClient(client_config) as client:
         facts = await read_server_facts(server.base_url, await client.model(), None, embedded=server.embedded)
-        block = cache_block_size(facts)
         probe = counter_probe(facts)
         sampling = SamplingConfig(
             api=config.api, max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed
         )
         worker = RolloutWorker(client, sampling)
         for repeat in range(OLD_REPEATS):
-            tag = f"{run_id}-on{repeat:02d}"
-            work = build_workload(dataclasses.replace(config, seed=config.seed + repeat), tag)
-            cold, warm = work.cold, work.warm
-            # A tag of its own per control request in place of the run tag: same lengths, nothing to hit.
-            control = {
-                f"control{i}": p.replace(work.task.run_tag, control_tag(tag, repeat, i), 1)
-                for i, p in enumerate(warm.values())
-            }
-            tokenized = await tokenize_prompts(facts, [*cold.values(), *warm.values(), *control.values()])
-            plans = _plans(tokenized.ids if tokenized else None, block, len(warm))
-            shared = shared or plans["shared"]
-            first, prompt = next(iter(cold.items()))
-            for name, prompts in (
-                ("cold", cold),
-                ("warm", warm),
-                ("warm_single", {f"{first}-again": prompt}),
-                ("control", control),
-            ):
-                measured = await measure_burst(name, worker, prompts, probe, plan=plans[name], repeat=repeat, log=log)
-                phases.append(measured.figures)
-                log(f"  old #{repeat} {name}: {measured.figures.requests} requests in {measured.figures.wall_s:.1f} s")
+            figures, repeat_shared = await _old_repeat(
+                config, worker, facts, probe, f"{run_id}-on{repeat:02d}", repeat, log
+            )
+            shared = shared or repeat_shared
+            phases += figures
     warm_all = pool("warm", [p for p in phases if p.name == "warm"])
     control_all = pool("control", [p for p in phases if p.name == "control"])
     ci = None

@@ -231,8 +231,7 @@ def tables(
     return headers, body, detail_headers, detail
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Simulate every effect, print the PASS rates of each method, write the JSON."""
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="300 trials per effect (40 for the old methods)")
     parser.add_argument("--trials", type=int, help="trials per effect for the new methods (default 2000; quick 300)")
@@ -248,7 +247,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--min-repeats", type=int, default=3, help="the new method's first look")
     parser.add_argument("--max-repeats", type=int, default=8, help="the new method's last look")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _print_tables(
+    rows: Sequence[dict[str, Any]], chosen: Sequence[Method], machine: Machine, design: Design
+) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """Print the PASS table and the new methods' detail table; returns both."""
+    headers, body, detail_headers, detail = tables(rows, chosen)
+    print(
+        f"\nHow often each analysis says 'warm TTFT is faster' (PASS), with 95% Wilson intervals: "
+        f"{machine.burst_sigma:.2f} lognormal sigma between bursts, {machine.request_sigma:.2f} within; "
+        "the 'no effect' column is the false-positive rate"
+    )
+    print(table(headers, body))
+    print(
+        f"\nThe new methods' verdicts (confidence {design.confidence:g} over the looks at "
+        f"{design.min_repeats}..{design.max_repeats} repeats of {machine.burst}-request bursts)"
+    )
+    print(table(detail_headers, detail))
+    return headers, body, detail_headers, detail
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Simulate every effect, print the PASS rates of each method, write the JSON."""
+    args = _parse_args(argv)
     trials = args.trials or (300 if args.quick else 2000)
     old_trials = min(trials, args.old_trials or (40 if args.quick else 400))
     machine = Machine(args.burst, args.old_burst, args.burst_sigma, args.request_sigma, args.order_effect)
@@ -262,18 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {effect_label(effect)}: done after {time.perf_counter() - start:.1f} s", flush=True)
     elapsed = time.perf_counter() - start
 
-    headers, body, detail_headers, detail = tables(rows, chosen)
-    print(
-        f"\nHow often each analysis says 'warm TTFT is faster' (PASS), with 95% Wilson intervals: "
-        f"{machine.burst_sigma:.2f} lognormal sigma between bursts, {machine.request_sigma:.2f} within; "
-        "the 'no effect' column is the false-positive rate"
-    )
-    print(table(headers, body))
-    print(
-        f"\nThe new methods' verdicts (confidence {design.confidence:g} over the looks at "
-        f"{design.min_repeats}..{design.max_repeats} repeats of {machine.burst}-request bursts)"
-    )
-    print(table(detail_headers, detail))
+    headers, body, detail_headers, detail = _print_tables(rows, chosen, machine, design)
     path = write_result(
         NAME,
         args.quick,

@@ -35,6 +35,14 @@ of the burst from 1,024 agents on. ``batch_size=10000000`` (80 million agents, a
 hours of building) fails here, before any engine starts, instead of after.
 """
 
+MAX_TOKENS = 65_536
+"""The most tokens one request may generate (``max_tokens``), the same for every command.
+
+A bound against typos (``max_tokens=1000000``), checked before a server starts: 65,536
+(2**16) is past the context length of most served models, so a larger value could never
+run anyway; each server still refuses what exceeds its own ``max_model_len``.
+"""
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _NONE = {"none", "null", ""}
@@ -53,6 +61,16 @@ def check_agents(batch_size: int, group_size: int) -> None:
             f"{MAX_AGENTS:,}: every agent's prompt, token ids and request record are built and held before the "
             "first request (about 25 KiB each) and sent as one burst; lower batch_size or group_size"
         )
+
+
+def check_max_tokens(max_tokens: int) -> None:
+    """Refuse a generation limit outside 1 to :data:`MAX_TOKENS`.
+
+    Raises:
+        ConfigError: ``max_tokens`` is out of range.
+    """
+    if not 1 <= max_tokens <= MAX_TOKENS:
+        raise ConfigError(f"max_tokens={max_tokens} is out of range: use 1 to {MAX_TOKENS}")
 
 
 def _convert(key: str, raw: str, annotation: Any) -> Any:
@@ -201,31 +219,61 @@ def field_docs(cls: type[Any]) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type[Any]) -> str:
-    """Two lines per key of a config dataclass: ``name=default``, then what it does (for ``--help``).
+def _leaves(cls: type[Any]) -> list[tuple[str, str | None, dataclasses.Field[Any], Any, str]]:
+    """Every settable value of a config: ``(key, sub-config field or None, field, default, doc)``.
 
-    Keys of a nested config (the server target) are listed bare, as they are given.
+    The key is the one a user types: bare, or dotted where another part owns the bare name
+    (``fleet.ceiling_tolerance`` beside the verdict's ``ceiling_tolerance``).
     """
-    lines: list[str] = []
+    keys = known_keys(cls)
     nested = _nested(cls)
     docs = field_docs(cls)
+    out: list[tuple[str, str | None, dataclasses.Field[Any], Any, str]] = []
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        if f.name in nested:
-            lines.append(describe(nested[f.name]))
+        if f.name not in nested:
+            out.append((f.name, None, f, _default(f), docs.get(f.name, "")))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        shown = "" if default is None else default
-        lines.append(f"  {f.name}={shown}")
-        if docs.get(f.name):
-            lines.append(f"      {docs[f.name]}")
+        part = _default(f)
+        part_docs = field_docs(nested[f.name])
+        for sub in dataclasses.fields(nested[f.name]):
+            if sub.init:
+                key = sub.name if keys[sub.name][0] == f.name else f"{f.name}.{sub.name}"
+                default = getattr(part, sub.name) if dataclasses.is_dataclass(part) else _default(sub)
+                out.append((key, f.name, sub, default, part_docs.get(sub.name, "")))
+    return out
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def describe(cls: type[Any]) -> str:
+    """Two lines per key of a config dataclass: ``name=default``, then what it does (for ``--help``).
+
+    Keys of a nested config (the server target, the verdict's rules) are listed as they are
+    typed: bare, dotted where two parts share a name.
+    """
+    lines: list[str] = []
+    for key, _, _, default, doc in _leaves(cls):
+        lines.append(f"  {key}={'' if default is None else default}")
+        if doc:
+            lines.append(f"      {doc}")
     return "\n".join(lines)
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """A config's values under the keys a user types (as :func:`describe` lists them), one level deep."""
+    out: dict[str, Any] = {}
+    for key, owner, f, _, _ in _leaves(type(config)):
+        holder = config if owner is None else getattr(config, owner)
+        out[key] = getattr(holder, f.name)
+    return out
 
 
 def build(cls: type[T], **values: Any) -> T:

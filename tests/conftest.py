@@ -49,10 +49,10 @@ def _missing(module: str) -> bool:
 collect_ignore = [
     path
     for path, module in (
-        ("test_integrations_trl.py", "trl"),
-        ("test_train.py", "trl"),
-        ("test_integrations_tinker.py", "tinker_cookbook"),
-        ("test_integrations_verifiers.py", "verifiers"),
+        ("integrations/test_integrations_trl.py", "trl"),
+        ("commands/test_train.py", "trl"),
+        ("integrations/test_integrations_tinker.py", "tinker_cookbook"),
+        ("integrations/test_integrations_verifiers.py", "verifiers"),
     )
     if _missing(module)
 ]
@@ -142,7 +142,7 @@ def engine() -> Iterator[Any]:
         return
     from echo_env.launch.engine import EmbeddedEngine, EngineConfig
 
-    # Request chat templates are trusted so tests/test_turns_real.py can send a stripping one.
+    # Request chat templates are trusted so tests/cachetest/test_turns_real.py can send a stripping one.
     config = EngineConfig(prefix_caching=True, dev_mode=True, trust_request_chat_template=True)
     with EmbeddedEngine(config) as server:
         yield server

@@ -2,13 +2,14 @@
 
 The runner calls :func:`measure_answer_checks` once the cache-on server's phases are done
 (the TTFT repeats included, so nothing here disturbs their timing). Each check gets its
-own prompt (the cold agent's under a new run tag), so none hits what another sent:
-output equivalence (``check_outputs``), then isolation (``isolation``), then the weight
-update last (``weight_update``), since it changes the server's weights for good.
+own prompt (the cold agent's under a run tag of its own, built with the workload), so none
+hits what another sent: output equivalence (``check_outputs``), then isolation (``isolation``), then the
+weight update last (``weight_update``), since it changes the server's weights for good.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from echo_env.cachetest.answers import measure_outputs, measure_weight_update
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.isolation import measure_isolation
 from echo_env.cachetest.weights import BUILT_IN_UPDATES, perturbed_weights_dir
-from echo_env.cachetest.workload import Workload, run_tag
 from echo_env.wire.client import LLMClient
 from echo_env.wire.control import VllmControl
 from echo_env.wire.info import ServerFacts
@@ -35,19 +35,6 @@ class AnswerChecks:
     """Answers across a weight update."""
 
 
-def _prompt(work: Workload, purpose: str) -> str:
-    """The cold agent's prompt as text, under a run tag of its own (``[echo-prefix run <tag>-<purpose>]``).
-
-    Sent to completions whatever ``api`` says: token ids and logprobs come with
-    completions only, and what is checked is the cache, not the chat template (with
-    ``api=chat`` the messages' texts are joined).
-    """
-    prompt = next(iter(work.cold.values()))
-    text = prompt if isinstance(prompt, str) else "\n\n".join(str(m["content"]) for m in prompt)
-    tag = work.task.run_tag
-    return text.replace(tag, run_tag(tag.removeprefix("[echo-prefix run ").removesuffix("]") + f"-{purpose}"), 1)
-
-
 def default_weights_path(config: PrefixTestConfig, embedded: bool) -> str | None:
     """The new weights for a built-in ``weight_update``: ``weights_path``, or the default model perturbed."""
     if config.weights_path is not None or config.weight_update not in BUILT_IN_UPDATES:
@@ -60,7 +47,7 @@ def default_weights_path(config: PrefixTestConfig, embedded: bool) -> str | None
 
 
 async def measure_answer_checks(
-    config: PrefixTestConfig, client: LLMClient, facts: ServerFacts, work: Workload
+    config: PrefixTestConfig, client: LLMClient, facts: ServerFacts, prompts: Mapping[str, str]
 ) -> AnswerChecks:
     """Run the answer checks the config asks for, one request at a time.
 
@@ -68,18 +55,21 @@ async def measure_answer_checks(
         config: The test's settings.
         client: The client of the server under test.
         facts: What the server is (its kind decides whether it takes ``cache_salt``).
-        work: The run's workload (its cold prompt is the template of each check's prompt).
+        prompts: Each check's prompt by purpose (``answers``, ``tenants``, ``weights``:
+            :attr:`~echo_env.cachetest.workload.Workload.checks`), sent to completions as text
+            whatever ``api`` says: token ids and logprobs come with completions only, and what
+            is checked is the cache, not the chat template.
     """
     salted = facts.kind.name == "vllm"
     outputs = isolation = update = None
     if config.check_outputs:
-        outputs = await measure_outputs(client, _prompt(work, "answers"), salted)
+        outputs = await measure_outputs(client, prompts["answers"], salted)
     if config.isolation:
-        isolation = await measure_isolation(client, _prompt(work, "tenants"), facts.kind.name)
+        isolation = await measure_isolation(client, prompts["tenants"], facts.kind.name)
     if config.weight_update is not None:
         control = VllmControl(facts.root, facts.headers())
         path = default_weights_path(config, facts.embedded)
         update = await measure_weight_update(
-            client, control, _prompt(work, "weights"), config.weight_update, path, salted
+            client, control, prompts["weights"], config.weight_update, path, salted
         )
     return AnswerChecks(outputs, isolation, update)

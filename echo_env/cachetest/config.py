@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from echo_env.cachetest.fleet_checks import FleetRules
 from echo_env.cachetest.results import Rules
-from echo_env.config import MAX_AGENTS, check_agents
+from echo_env.config import MAX_AGENTS, check_agents, check_max_tokens, flat_values
 from echo_env.errors import ConfigError
 from echo_env.launch.target import ServerTarget
 
@@ -42,24 +41,12 @@ class PrefixTestConfig:
     vLLM must run with ``--trust-request-chat-template``. None: the model's own."""
     ttft_burst: int = 8
     """Requests in each small warm and control burst of a TTFT repeat."""
-    min_repeats: int = 3
-    """TTFT repeats before the verdict may decide (fewer: UNKNOWN)."""
     max_repeats: int = 8
     """TTFT repeats at most; the test stops earlier once the interval decides."""
-    min_effect: float = 1.2
-    """PASS needs control/warm TTFT above this ratio beyond the confidence interval."""
-    confidence: float = 0.95
-    """Confidence of the TTFT interval over repeats (split over the looks at the data)."""
-    hit_fraction: float = 0.9
-    """PASS needs the warm hit rate at or above this share of its ceiling."""
-    min_shared_fraction: float = 0.5
-    """FAIL when the prompts share less than this share of a prompt in whole cache units."""
-    max_failed_fraction: float = 0.0
-    """A phase with more failed requests than this share leaves the verdict UNKNOWN."""
-    affinity_fraction: float = 0.9
-    """Fleets: routing PASS needs the fleet hit rate at or above this share of the placement ceiling."""
-    max_share: float = 0.8
-    """Fleets: routing FAILs when one replica serves more than this share of the warm burst."""
+    rules: Rules = field(default_factory=Rules)
+    """The verdict's thresholds: ``hit_fraction``, ``min_effect``, ``confidence``, ``min_repeats``, ..."""
+    fleet: FleetRules = field(default_factory=FleetRules)
+    """Fleets: the routing verdict's thresholds (``affinity_fraction``, ``max_share``, ...)."""
     compare_without_cache: bool = False
     """Also run the workload with caching off (embedded: restart; your server: baseline_url)."""
     baseline_url: str | None = None
@@ -76,8 +63,6 @@ class PrefixTestConfig:
     """Compare a prompt's greedy answer (with logprobs) served from the cache with a fresh computation
     (3 short requests). Off by default: on the 2-core CPU engine the first logprobs request of a server
     costs ~14 s once, which would push the default run past its 60 s budget."""
-    logprob_tolerance: float = 0.25
-    """Answer checks: the logprob gap (nats) still taken as the same computation (bf16 cached vs fresh: ~0.07)."""
     weight_update: str | None = None
     """Check for stale KV across a weight update: ``reload``, ``pause_reload_resume``, ``reload_reset``
     (vLLM dev mode; the embedded engine starts in it), or a shell command of yours that updates the weights."""
@@ -103,27 +88,18 @@ class PrefixTestConfig:
         if self.batch_size * self.group_size < 2:
             raise ConfigError("the test needs at least 2 agents: raise batch_size or group_size")
         self._check_sizes()
-        if not 2 <= self.min_repeats <= self.max_repeats:
+        if self.rules.min_repeats > self.max_repeats:
             raise ConfigError(
-                f"min_repeats={self.min_repeats}, max_repeats={self.max_repeats}: an interval needs min_repeats >= 2 "
-                "and max_repeats >= min_repeats"
+                f"min_repeats={self.rules.min_repeats}, max_repeats={self.max_repeats}: raise max_repeats to "
+                "min_repeats or more"
             )
-        if not 1 <= self.max_tokens <= 4096:
-            raise ConfigError(f"max_tokens={self.max_tokens} is out of range: use 1 to 4096")
+        check_max_tokens(self.max_tokens)
         if not 0.0 <= self.temperature <= 10.0:
             raise ConfigError(f"temperature={self.temperature} is out of range: use 0 to 10")
-        if not self.min_effect >= 1.0:
-            raise ConfigError(f"min_effect={self.min_effect} must be at least 1.0 (a TTFT ratio): e.g. min_effect=1.2")
-        if not 0.5 <= self.confidence < 1.0:
-            raise ConfigError(f"confidence={self.confidence} must be from 0.5 to below 1: e.g. confidence=0.95")
-        for key in ("hit_fraction", "min_shared_fraction", "max_failed_fraction"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"{key}={getattr(self, key)} must be a share from 0 to 1")
         if self.baseline_url is not None and not self.baseline_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"baseline_url={self.baseline_url!r} is not an http(s) URL: e.g. http://127.0.0.1:8001/v1"
             )
-        self.fleet_rules  # noqa: B018  # checks affinity_fraction and max_share
         self._check_answer_keys()
         if self.chat_template is not None and self.api != "chat":
             raise ConfigError("chat_template applies to api=chat only: add api=chat or drop chat_template")
@@ -140,8 +116,6 @@ class PrefixTestConfig:
     def _check_answer_keys(self) -> None:
         from echo_env.cachetest.weights import BUILT_IN_UPDATES
 
-        if not 0.0 < self.logprob_tolerance <= 10.0:
-            raise ConfigError(f"logprob_tolerance={self.logprob_tolerance} must be above 0 (nats): e.g. 0.25")
         if self.weight_update is not None and not self.weight_update.strip():
             raise ConfigError(f"weight_update is empty: use one of {', '.join(BUILT_IN_UPDATES)} or a command")
         # Without weights_path only the embedded default model can be perturbed here.
@@ -175,27 +149,8 @@ class PrefixTestConfig:
         """Agents of the hit-rate burst (the cold one included)."""
         return self.batch_size * self.group_size
 
-    @property
-    def fleet_rules(self) -> FleetRules:
-        """The routing verdict's thresholds (used when the server is a fleet)."""
-        return FleetRules(affinity_fraction=self.affinity_fraction, max_share=self.max_share)
-
-    @property
-    def rules(self) -> Rules:
-        """The verdict's thresholds from these settings."""
-        return Rules(
-            hit_fraction=self.hit_fraction,
-            min_shared_fraction=self.min_shared_fraction,
-            min_effect=self.min_effect,
-            confidence=self.confidence,
-            min_repeats=self.min_repeats,
-            max_failed_fraction=self.max_failed_fraction,
-            logprob_tolerance=self.logprob_tolerance,
-        )
-
     def public(self) -> dict[str, Any]:
-        """The settings as written to reports: flat keys, the API key left out."""
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k != "server"}
-        server = dataclasses.asdict(self.server)
-        server["api_key"] = "***" if self.server.api_key else None
-        return {**server, **data}
+        """The settings as written to reports: flat keys (as typed on the command line), the API key left out."""
+        data = flat_values(self)
+        data["api_key"] = "***" if self.server.api_key else None
+        return data

@@ -7,7 +7,7 @@ against the ceiling of the placement that happened (each replica's request count
 (affinity, round robin, scatter), in the same form as the single-server checks of
 :mod:`echo_env.cachetest.verdict` (both run on :mod:`echo_env.cachetest.steps`): each
 returns a :class:`~echo_env.cachetest.steps.Step`, the first decisive one gives the
-verdict, and every branch is a table row in ``tests/test_fleet_verdict.py``.
+verdict, and every branch is a table row in ``tests/cachetest/test_fleet_verdict.py``.
 
 The order, and why:
 

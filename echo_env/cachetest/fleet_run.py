@@ -93,22 +93,30 @@ class FleetWatch:
     """The runner's view of a fleet: the fleet-wide counter probe, and per-replica reads around the warm burst.
 
     Args:
-        replicas: The per-replica reader (None: the target is a router whose replicas are unknown).
-        policy: The router's policy, when known.
+        server: The open server: its ``replica_urls`` are read one by one (through its ``prometheus_url``,
+            if any); without them it is a router whose replicas are unknown.
+        facts: What the server said about itself (the metric names' adapter, the model).
         rules: The routing verdict's thresholds.
+        api_key: Bearer token for the replicas' pages.
         hint: Replica URLs the router listed, for a router given without ``replica_urls``.
     """
 
     def __init__(
-        self, replicas: ReplicaProbe | None, policy: str | None, rules: FleetRules, hint: Sequence[str] = ()
-    ) -> None:
-        self.replicas = replicas
-        self.policy = policy
+        self, server: OpenServer, facts: ServerFacts, rules: FleetRules, api_key: str | None = None,
+        hint: Sequence[str] = (),
+    ) -> None:  # fmt: skip
+        self.replicas: ReplicaProbe | None = None
+        if server.replica_urls:
+            self.replicas = ReplicaProbe(
+                server.replica_urls, model_name=facts.model, api_key=api_key, kind=facts.kind,
+                prometheus_url=server.prometheus_url,
+            )  # fmt: skip
+        self.policy = server.policy
         self.rules = rules
         self.hint = tuple(hint)
         self.probe: CounterProbe = (
-            FleetCounterProbe(replicas)
-            if replicas is not None
+            FleetCounterProbe(self.replicas)
+            if self.replicas is not None
             else CounterProbe(
                 None,
                 "base_url is a router: its /metrics answers for one replica per call, so its counters are not used; "
@@ -167,16 +175,13 @@ async def watch_fleet(
         rules: The routing verdict's thresholds.
         api_key: Bearer token for the replicas' pages.
     """
-    if server.replica_urls:
-        probe = ReplicaProbe(
-            server.replica_urls, model_name=facts.model, api_key=api_key, kind=facts.kind,
-            prometheus_url=server.prometheus_url,
-        )  # fmt: skip
-        return FleetWatch(probe, server.policy, rules)
-    if server.embedded or facts.metrics_url is None:
-        return None
-    listed = await probe_router(server_root(server.base_url))
-    if listed is None:
-        return None
-    log.warning("%s is a router in front of %s: pass replica_urls= to read each replica", server.base_url, listed)
-    return FleetWatch(None, server.policy, rules, hint=listed)
+    listed: Sequence[str] = ()
+    if not server.replica_urls:
+        if server.embedded or facts.metrics_url is None:
+            return None
+        found = await probe_router(server_root(server.base_url))
+        if found is None:
+            return None
+        log.warning("%s is a router in front of %s: pass replica_urls= to read each replica", server.base_url, found)
+        listed = found
+    return FleetWatch(server, facts, rules, api_key, hint=listed)

@@ -5,9 +5,9 @@ server whose per-step cost dwarfs its per-token cost) a cache that hits every sh
 still buys little TTFT, and comparing warm with control TTFT cannot show it works. So the
 runner measures the prefill cost in the very bursts it compares: beside the control bursts
 of the first :data:`SHORT_REPEATS` repeats it sends a burst of the same size with short,
-uncached prompts (:func:`short_prompts`). The slope of median TTFT over prompt tokens is the
-prefill cost per token; times the tokens the warm bursts got from the cache, it is the TTFT
-the hits save, and ``control / (control - saved)`` the gain they can buy
+uncached prompts (:func:`echo_env.cachetest.workload.short_prompts`). The slope of median
+TTFT over prompt tokens is the prefill cost per token; times the tokens the warm bursts got
+from the cache, it is the TTFT the hits save, and ``control / (control - saved)`` the gain they can buy
 (:func:`prefill_evidence`). The verdict judges TTFT only where that gain reaches the
 minimum effect.
 
@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from echo_env.cachetest.results import PrefillEvidence, RepeatSpread
-from echo_env.cachetest.workload import Prompt
 from echo_env.measure.figures import PhaseFigures, pool
 
 SHORT_PHASE = "ttft_short"
@@ -43,37 +42,6 @@ twice it is far in the tail even with three repeats."""
 
 _MEDIAN_SE = math.sqrt(math.pi / 2)
 """The standard error of a sample median is about this times the mean's (normal samples)."""
-
-
-def short_tag(run_tag: str, repeat: int, index: int) -> str:
-    """A short control request's own tag (new to the server, like a control tag)."""
-    inner = run_tag.removeprefix("[echo-prefix run ").removesuffix("]")
-    return f"[echo-prefix short {inner}.{repeat}.{index:03d}]"
-
-
-def short_prompts(control: Mapping[str, Prompt], run_tag: str, repeat: int) -> dict[str, Prompt]:
-    """Short, uncached prompts of the same form as ``control``: a tag of their own and the last paragraph.
-
-    Args:
-        control: A control burst's prompts (text, or chat messages).
-        run_tag: The run's tag (for the short tags).
-        repeat: Which repeat.
-
-    Returns:
-        As many prompts as ``control``: text ``<tag>\\n<last paragraph>``; chat messages with the
-        first message's content replaced by the tag.
-    """
-    out: dict[str, Prompt] = {}
-    for i, prompt in enumerate(control.values()):
-        tag = short_tag(run_tag, repeat, i)
-        if isinstance(prompt, str):
-            cut = prompt.rfind("\n\n")
-            out[f"short{repeat}/{i:03d}"] = f"{tag}\n{prompt[cut + 2 :] if cut >= 0 else prompt[-120:]}"
-        else:
-            messages = [dict(m) for m in prompt]
-            messages[0]["content"] = tag
-            out[f"short{repeat}/{i:03d}"] = messages
-    return out
 
 
 def _median(phases: Sequence[PhaseFigures]) -> float | None:

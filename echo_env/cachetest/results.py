@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from echo_env.cachetest.answer_evidence import IsolationEvidence, OutputsEvidence, WeightUpdateEvidence
+from echo_env.cachetest.rules import Rules
 from echo_env.measure.extension import TurnReuse
 from echo_env.measure.figures import PhaseFigures
 from echo_env.measure.fleet import FleetEvidence
@@ -29,35 +30,6 @@ Outcome = Literal["pass", "fail", "unknown", "skip"]
 
 EXIT_CODES: dict[str, int] = {"PASS": 0, "FAIL": 1, "UNKNOWN": 2}
 """Exit status of ``echo-prefix test`` for each verdict; a crash exits 2 as UNKNOWN does."""
-
-
-@dataclass(frozen=True)
-class Rules:
-    """The thresholds the verdict applies; each is a ``key=value`` of ``echo-prefix test``."""
-
-    hit_fraction: float = 0.9
-    """PASS needs the warm hit rate at or above this share of its ceiling."""
-    min_shared_fraction: float = 0.5
-    """FAIL when the prefix every prompt shares, in whole cache units, is under this share of a prompt."""
-    control_tolerance: float = 0.05
-    """The control phase may hit this much above its own ceiling before it stops being a baseline."""
-    sources_tolerance: float = 0.05
-    """Counters and ``cached_tokens`` may differ by this much (absolute hit rate) and still agree."""
-    ceiling_tolerance: float = 0.02
-    """A hit rate this far above the ceiling is still taken as at the ceiling (rounding, a token or two)."""
-    traffic_tolerance: float = 0.10
-    """Counted prompt tokens may exceed the tokens this test sent by this share before counting as other traffic."""
-    min_effect: float = 1.2
-    """PASS needs control/warm TTFT above this ratio beyond the confidence interval."""
-    confidence: float = 0.95
-    """Confidence of the TTFT interval over repeats."""
-    min_repeats: int = 3
-    """Fewer TTFT repeats than this give UNKNOWN, whatever the ratios say."""
-    max_failed_fraction: float = 0.0
-    """A phase that feeds the verdict with more failed requests than this share is short of evidence."""
-    logprob_tolerance: float = 0.25
-    """Answer checks: a logprob gap (nats) between cached and fresh answers still taken as the same
-    computation (or 3x the measured noise floor, if larger); see :mod:`echo_env.cachetest.answers`."""
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,13 @@ last prompt plus the generated tokens (:mod:`echo_env.measure.extension`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from echo_env.cachetest.workload import Prompt, Workload, key_of
+from echo_env.envs.parallel import EchoPrefixParallelEnv
+from echo_env.envs.wrappers import ParallelTimingWrapper
 from echo_env.errors import ConfigError
 from echo_env.measure.extension import (
     ExtensionEvidence,
@@ -28,6 +30,7 @@ from echo_env.measure.extension import (
     slices_to_decode,
 )
 from echo_env.measure.tokens import plan_tokens
+from echo_env.rollout.worker import SamplingConfig
 from echo_env.wire.info import ServerFacts, tokenize_prompts
 
 if TYPE_CHECKING:
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
 
 
 class TurnRun(Protocol):
-    """What the turn loop needs of the runner's per-server state (the runner's ``TurnRun`` has it)."""
+    """What the turn loop needs of the runner's per-server state (the runner's ``_Run`` has it)."""
 
     config: PrefixTestConfig
     facts: ServerFacts
@@ -52,41 +55,57 @@ class TurnRun(Protocol):
         prompts: dict[str, Prompt],
         repeat: int | None = None,
         extra_cold: int = 0,
-        grade: Callable[[dict[str, Any]], list[float]] | None = None,
         sessions: dict[str, str] | None = None,
-    ) -> PhaseFigures: ...
+    ) -> tuple[PhaseFigures, dict[str, Any]]: ...
+
+    def graded(self, name: str, rewards: list[float]) -> None: ...
 
 
 log = logging.getLogger(__name__)
 
 
-class Grader:
-    """Steps the env with a turn's replies once every live agent has one; keeps what it returned."""
+class Episode:
+    """The hit-rate burst's env: grading steps it with every live agent's answer; its observations are the next turn.
 
-    def __init__(self, work: Workload) -> None:
-        self.work = work
-        self.replies: dict[str, Any] = {}
-        self.expected = len(work.prompts)
-        self.observations: dict[str, str] = {}
-        self.infos: dict[str, dict[str, Any]] = {}
+    Args:
+        config: The test's settings (the burst's size, ``turns``, ``api``, ``seed``).
+        work: The workload: its task and the words its hit-rate prompts ask for.
+    """
+
+    def __init__(self, config: PrefixTestConfig, work: Workload) -> None:
+        self.api = config.api
+        env = EchoPrefixParallelEnv(
+            batch_size=config.batch_size, group_size=config.group_size, turns=config.turns, task=work.task
+        )
+        self.env = ParallelTimingWrapper(env)
+        words = [list(ws) if config.turns > 1 else ws[0] for ws in work.words]
+        self.observations, self.infos = self.env.reset(seed=config.seed, options={"words": words})
         self.answered: dict[str, Any] = {}
         """Each agent's last completion (its text, and its token ids when the server sent them)."""
 
-    def __call__(self, done: dict[str, Any]) -> list[float]:
-        self.replies.update(done)
-        if len(self.replies) < self.expected:
-            return []
-        env = self.work.env
-        env.set_request_timings({a: c.timing for a, c in self.replies.items()})
-        obs, rewards, _, _, infos = env.step({a: c.text for a, c in self.replies.items()})
-        graded = [rewards[a] for a, c in self.replies.items() if c.error is None]
-        live = set(env.agents)
+    def grade(self, completions: Mapping[str, Any]) -> list[float]:
+        """Step the env with one answer of every live agent; the rewards of the answers that came back.
+
+        A failed request's empty reply is graded too (the env needs every live agent's action),
+        but its reward says nothing about the model, so it is left out.
+        """
+        self.env.set_request_timings({a: c.timing for a, c in completions.items()})
+        obs, rewards, _, _, infos = self.env.step({a: c.text for a, c in completions.items()})
+        live = set(self.env.agents)
         self.observations = {a: o for a, o in obs.items() if a in live}
         self.infos = {a: i for a, i in infos.items() if a in live}
-        self.answered = dict(self.replies)
-        self.replies, self.expected = {}, len(live)
-        # A failed request's empty reply is graded too; it says nothing about the model.
-        return graded
+        self.answered = dict(completions)
+        return [rewards[a] for a, c in completions.items() if c.error is None]
+
+    def prompts(self) -> dict[str, Prompt]:
+        """The live agents' next prompts: their observations (``api=chat``: their chat messages)."""
+        if self.api == "chat":
+            return {a: self.infos[a]["messages"] for a in self.observations}
+        return dict(self.observations)
+
+    def sessions(self, agents: Mapping[str, Any]) -> dict[str, str]:
+        """Each agent's session key (a router keeps an agent's turns on one replica by it)."""
+        return {a: str(self.infos[a].get("session_id", "")) for a in agents}
 
 
 def request_fields(config: PrefixTestConfig, facts: ServerFacts) -> dict[str, Any]:
@@ -114,6 +133,15 @@ def request_fields(config: PrefixTestConfig, facts: ServerFacts) -> dict[str, An
 def stop_strings(config: PrefixTestConfig) -> tuple[str, ...]:
     """The newline stop of a one-line answer; none for ``long_answer``."""
     return () if config.long_answer else ("\n",)
+
+
+def sampling(config: PrefixTestConfig, facts: ServerFacts) -> SamplingConfig:
+    """How the test's worker asks for answers: one streamed request per agent, the test's sampling keys."""
+    return SamplingConfig(
+        api=config.api, batching="per_agent", max_tokens=config.max_tokens, temperature=config.temperature,
+        seed=config.seed, prompt_format=config.prompt_format, stop=stop_strings(config),
+        extra_body=request_fields(config, facts),
+    )  # fmt: skip
 
 
 async def _with_text(
@@ -153,11 +181,11 @@ def _sent_ids(run: TurnRun, prompt: Prompt, completion: Any) -> list[int] | None
 
 
 async def _answers(
-    run: TurnRun, prompts: Mapping[str, Prompt], grade: Grader
+    run: TurnRun, prompts: Mapping[str, Prompt], episode: Episode
 ) -> dict[str, tuple[list[int], list[int], GeneratedBy]]:
     """Each agent's last prompt ids and generated ids, where both are known."""
     out: dict[str, tuple[list[int], list[int], GeneratedBy]] = {}
-    for agent, completion in grade.answered.items():
+    for agent, completion in episode.answered.items():
         prompt = prompts.get(agent)
         ids = _sent_ids(run, prompt, completion) if prompt is not None else None
         if ids is None:
@@ -168,12 +196,9 @@ async def _answers(
     return out
 
 
-async def _next_prompts(run: TurnRun, grade: Grader) -> dict[str, Prompt]:
+async def _next_prompts(run: TurnRun, episode: Episode) -> dict[str, Prompt]:
     """The live agents' next prompts, with their ids in ``run.ids`` for the plan."""
-    if run.config.api == "chat":
-        prompts: dict[str, Prompt] = {a: grade.infos[a]["messages"] for a in grade.observations}
-    else:
-        prompts = dict(grade.observations)
+    prompts = episode.prompts()
     if run.config.prompt_format == "tokens":
         # Token-in: the worker sends the last prompt's ids + the generated ids + the new turn's ids.
         run.ids.update({key_of(p): run.worker.token_prompt(a, p) for a, p in prompts.items()})
@@ -184,28 +209,28 @@ async def _next_prompts(run: TurnRun, grade: Grader) -> dict[str, Prompt]:
     return prompts
 
 
-async def later_turns(run: TurnRun, work: Workload, grade: Grader) -> list[TurnReuse]:
-    """Each later turn of the episodes: every live agent's conversation so far, all in flight."""
+async def later_turns(run: TurnRun, work: Workload, episode: Episode) -> list[TurnReuse]:
+    """Each later turn of the episodes: every live agent's conversation so far, all in flight, then graded."""
     reuse: list[TurnReuse] = []
-    previous: dict[str, Prompt] = dict(work.prompts)
+    previous: dict[str, Prompt] = work.prompts
     unit = run.facts.block_size
     for turn in range(1, run.config.turns):
-        if not grade.observations:
+        if not episode.observations:
             break
-        answers = await _answers(run, previous, grade)
-        prompts = await _next_prompts(run, grade)
+        answers = await _answers(run, previous, episode)
+        prompts = await _next_prompts(run, episode)
         run.answers = [[*ids, *gen] for ids, gen, _ in answers.values()]
         name = f"turn{turn}"
         prompt_only = None
         if unit is not None and all(key_of(p) in run.ids for p in prompts.values()):
             seqs = [run.ids[key_of(p)] for p in prompts.values()]
             prompt_only = plan_tokens(seqs, unit, warm=run.sent).hit_rate_ceiling
-        sessions = {a: str(grade.infos[a].get("session_id", "")) for a in prompts}
-        figures = await run.phase(name, prompts, grade=grade, sessions=sessions)
+        figures, done = await run.phase(name, prompts, sessions=episode.sessions(prompts))
+        run.graded(name, episode.grade(done))
         if unit is not None:
             tokens = []
             for agent, (ids, gen, by) in answers.items():
-                sent = _sent_ids(run, prompts[agent], grade.answered.get(agent)) if agent in prompts else None
+                sent = _sent_ids(run, prompts[agent], episode.answered.get(agent)) if agent in prompts else None
                 if sent is not None:
                     tokens.append(TurnTokens(agent, turn - 1, ids, gen, by, sent))
             ext = await _with_text(run.facts, check_extension(name, tokens, unit), tokens, unit)

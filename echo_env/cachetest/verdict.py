@@ -3,7 +3,7 @@
 The checks run in a fixed order and each returns its outcome and the figures behind it.
 The first check that decides gives the verdict and its reason; the later ones are still
 shown (as ``skip`` when they cannot apply). No I/O here: every branch is a row in
-``tests/test_verdict.py``, built from evidence made by hand.
+``tests/cachetest/test_verdict.py``, built from evidence made by hand.
 
 The order, and why:
 

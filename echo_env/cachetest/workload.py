@@ -1,26 +1,38 @@
-"""The test's prompts, taken from the env's own observations.
+"""The test's prompts: every phase's, built once, before the first request.
 
 One run tag at the very start of the system prompt makes the prefix new to the server.
 The hit-rate burst is every agent of a ``batch_size x group_size`` parallel env (the
-first one goes alone, cold); each TTFT repeat adds a small env of ``ttft_burst`` agents
-with new words (the warm burst: the shared prefix is cached, the word is not) and the
-same observations with a tag of their own in place of the run tag (the control burst:
-the same lengths, nothing to hit).
+first one goes alone, cold), rendered from the words that env asks for; each TTFT repeat
+has ``ttft_burst`` new words on the cached prefix (the warm burst), the same words under
+a tag of their own in place of the run tag (the control burst: the same lengths, nothing
+to hit) and, for the first repeats, a burst of short uncached prompts (what prefill costs,
+:mod:`echo_env.cachetest.prefill`). Every prompt is rendered by the task itself; nothing
+is edited afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
-from echo_env.cachetest.config import PrefixTestConfig
-from echo_env.envs.parallel import EchoPrefixParallelEnv
+from echo_env.cachetest.align import align_system_prompt
+from echo_env.cachetest.prefill import SHORT_REPEATS
+from echo_env.envs.parallel import agent_id
 from echo_env.envs.task import EchoTask
-from echo_env.envs.wrappers import ParallelTimingWrapper
+from echo_env.errors import ConfigError
+
+if TYPE_CHECKING:
+    from echo_env.cachetest.config import PrefixTestConfig
+    from echo_env.wire.info import ServerFacts
 
 Prompt = Any
 """Transcript text (``api=completions``) or chat messages (``api=chat``)."""
+
+ALIGN_SLACK_TOKENS = 6
+"""Tokens ``align_prefix`` keeps past the boundary: run tags differ in length by a few tokens."""
+
+CHECK_PURPOSES = ("answers", "tenants", "weights")
+"""The answer checks, each with a prompt of its own (:mod:`echo_env.cachetest.answer_run`)."""
 
 
 def run_tag(tag: str) -> str:
@@ -33,98 +45,129 @@ def control_tag(tag: str, repeat: int, index: int) -> str:
     return f"[echo-prefix ctrl {tag}.{repeat}.{index:03d}]"
 
 
-def _prompt(config: PrefixTestConfig, obs: str, info: Mapping[str, Any]) -> Prompt:
-    return obs if config.api == "completions" else info["messages"]
+def short_tag(tag: str, repeat: int, index: int) -> str:
+    """A short control request's own tag (new to the server, like a control tag)."""
+    return f"[echo-prefix short {tag}.{repeat}.{index:03d}]"
 
 
-def _retag(prompt: Prompt, old: str, new: str) -> Prompt:
-    """The same prompt with its run tag replaced (the tag is at its very start)."""
-    if isinstance(prompt, str):
-        return prompt.replace(old, new, 1)
-    messages = [dict(m) for m in prompt]
-    messages[0]["content"] = messages[0]["content"].replace(old, new, 1)
-    return messages
+@dataclass(frozen=True)
+class TTFTRepeat:
+    """One TTFT repeat's bursts."""
+
+    warm: dict[str, Prompt]
+    """New words on the cached prefix."""
+    control: dict[str, Prompt]
+    """The same words under tags of their own: the same lengths, nothing to hit."""
+    short: dict[str, Prompt]
+    """The same requests after a short system prompt of their own (uncached, for what prefill costs; empty
+    after the first :data:`SHORT_REPEATS`)."""
 
 
-def _spoil(prompt: Prompt, index: int) -> Prompt:
-    """Something agent-specific in front of the shared text, as a template stamping an id would."""
-    mark = f"[agent {index:04d}] "
-    if isinstance(prompt, str):
-        return mark + prompt
-    messages = [dict(m) for m in prompt]
-    messages[0]["content"] = mark + messages[0]["content"]
-    return messages
-
-
-@dataclass
+@dataclass(frozen=True)
 class Workload:
-    """The prompts of one server's run, in send order, and the env whose agents they are."""
+    """Every prompt of one server's run, by phase, in send order."""
 
-    config: PrefixTestConfig
-    """The test's settings."""
+    tag: str
+    """This run's tag (a run id and the server's label)."""
     task: EchoTask
     """The task with this run's tag."""
-    env: ParallelTimingWrapper
-    """The hit-rate burst's agents (graded after it)."""
-    prompts: dict[str, Prompt]
-    """Every agent's prompt (its observation), the cold agent first."""
+    words: tuple[tuple[str, ...], ...]
+    """Each group's words of the hit-rate burst, one per turn (the env that grades it asks these)."""
+    cold: dict[str, Prompt]
+    """The first agent, sent alone on a prefix the server has never seen."""
+    warm: dict[str, Prompt]
+    """Every other agent, all in flight: the hit-rate burst."""
+    ttft: tuple[TTFTRepeat, ...]
+    """The TTFT repeats, at most ``max_repeats``."""
+    checks: dict[str, str]
+    """The answer checks' prompts by purpose: the cold prompt as text under a run tag of its own."""
+    to_tokenize: tuple[Prompt, ...]
+    """Every prompt whose tokens the plan counts: the hit-rate burst and each repeat's warm and control
+    bursts (tokenized in one go before any timing)."""
 
     @property
-    def cold(self) -> dict[str, Prompt]:
-        """The first agent, sent alone on a prefix the server has never seen."""
-        first = next(iter(self.prompts))
-        return {first: self.prompts[first]}
+    def prompts(self) -> dict[str, Prompt]:
+        """The hit-rate burst's agents, the cold one first."""
+        return {**self.cold, **self.warm}
 
     @property
-    def warm(self) -> dict[str, Prompt]:
-        """Every other agent, all in flight: the hit-rate burst."""
-        first = next(iter(self.prompts))
-        return {a: p for a, p in self.prompts.items() if a != first}
-
-    def ttft_pair(self, repeat: int) -> tuple[dict[str, Prompt], dict[str, Prompt]]:
-        """Repeat ``repeat``'s warm burst (new words on the cached prefix) and its control burst."""
-        cfg = self.config
-        env = EchoPrefixParallelEnv(batch_size=cfg.ttft_burst, group_size=1, task=self.task)
-        observations, infos = env.reset(seed=cfg.seed + 1 + repeat)
-        warm = {f"ttft{repeat}/{a}": _prompt(cfg, observations[a], infos[a]) for a in observations}
-        control = {
-            f"ctrl{repeat}/{i:03d}": _retag(p, self.task.run_tag, control_tag(self._tag, repeat, i))
-            for i, p in enumerate(warm.values())
-        }
-        return warm, control
-
-    @property
-    def _tag(self) -> str:
-        return self.task.run_tag.removeprefix("[echo-prefix run ").removesuffix("]")
+    def warm_single(self) -> dict[str, Prompt]:
+        """The cold prompt again, alone (cold vs warm at zero load)."""
+        first, prompt = next(iter(self.cold.items()))
+        return {f"{first}-again": prompt}
 
 
-def build_workload(config: PrefixTestConfig, tag: str, system_prompt: str | None = None) -> Workload:
-    """The env of one server's run and its agents' prompts.
+def build_workload(config: PrefixTestConfig, tag: str, facts: ServerFacts | None = None) -> Workload:
+    """Every prompt of one server's run, each rendered by the task (the run's, or one with a tag of its own).
 
     Args:
         config: The test's settings.
         tag: Makes this run's prefix new (a run id and the server's label).
-        system_prompt: Replaces the shipped one (``align_prefix``).
+        facts: The server's facts, for ``align_prefix`` (None: the shipped system prompt).
+
+    Raises:
+        ConfigError: ``align_prefix`` on a server whose cache block size is unknown.
     """
-    task = EchoTask(run_tag=run_tag(tag)) if system_prompt is None else EchoTask(system_prompt, run_tag=run_tag(tag))
-    env = ParallelTimingWrapper(
-        EchoPrefixParallelEnv(batch_size=config.batch_size, group_size=config.group_size, turns=config.turns, task=task)
-    )
-    observations, infos = env.reset(seed=config.seed)
+    system_prompt = aligned_system_prompt(config, facts) if facts is not None else None
+    task = EchoTask(run_tag=run_tag(tag))
+    if system_prompt is not None:
+        task = replace(task, system_prompt=system_prompt)
+    chat = config.api == "chat"
+    words = tuple(tuple(ws) for ws in task.episode_words(config.batch_size, config.turns, seed=config.seed))
     prompts: dict[str, Prompt] = {}
-    for i, agent in enumerate(observations):
-        prompt = _prompt(config, observations[agent], infos[agent])
-        prompts[agent] = _spoil(prompt, i) if config.vary_before_prefix else prompt
-    return Workload(config, task, env, prompts)
+    for g, ws in enumerate(words):
+        for i in range(config.group_size):
+            # vary_before_prefix: an agent-specific mark before the shared text, as a template stamping an id would.
+            own = task
+            if config.vary_before_prefix:
+                own = replace(task, run_tag=f"[agent {len(prompts):04d}] {task.run_tag}")
+            prompts[agent_id(g, i)] = own.chat_messages(ws[0]) if chat else own.transcript(ws[0])
+    # The answer checks send text whatever api says: token ids and logprobs come with completions only.
+    checks = {p: replace(task, run_tag=run_tag(f"{tag}-{p}")).transcript(words[0][0]) for p in CHECK_PURPOSES}
+    repeats = []
+    for r in range(config.max_repeats):
+        ttft_words = task.sample_words(config.ttft_burst, seed=config.seed + 1 + r)
+        controls = [replace(task, run_tag=control_tag(tag, r, i)) for i in range(len(ttft_words))]
+        warm = {f"ttft{r}/{agent_id(g, 0)}": task.chat_messages(w) if chat else task.transcript(w)
+                for g, w in enumerate(ttft_words)}  # fmt: skip
+        control = {f"ctrl{r}/{i:03d}": c.chat_messages(w) if chat else c.transcript(w)
+                   for i, (c, w) in enumerate(zip(controls, ttft_words, strict=True))}  # fmt: skip
+        # The short prompts: a tag of their own as the whole system prompt, then the same requests.
+        shorts = [EchoTask(short_tag(tag, r, i)) for i in range(len(ttft_words) if r < SHORT_REPEATS else 0)]
+        short = {f"short{r}/{i:03d}": t.chat_messages(w) if chat else t.transcript(w)
+                 for i, (t, w) in enumerate(zip(shorts, ttft_words, strict=False))}  # fmt: skip
+        repeats.append(TTFTRepeat(warm, control, short))
+    first = next(iter(prompts))
+    return Workload(
+        tag=tag,
+        task=task,
+        words=words,
+        cold={first: prompts[first]},
+        warm={a: p for a, p in prompts.items() if a != first},
+        ttft=tuple(repeats),
+        checks=checks,
+        to_tokenize=(*prompts.values(), *(p for r in repeats for p in (*r.warm.values(), *r.control.values()))),
+    )
 
 
-def all_prompts(workload: Workload, repeats: int) -> list[Prompt]:
-    """Every prompt the run may send (for tokenizing them in one go before any timing)."""
-    out: list[Prompt] = list(workload.prompts.values())
-    for r in range(repeats):
-        warm, control = workload.ttft_pair(r)
-        out += list(warm.values()) + list(control.values())
-    return out
+def aligned_system_prompt(config: PrefixTestConfig, facts: ServerFacts) -> str | None:
+    """The system prompt ``align_prefix`` asks for on this server (None: the shipped one).
+
+    Raises:
+        ConfigError: The cache's block size is unknown.
+    """
+    if config.align_prefix == "off":
+        return None
+    if facts.block_size is None:
+        raise ConfigError("align_prefix needs the cache block size: the server does not say it, pass block_size=")
+    # A tag of the run's form (8 hex digits), since the tag is part of the prefix.
+    task = EchoTask(run_tag=run_tag("5f3a9c2e-cache_on"))
+    render: Literal["transcript", "chat"] = "chat" if config.api == "chat" else "transcript"
+    aligned = align_system_prompt(
+        task, facts.tokenizer(), facts.block_size, mode=config.align_prefix, slack_tokens=ALIGN_SLACK_TOKENS,
+        render=render,
+    )  # fmt: skip
+    return aligned.system_prompt
 
 
 def key_of(prompt: Prompt) -> str:

@@ -1,16 +1,26 @@
-"""``echo-prefix test``: the prefix-cache test with its files written, and wandb if asked."""
+"""``echo-prefix test``: open the server(s), run the prefix-cache test on them, write its files (and wandb if asked).
+
+The command owns the servers: it opens the one under test (the embedded engine, a fleet, or
+yours), hands it to the runner, closes it, then does the same for the cache-off baseline
+when asked for.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from echo_env.cachetest.config import PrefixTestConfig
+from echo_env.cachetest.record import PrefixTestRun, ResultSink
 from echo_env.cachetest.results import TestResult
-from echo_env.cachetest.runner import ResultSink, run_phases_and_judge
+from echo_env.cachetest.runner import measure_server
 from echo_env.commands.common import default_out_dir, emit, setup_logging
+from echo_env.errors import ServerUnreachableError
+from echo_env.interrupts import run_main
+from echo_env.launch.target import open_target
 from echo_env.report.console import format_console
 from echo_env.report.files import RunWriter
 
@@ -45,9 +55,41 @@ def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> 
     writer: ResultSink = RunWriter(out_dir)
     if show_progress:
         writer = _Progress(writer)
-    result = run_phases_and_judge(config, writer, out_dir=str(out_dir))
+    result = run_test(config, writer, out_dir=str(out_dir))
     _log_wandb(config, result)
     return result
+
+
+def run_test(config: PrefixTestConfig, sink: ResultSink, out_dir: str | None = None) -> TestResult:
+    """Open each server the test needs, measure it, close it; the typed result (``sink`` fed as it goes).
+
+    The server under test first, then the cache-off baseline if asked for. Whatever happens, the
+    sink has the records measured so far and a summary; an error mid-run gives verdict UNKNOWN
+    with ``partial: true`` (:class:`~echo_env.cachetest.record.PrefixTestRun`).
+    """
+    servers = [("cache_on", True)]
+    if config.compare_without_cache or config.baseline_url:
+        servers.append(("cache_off", False))
+    run_id = uuid.uuid4().hex[:8]
+    with PrefixTestRun(config, sink, out_dir) as run:
+        for label, caching in servers:
+            # weight_update's reload, pause and reset are served in vLLM's dev mode only.
+            dev_mode = caching and config.weight_update is not None
+            with open_target(
+                config.server, caching=caching, baseline_url=config.baseline_url, dev_mode=dev_mode
+            ) as server:
+                state = run.server(label)
+                try:
+                    run_main(lambda: measure_server(config, server, state, run_id, run))  # noqa: B023 - run at once
+                except ServerUnreachableError as exc:
+                    if caching or config.baseline_url is None:
+                        raise
+                    # The client's message names base_url; here the server that went missing is the baseline.
+                    raise ServerUnreachableError(
+                        f"the cache-off baseline at baseline_url={config.baseline_url} does not answer ({exc}): "
+                        "start it (the same model, --no-enable-prefix-caching) or drop baseline_url"
+                    ) from exc
+    return run.result
 
 
 class _Progress:

@@ -16,22 +16,20 @@ start, not one per policy.
 Read each replica's own ``/metrics`` (:attr:`EmbeddedFleet.replica_metrics_urls`): the
 router proxies ``GET /metrics`` to one replica per call, so counter deltas taken through
 it are meaningless. The router's own counters are on its Prometheus port
-(:attr:`EmbeddedFleet.router_metrics_url`).
+(:attr:`EmbeddedFleet.router_metrics_url`). The router's policies, command line and
+readiness check are :mod:`echo_env.launch.fleet_router`.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,14 +37,16 @@ from types import TracebackType
 
 from echo_env.errors import ConfigError, EngineError
 from echo_env.launch.engine import EmbeddedEngine, EngineConfig, is_cpu_only
+from echo_env.launch.fleet_router import (
+    POLICIES,
+    ROUTER_INSTALL_HINT,
+    RouterProcess,
+    check_router_installed,
+    router_command,
+    router_ready,
+)
 from echo_env.launch.model import default_cache_dir
 from echo_env.launch.process import HOST, ServerProcess, cpu_list, find_free_port, log_path
-
-POLICIES = ("round_robin", "random", "cache_aware", "consistent_hash", "power_of_two", "sticky_least_loaded")
-"""The router policies a fleet accepts (vllm-router 0.1.17 also has ``kv_aware``, which needs KV-event sources)."""
-
-ROUTER_INSTALL_HINT = "pip install vllm-router==0.1.17 (or pip install 'echo-prefix-env[fleet]')"
-"""How to install the router."""
 
 REPLICA_BASE_GIB = 4.5
 """Memory of one CPU replica besides its KV cache, GiB, with some headroom (measured with Gemma 3 270M: two
@@ -198,61 +198,12 @@ def mem_available_gib() -> float | None:
     return None
 
 
-def check_router_installed() -> None:
-    """Make sure ``vllm-router`` can be started from this Python.
-
-    Raises:
-        EngineError: It is missing, naming how to install it.
-    """
-    try:
-        found = importlib.util.find_spec("vllm_router") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise EngineError(f"vllm-router is not installed in {sys.executable}: {ROUTER_INSTALL_HINT}")
-
-
-def router_command(
-    port: int, worker_urls: Sequence[str], policy: str, prometheus_port: int, extra: Sequence[str] = ()
-) -> list[str]:
-    """The router's command line (this Python running ``vllm_router.launch_router``).
-
-    Args:
-        port: Its serving port on 127.0.0.1.
-        worker_urls: The replicas' roots (``http://127.0.0.1:PORT``).
-        policy: One of :data:`POLICIES`.
-        prometheus_port: Where its own metrics go (on 127.0.0.1).
-        extra: More arguments, appended last.
-
-    Returns:
-        The argument list.
-    """
-    return [
-        sys.executable, "-m", "vllm_router.launch_router",
-        "--host", HOST, "--port", str(port),
-        "--worker-urls", *worker_urls,
-        "--policy", policy,
-        "--prometheus-host", HOST, "--prometheus-port", str(prometheus_port),
-        *extra,
-    ]  # fmt: skip
-
-
 def kv_events_config(endpoint: str) -> str:
     """The ``--kv-events-config`` JSON that makes a replica publish (bind) on ``endpoint``."""
     return json.dumps(
         {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint, "topic": "kv"},
         separators=(",", ":"),
     )
-
-
-@dataclass
-class _Router:
-    """The router process and where it listens."""
-
-    process: ServerProcess
-    port: int
-    prometheus_port: int
-    policy: str
 
 
 @dataclass
@@ -283,7 +234,7 @@ class EmbeddedFleet:
         """The replicas, in start order (filled by :meth:`start`)."""
         self.timings = FleetTimings()
         """Start-up times."""
-        self._router: _Router | None = None
+        self._router: RouterProcess | None = None
         self._router_port: int | None = None
         self._prometheus_port: int | None = None
         self._socket_dir: Path | None = None
@@ -485,7 +436,7 @@ class EmbeddedFleet:
             process = ServerProcess(cmd, log, {**os.environ, "NO_COLOR": "1"})
         except OSError as exc:
             raise EngineError(f"cannot start vllm-router with {sys.executable}: {exc}") from exc
-        self._router = _Router(process, self._router_port, self._prometheus_port, policy)
+        self._router = RouterProcess(process, self._router_port, self._prometheus_port, policy)
         readiness = f"http://{HOST}:{self._router_port}/readiness"
         workers = len(self.replicas)
         timeout_s = self.config.router_timeout_s
@@ -497,7 +448,7 @@ class EmbeddedFleet:
                 f"vllm-router did not report {workers} healthy workers at {readiness} within {timeout_s:.0f} s"
             )
 
-        process.wait_ready(lambda: _ready(readiness, workers), timeout_s, _ROUTER_POLL_S, failed)
+        process.wait_ready(lambda: router_ready(readiness, workers), timeout_s, _ROUTER_POLL_S, failed)
         self.timings.router_s.append(time.perf_counter() - started)
 
     def _router_error(self, what: str) -> EngineError:
@@ -521,15 +472,3 @@ class EmbeddedFleet:
         if router is None:
             return
         router.process.stop()
-
-
-def _ready(url: str, workers: int) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            if int(response.status) != 200:
-                return False
-            body = json.loads(response.read() or b"{}")
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-    healthy = body.get("healthy_workers") if isinstance(body, dict) else None
-    return healthy is None or int(healthy) >= workers

@@ -26,8 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ from types import TracebackType
 from typing import Self
 
 from echo_env.errors import EngineError
+from echo_env.wire import http
 
 HOST = "127.0.0.1"
 """The only address the servers listen on: they have no authentication, so never 0.0.0.0."""
@@ -94,12 +93,8 @@ def read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def http_ok(url: str) -> bool:
-    """Whether a GET of ``url`` answers 200 within 2 s."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status) == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    """Whether a GET of ``url`` answers 200 within 2 s (redirects followed)."""
+    return http.answers_ok(url, timeout_s=http.HEALTH_TIMEOUT_S)
 
 
 def group_members(pgid: int) -> list[int]:

@@ -27,11 +27,10 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
-import httpx
-
-from echo_env.errors import EngineError
+from echo_env.errors import EchoEnvError, EngineError
 from echo_env.launch.model import default_cache_dir
 from echo_env.launch.process import HOST, ServerProcess, find_free_port, log_path, read_tail
+from echo_env.wire import http
 
 BINARY_ENV = "ECHO_ENV_PROMETHEUS"
 """Environment variable naming a ``prometheus`` binary to use instead of the fetched one."""
@@ -222,11 +221,11 @@ class EmbeddedPrometheus:
 
         def scraped() -> bool:
             nonlocal ready
-            with contextlib.suppress(httpx.HTTPError, ValueError):
+            with contextlib.suppress(EchoEnvError, ValueError):
                 if not ready:
-                    ready = httpx.get(f"{self.url}/-/ready", timeout=2.0).status_code == 200
+                    ready = http.answers_ok(f"{self.url}/-/ready", follow_redirects=False)
                 else:
-                    body = httpx.get(f"{self.url}/api/v1/targets", timeout=2.0).json()
+                    body = http.get_json(f"{self.url}/api/v1/targets", timeout_s=http.HEALTH_TIMEOUT_S)
                     # Targets are listed together, once discovery runs; each is "unknown" until scraped.
                     listed = body["data"]["activeTargets"]
                     return bool(listed) and all(t.get("health") != "unknown" for t in listed)

@@ -168,6 +168,15 @@ def _counters_note(delta: CounterDelta | None, note: str | None) -> str | None:
     return None
 
 
+def _hit_rate(counters: CounterDelta | None, cached: Sequence[int], prompt: int, plan: TokenPlan | None) -> HitRate:
+    """The phase's hit rate by the server's counters, by ``usage.cached_tokens``, and its ceiling."""
+    return HitRate(
+        counters=_counter_rate(counters),
+        reported=sum(cached) / prompt if cached and prompt else None,
+        ceiling=plan.hit_rate_ceiling if plan else None,
+    )
+
+
 def phase_figures(
     name: str,
     records: Sequence[RequestRecord],
@@ -220,11 +229,7 @@ def phase_figures(
         ceiling_tokens=plan.max_hit_tokens if plan else None,
         counters=counters,
         counters_note=_counters_note(counters, counters_note),
-        hit=HitRate(
-            counters=_counter_rate(counters),
-            reported=sum(cached) / prompt if cached and prompt else None,
-            ceiling=plan.hit_rate_ceiling if plan else None,
-        ),
+        hit=_hit_rate(counters, cached, prompt, plan),
         mean_reward=math.fsum(rewards) / len(rewards) if rewards else None,
         ttft_samples=ttfts,
         e2e_samples=e2es,

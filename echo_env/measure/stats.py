@@ -418,6 +418,21 @@ def looks_confidence(confidence: float, planned_looks: int) -> float:
     return 1 - (1 - confidence) / planned_looks
 
 
+def _planned_usable_ratios(ratios: Sequence[float], min_repeats: int, max_repeats: int) -> tuple[float, ...]:
+    """The usable ratios, once the looks ``min_repeats .. max_repeats`` are a valid plan that covers them."""
+    if min_repeats < 2:
+        raise ConfigError(f"min_repeats must be at least 2 (an interval needs two repeats), got {min_repeats}")
+    if max_repeats < min_repeats:
+        raise ConfigError(f"max_repeats ({max_repeats}) must be at least min_repeats ({min_repeats})")
+    usable = _usable_ratios(ratios)
+    if len(usable) > max_repeats:
+        raise ValueError(
+            f"{len(usable)} usable repeats but max_repeats is {max_repeats}: stop at max_repeats, "
+            "or raise it before the run so the looks are planned for"
+        )
+    return usable
+
+
 def sequential_decision(
     ratios: Sequence[float],
     min_effect: float,
@@ -467,16 +482,7 @@ def sequential_decision(
         ValueError: There are more usable ratios than ``max_repeats``: a look the error
             guarantee did not plan for.
     """
-    if min_repeats < 2:
-        raise ConfigError(f"min_repeats must be at least 2 (an interval needs two repeats), got {min_repeats}")
-    if max_repeats < min_repeats:
-        raise ConfigError(f"max_repeats ({max_repeats}) must be at least min_repeats ({min_repeats})")
-    usable = _usable_ratios(ratios)
-    if len(usable) > max_repeats:
-        raise ValueError(
-            f"{len(usable)} usable repeats but max_repeats is {max_repeats}: stop at max_repeats, "
-            "or raise it before the run so the looks are planned for"
-        )
+    usable = _planned_usable_ratios(ratios, min_repeats, max_repeats)
     ci = repeat_ratio_ci(usable, looks_confidence(confidence, max_repeats - min_repeats + 1))
     decision = decide_effect(ci, min_effect)
     if len(usable) < min_repeats:

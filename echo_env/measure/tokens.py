@@ -86,7 +86,7 @@ def reusable_prefix_length(seqs: Sequence[TokenIds]) -> int:
 
     What a token-granular cache (a block size of 1) can reuse for all of them: the last
     prompt token always goes through the model, its logits start the completion. Used
-    by a trainer that computes the shared prefix once (:class:`echo_env.integrations.trl_grpo.SharedPrefixRollout`).
+    by a trainer that computes the shared prefix once (:class:`echo_env.integrations.trl_model.SharedPrefixRollout`).
     """
     if not seqs:
         return 0
@@ -120,6 +120,41 @@ class TokenPlan:
         return self.max_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
+_BlockKey = tuple[object, tuple[int, ...]]
+
+
+def _block_chain(seq: TokenIds, block_size: int) -> list[_BlockKey]:
+    """The keys of the blocks a cache can serve of ``seq``.
+
+    Each block is keyed by (key of the block before it, its own tokens), as vLLM
+    chains its block hashes, so equal keys mean equal prefixes up to that block.
+    """
+    n = max_cached_tokens(len(seq), block_size) // block_size
+    chain: list[_BlockKey] = []
+    parent: object = None
+    for k in range(n):
+        key = (parent, tuple(seq[k * block_size : (k + 1) * block_size]))
+        chain.append(key)
+        parent = hash(key)
+    return chain
+
+
+def _max_hit_tokens(prompts: Sequence[TokenIds], block_size: int, warm: Sequence[TokenIds], extra_cold: int) -> int:
+    """The tokens a cache large enough to keep everything serves for ``prompts`` sent in order."""
+    seen: set[_BlockKey] = set()
+    for seq in warm:
+        seen.update(_block_chain(seq, block_size))
+    hits = 0
+    for i, seq in enumerate(prompts):
+        chain = _block_chain(seq, block_size)
+        k = 0
+        while i >= extra_cold and k < len(chain) and chain[k] in seen:
+            k += 1
+        hits += k * block_size
+        seen.update(chain)
+    return hits
+
+
 def plan_tokens(
     prompts: Sequence[TokenIds], block_size: int, warm: Sequence[TokenIds] = (), extra_cold: int = 0
 ) -> TokenPlan:
@@ -144,30 +179,7 @@ def plan_tokens(
         The plan, with the hit-rate ceiling.
     """
     _check_block_size(block_size)
-    # Each block is keyed by (key of the block before it, its own tokens), as vLLM
-    # chains its block hashes, so equal keys mean equal prefixes up to that block.
-    seen: set[tuple[object, tuple[int, ...]]] = set()
-
-    def blocks(seq: TokenIds) -> list[tuple[object, tuple[int, ...]]]:
-        n = max_cached_tokens(len(seq), block_size) // block_size
-        chain: list[tuple[object, tuple[int, ...]]] = []
-        parent: object = None
-        for k in range(n):
-            key = (parent, tuple(seq[k * block_size : (k + 1) * block_size]))
-            chain.append(key)
-            parent = hash(key)
-        return chain
-
-    for seq in warm:
-        seen.update(blocks(seq))
-    hits = 0
-    for i, seq in enumerate(prompts):
-        chain = blocks(seq)
-        k = 0
-        while i >= extra_cold and k < len(chain) and chain[k] in seen:
-            k += 1
-        hits += k * block_size
-        seen.update(chain)
+    hits = _max_hit_tokens(prompts, block_size, warm, extra_cold)
     lengths = [len(p) for p in prompts]
     shared = shared_prefix_length(prompts)
     cacheable = block_size * (shared // block_size)

@@ -8,12 +8,13 @@
 
 Plots need the optional ``plots`` extra (matplotlib). Without it, or when one plot
 fails, :func:`draw_plots` says why in its notes and the other files are unaffected.
+What every plot shares lives in :mod:`echo_env.report.plot_style`, the repeats plot in
+:mod:`echo_env.report.plot_repeats`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -21,11 +22,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from echo_env.cachetest.results import ServerRun, TestResult, TTFTEvidence
-from echo_env.errors import EchoEnvError
+from echo_env.cachetest.results import ServerRun, TestResult
 from echo_env.measure.figures import HitRate
+from echo_env.report import plot_style as style
+from echo_env.report.plot_repeats import plot_ttft_repeats
+from echo_env.report.plot_style import (
+    PLOTS_INSTALL_HINT,
+    PlotsUnavailable,
+    hit_fraction,
+    min_effect,
+    server_label,
+)
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "HIT_RATE_PLOT_FILE",
+    "PLOTS",
+    "PLOTS_INSTALL_HINT",
+    "TTFT_PLOT_FILE",
+    "TTFT_REPEATS_PLOT_FILE",
+    "Plot",
+    "PlotsUnavailable",
+    "draw_plots",
+    "hit_fraction",
+    "min_effect",
+    "plot_hit_rate",
+    "plot_ttft_by_phase",
+    "plot_ttft_repeats",
+    "server_label",
+]
 
 TTFT_PLOT_FILE = "ttft_by_phase.png"
 """Per-request time to first token by phase, one panel per server."""
@@ -33,78 +59,6 @@ HIT_RATE_PLOT_FILE = "hit_rate.png"
 """The warm burst's hit rate, measured two ways, against its ceiling, per server."""
 TTFT_REPEATS_PLOT_FILE = "ttft_repeats.png"
 """Control/warm TTFT ratio of each repeat, its interval, and the minimum effect."""
-
-PLOTS_INSTALL_HINT = "pip install 'echo-prefix-env[plots]'"
-"""How a user gets the plots when matplotlib is missing."""
-
-_NA = "n/a"
-_PHASE_COLORS = {
-    "cold": "#4C72B0",
-    "warm_single": "#8172B2",
-    "warm": "#55A868",
-    "ttft_warm": "#64B5CD",
-    "control": "#DD8452",
-    "ttft_control": "#C44E52",
-}
-_OTHER_COLORS = ("#937860", "#DA8BC3", "#8C8C8C", "#CCB974")
-_SERVER_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#8172B2")
-# Quartiles of a handful of points (the cold phase has one per repeat) would look like
-# a measured spread; those phases get their dots and a median tick only.
-_MIN_BOX_SAMPLES = 5
-_DPI = 120
-
-
-class PlotsUnavailable(EchoEnvError, RuntimeError):
-    """matplotlib cannot be imported; the message says how to install it."""
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        # Agg draws to files only: no display needed on a server, and no window pops
-        # up when the test runs on a laptop.
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise PlotsUnavailable(f"matplotlib is not installed ({exc}); {PLOTS_INSTALL_HINT}") from exc
-    return plt
-
-
-def server_label(run: ServerRun) -> str:
-    """``cache on`` / ``cache off`` (a run's label, in words)."""
-    return run.label.replace("_", " ")
-
-
-def _phase_color(name: str, index: int) -> str:
-    return _PHASE_COLORS.get(name, _OTHER_COLORS[index % len(_OTHER_COLORS)])
-
-
-def _ms_label(ms: float) -> str:
-    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
-
-
-def _jitter(n: int) -> list[float]:
-    # Golden-ratio steps: spread like random jitter, but reruns draw the same picture.
-    return [0.32 * ((k * 0.618034) % 1.0 - 0.5) for k in range(n)]
-
-
-def _rule(result: TestResult, key: str) -> float | None:
-    # The verdict's thresholds are settings of the test, so they are in its config.
-    value = result.config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def min_effect(result: TestResult) -> float | None:
-    """The control/warm TTFT ratio the verdict asks for (None: not recorded)."""
-    return _rule(result, "min_effect")
-
-
-def hit_fraction(result: TestResult) -> float | None:
-    """The share of its ceiling the warm hit rate must reach (None: not recorded)."""
-    return _rule(result, "hit_fraction")
 
 
 # --------------------------------------------------------------------------------------
@@ -117,7 +71,7 @@ def _draw_ttft_panel(ax: Any, names: Sequence[str], data: Sequence[Sequence[floa
     present = [i for i, d in enumerate(data) if d]
     if not present:
         ax.text(0.5, 0.5, "no request finished", ha="center", va="center", transform=ax.transAxes, color="#666666")
-    boxed = [i for i in present if len(data[i]) >= _MIN_BOX_SAMPLES]
+    boxed = [i for i in present if len(data[i]) >= style.MIN_BOX_SAMPLES]
     if boxed:
         box = ax.boxplot(
             [data[i] for i in boxed],
@@ -128,17 +82,17 @@ def _draw_ttft_panel(ax: Any, names: Sequence[str], data: Sequence[Sequence[floa
             medianprops={"color": "black", "linewidth": 1.5},
         )
         for patch, i in zip(box["boxes"], boxed, strict=True):
-            patch.set_facecolor(_phase_color(names[i], i))
+            patch.set_facecolor(style.phase_color(names[i], i))
             patch.set_alpha(0.35)
     for i in present:
-        color = _phase_color(names[i], i)
-        xs = [i + 1 + dx for dx in _jitter(len(data[i]))]
+        color = style.phase_color(names[i], i)
+        xs = [i + 1 + dx for dx in style.jitter(len(data[i]))]
         ax.scatter(xs, data[i], s=9 if i in boxed else 16, alpha=0.7, color=color, linewidths=0, zorder=3)
         median = statistics.median(data[i])
         if i not in boxed:
             ax.hlines(median, i + 0.75, i + 1.25, colors="black", linewidth=1.5, zorder=4)
         ax.annotate(
-            f"p50 {_ms_label(median)}",
+            f"p50 {style.ms_label(median)}",
             (i + 1, max(data[i])),
             textcoords="offset points",
             xytext=(0, 5),
@@ -169,7 +123,7 @@ def plot_ttft_by_phase(path: Path, result: TestResult) -> bool:
     samples = [t for _, _, data in panels for d in data for t in d]
     if not samples:
         return False
-    plt = _pyplot()
+    plt = style.pyplot()
     positive = [t for t in samples if t > 0]
     # Linear from zero reads honestly; log only when cold dwarfs warm so much that the
     # warm box would be a flat line at the bottom.
@@ -201,7 +155,7 @@ def plot_ttft_by_phase(path: Path, result: TestResult) -> bool:
         model = main.evidence.server.model if main else ""
         fig.suptitle("Time to first token of each request, by phase" + (f"\n{model}" if model else ""), fontsize=11)
         fig.tight_layout()
-        fig.savefig(path, dpi=_DPI)
+        fig.savefig(path, dpi=style.DPI)
     finally:
         plt.close(fig)
     return True
@@ -242,7 +196,7 @@ def plot_hit_rate(path: Path, result: TestResult) -> bool:
         values.append((hit.counters, hit.reported, hit.ceiling) if hit else (None, None, None))
     if all(v is None for triple in values for v in triple):
         return False
-    plt = _pyplot()
+    plt = style.pyplot()
     fraction = hit_fraction(result)
     fig, ax = plt.subplots(figsize=(max(6.4, 2.0 + 2.6 * len(runs)), 4.8), layout="constrained")
     try:
@@ -260,7 +214,7 @@ def plot_hit_rate(path: Path, result: TestResult) -> bool:
         )
         fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncol=2, frameon=False)
         ax.grid(axis="y", alpha=0.3)
-        fig.savefig(path, dpi=_DPI)
+        fig.savefig(path, dpi=style.DPI)
     finally:
         plt.close(fig)
     return True
@@ -311,7 +265,7 @@ def _hit_rate_bars(ax: Any, values: Sequence[_HitTriple]) -> None:
         for x, h, triple in zip(xs, heights, values, strict=True):
             if h is None:
                 ax.annotate(
-                    _NA,
+                    style.NA,
                     (x, 0),
                     textcoords="offset points",
                     xytext=(0, 3),
@@ -326,136 +280,6 @@ def _hit_rate_bars(ax: Any, values: Sequence[_HitTriple]) -> None:
             if j < 2 and ceiling:
                 text += f"\n({h / ceiling:.0%})"
             ax.annotate(text, (x, h), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
-
-
-# --------------------------------------------------------------------------------------
-# ttft_repeats.png
-# --------------------------------------------------------------------------------------
-
-
-def _finite_ratios(run: ServerRun) -> list[tuple[int, float]]:
-    ttft = run.evidence.ttft
-    if ttft is None:
-        return []
-    return [(i, r) for i, r in enumerate(ttft.ratios) if math.isfinite(r) and r > 0]
-
-
-def _decision_words(ttft: TTFTEvidence | None, effect: float | None) -> str:
-    if ttft is None or ttft.ci is None:
-        return "no interval"
-    if effect is None:
-        return ttft.decision
-    return {"above": f"CI above {effect:.2f}x", "below": f"CI below {effect:.2f}x"}.get(
-        ttft.decision, f"CI includes {effect:.2f}x"
-    )
-
-
-_ORDER_MARKS = {"warm": "o", "control": "s"}
-
-
-def plot_ttft_repeats(path: Path, result: TestResult) -> bool:
-    """Each repeat's control/warm TTFT ratio as a dot, the interval over repeats as a band, per server.
-
-    The y axis is logarithmic: the interval is computed on log ratios, so 2x faster and
-    2x slower lie equally far from 1. The minimum effect is a dashed line, no effect a
-    dotted one.
-
-    Args:
-        path: The PNG to write.
-        result: The test; each server's TTFT evidence gives the ratios and the interval.
-
-    Returns:
-        False (nothing written) when no server has a usable ratio.
-    """
-    runs = [run for run in result.runs if _finite_ratios(run)]
-    if not runs:
-        return False
-    plt = _pyplot()
-    effect = min_effect(result)
-    fig, ax = plt.subplots(figsize=(max(5.6, 2.4 + 2.2 * len(runs)), 4.8), layout="constrained")
-    try:
-        seen_orders: set[str] = set()
-        ys: list[float] = [1.0] + ([effect] if effect else [])
-        for x, run in enumerate(runs):
-            ys += _draw_repeats(ax, x, run, seen_orders)
-        ax.axhline(1.0, color="black", linestyle=":", linewidth=1, label="1x: no effect")
-        if effect:
-            ax.axhline(effect, color="#B22222", linestyle="--", linewidth=1.2, label=f"{effect:.2f}x: minimum effect")
-        for order in ("warm", "control"):
-            if order in seen_orders:
-                ax.scatter(
-                    [], [], marker=_ORDER_MARKS[order], color="white", edgecolors="black", label=f"{order} burst first"
-                )
-        _log_ratio_axis(ax, ys)
-        ax.set_xlim(-0.6, len(runs) - 0.4 + 0.5)
-        ax.set_xticks(range(len(runs)))
-        labels = []
-        for run in runs:
-            n = len(_finite_ratios(run))
-            words = _decision_words(run.evidence.ttft, effect)
-            labels.append(f"{server_label(run)}\n{n} repeat{'s' if n != 1 else ''}, {words}")
-        ax.set_xticklabels(labels)
-        ax.set_ylabel("control TTFT / warm TTFT (log scale)")
-        ax.set_title("Warm vs control TTFT, one ratio per repeat", fontsize=11)
-        ax.grid(axis="y", alpha=0.3)
-        # Below the axes: inside, it hides the interval's label of whichever server sits under it.
-        fig.legend(loc="outside lower center", fontsize=8, ncol=2, frameon=False)
-        if effect is None:
-            ax.text(0.01, 0.01, "minimum effect not recorded", transform=ax.transAxes, fontsize=8, color="#666666")
-        fig.savefig(path, dpi=_DPI)
-    finally:
-        plt.close(fig)
-    return True
-
-
-def _draw_repeats(ax: Any, x: int, run: ServerRun, seen_orders: set[str]) -> list[float]:
-    """One server's interval band and its repeats' ratios at ``x``; returns the y values drawn."""
-    ttft = run.evidence.ttft
-    assert ttft is not None  # _finite_ratios kept only runs with ratios
-    color = _SERVER_COLORS[x % len(_SERVER_COLORS)]
-    ys: list[float] = []
-    ci = ttft.ci
-    if ci is not None:
-        ax.fill_between([x - 0.3, x + 0.3], ci.low, ci.high, color=color, alpha=0.18, linewidth=0)
-        ax.hlines(ci.ratio, x - 0.3, x + 0.3, colors=color, linewidth=2)
-        ax.annotate(
-            f"{ci.ratio:.3g}x\n{ci.confidence:.0%} CI {ci.low:.3g}–{ci.high:.3g}",
-            (x + 0.32, ci.ratio),
-            va="center",
-            fontsize=8,
-        )
-        ys += [ci.low, ci.high]
-    ratios = _finite_ratios(run)
-    jitter = _jitter(len(ratios))
-    for (i, r), dx in zip(ratios, jitter, strict=True):
-        order = ttft.orders[i] if i < len(ttft.orders) else ""
-        seen_orders.add(order)
-        ax.scatter(
-            x + dx * 0.6,
-            r,
-            s=30,
-            color=color,
-            marker=_ORDER_MARKS.get(order, "o"),
-            edgecolors="black",
-            linewidths=0.5,
-            zorder=3,
-        )
-        ys.append(r)
-    return ys
-
-
-def _log_ratio_axis(ax: Any, ys: Sequence[float]) -> None:
-    """A log y axis spanning ``ys``, with plain-number ticks."""
-    ax.set_yscale("log")
-    low, high = min(ys), max(ys)
-    ax.set_ylim(low / 1.35, high * 1.35)
-    # Plain numbers on a log axis: "2" reads better than "2x10^0".
-    sparse = (0.01, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-    steps = sorted({*sparse, 0.75, 1.5, 3}) if high / low <= 30 else sparse
-    ticks = [t for t in steps if low / 1.35 <= t <= high * 1.35]  # 1 is always in range
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([f"{t:g}x" for t in ticks])
-    ax.minorticks_off()
 
 
 # --------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Observations -> prompts -> requests (three batching modes) -> completions -> act
 ``env.step``; each request's latency goes into the agent's ``info["timing"]`` through
 the timing wrappers. Failed requests are kept as records and their agents get an empty
 action (graded as a format error, but counted under ``failures``, not in the rewards).
+What a rollout produces lives in :mod:`echo_env.rollout.results` (re-exported here), how
+each kind of env is stepped in :mod:`echo_env.rollout.adapters`.
 """
 
 from __future__ import annotations
@@ -15,19 +17,32 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
 
-from echo_env.envs.wrappers import ParallelTimingWrapper, TimingWrapper
+from echo_env.config import check_max_tokens
 from echo_env.errors import ConfigError, ServerUnreachableError
-from echo_env.measure.figures import phase_figures
+from echo_env.rollout.adapters import EnvAdapter, GymListAdapter, ParallelAdapter, VectorAdapter
+from echo_env.rollout.results import AgentCompletion, RolloutSummary, StepResult, summarize_rollout
 from echo_env.rollout.token_in import ReuseLog, TokenHistory, output_ids, prompt_ids
 from echo_env.wire.client import Api, LLMClient, Output, Prompt, RequestRecord, unreachable
 from echo_env.wire.tokenizer import Tokenizer, encode_prompts
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "SESSION_HEADER",
+    "AgentCompletion",
+    "Batching",
+    "PromptFormat",
+    "RolloutSummary",
+    "RolloutWorker",
+    "SamplingConfig",
+    "StepResult",
+    "summarize_rollout",
+]
 
 SESSION_HEADER = "X-Session-ID"
 """The header vllm-router's ``consistent_hash`` and ``sticky_least_loaded`` read first (case-insensitive).
@@ -78,86 +93,9 @@ class SamplingConfig:
             raise ConfigError("batching=batched sends a list of prompts, which only api=completions takes")
         if self.prompt_format == "tokens" and self.api == "chat":
             raise ConfigError("prompt_format=tokens needs api=completions")
-        if not 1 <= self.max_tokens <= 65536:
-            raise ConfigError(f"max_tokens={self.max_tokens} is out of range: use 1 to 65536")
+        check_max_tokens(self.max_tokens)
         if not 0.0 <= self.temperature <= 10.0:
             raise ConfigError(f"temperature={self.temperature} is out of range: use 0 to 10")
-
-
-@dataclass
-class AgentCompletion:
-    """What one agent got back, and the figures for its ``info["timing"]``."""
-
-    text: str
-    """The completion ('' when the request failed)."""
-    timing: dict[str, float | int | None]
-    """Request figures under :data:`echo_env.envs.wrappers.REQUEST_TIMING_KEYS`."""
-    request_id: str
-    """The request that produced it."""
-    error: str | None = None
-    """Why there is no completion."""
-    output: Output | None = None
-    """The generated sequence itself (token ids and logprobs when the server sent them)."""
-
-
-@dataclass
-class StepResult:
-    """One vectorized step."""
-
-    actions: dict[str, str]
-    """The text sent to the env for each agent."""
-    observations: dict[str, str]
-    """The env's next observations."""
-    rewards: dict[str, float]
-    """The env's rewards."""
-    terminations: dict[str, bool]
-    """Which agents finished."""
-    infos: dict[str, dict[str, Any]]
-    """The env's infos (with ``timing``)."""
-    records: list[RequestRecord]
-    """Every request of the step."""
-    failures: dict[str, str]
-    """Agents whose request failed, with the error."""
-    wall_s: float
-    """Time for the whole step, requests included."""
-
-
-@dataclass
-class RolloutSummary:
-    """Aggregates over a rollout."""
-
-    agents: int
-    """Agent-steps graded."""
-    failed: int
-    """Agent-steps whose request failed (left out of the reward figures)."""
-    mean_reward: float | None
-    """Mean reward over graded agent-steps."""
-    frac_correct: float | None
-    """Share answered right."""
-    frac_wrong_word: float | None
-    """Share with the right form but another word."""
-    frac_format_error: float | None
-    """Share with a broken form."""
-    requests: int
-    """Requests sent."""
-    wall_s: float
-    """Time the rollout took."""
-    requests_per_s: float | None
-    """Finished requests per second of wall time."""
-    completion_tokens_per_s: float | None
-    """Generated tokens per second of wall time."""
-    ttft_s: dict[str, float | None]
-    """TTFT percentiles (p50, p90, p99) over finished requests."""
-    e2e_s: dict[str, float | None]
-    """End-to-end latency percentiles."""
-    prompt_tokens: int
-    """Prompt tokens reported by the server."""
-    cached_tokens: int | None
-    """Cached prompt tokens reported by the server (None: never reported)."""
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dict(self.__dict__)
 
 
 def _timing(record: RequestRecord, out: Output | None, shared: bool) -> dict[str, float | int | None]:
@@ -202,9 +140,9 @@ class RolloutWorker:
         """Every request this worker sent, in order of completion."""
         self._token_cache: dict[str, list[int]] = {}
         self.history = TokenHistory(tokenizer) if sampling.prompt_format == "tokens" and tokenizer else None
+        """Token-in multi-turn: each agent's next prompt appends to its last prompt and generated ids."""
         self.reuse = ReuseLog()
         """Each agent's history reuse, put in every step's ``info["history_reuse"]``."""
-        """Token-in multi-turn: each agent's next prompt appends to its last prompt and generated ids."""
         self.on_record: Callable[[RequestRecord], None] | None = None
         """Called with each request's record as it finishes (progress bars)."""
 
@@ -265,50 +203,69 @@ class RolloutWorker:
         if not prompts:
             return {}, []
         await self.client.model()
-        mode = self.sampling.batching
+        if self.sampling.batching == "per_agent":
+            return await self._complete_per_agent(prompts, sessions or {})
+        if self.sampling.batching == "per_group":
+            return await self._complete_per_group(prompts)
+        return await self._complete_batched(prompts)
+
+    async def _complete_per_agent(
+        self, prompts: Mapping[str, Prompt], sessions: Mapping[str, str]
+    ) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
+        """One request per agent, all in flight; token-in history is recorded per agent."""
         agents = list(prompts)
         results: dict[str, AgentCompletion] = {}
-        if mode == "per_agent":
-            sessions = sessions or {}
-            wires = {a: self._wire_prompt(prompts[a], a) for a in agents}
-            records = await asyncio.gather(*(self._request(wires[a], 1, a, sessions.get(a)) for a in agents))
-            for agent, rec in zip(agents, records):
-                out = rec.outputs[0] if rec.ok and rec.outputs else None
-                sent, ids = prompts[agent], wires[agent]
-                if self.history is not None and out is not None and isinstance(sent, str) and isinstance(ids, list):
-                    self.history.record(agent, sent, ids, out.text, output_ids(out))
-                results[agent] = AgentCompletion(
-                    out.text if out else "", _timing(rec, out, shared=False), rec.request_id, rec.error, out
-                )
-            return results, list(records)
-        if mode == "per_group":
-            by_prompt: dict[str, list[str]] = defaultdict(list)
-            for agent in agents:
-                by_prompt[_prompt_key(prompts[agent])].append(agent)
-            groups = list(by_prompt.values())
-            # Greedy decoding gives every sample the same text, and vLLM refuses n > 1
-            # with temperature 0: ask once and hand the answer to the whole group.
-            greedy = self.sampling.temperature == 0.0
-            records = await asyncio.gather(
-                *(
-                    self._request(self._wire_prompt(prompts[g[0]]), 1 if greedy else len(g), f"{g[0]}+{len(g) - 1}")
-                    for g in groups
-                )
+        wires = {a: self._wire_prompt(prompts[a], a) for a in agents}
+        records = await asyncio.gather(*(self._request(wires[a], 1, a, sessions.get(a)) for a in agents))
+        for agent, rec in zip(agents, records):
+            out = rec.outputs[0] if rec.ok and rec.outputs else None
+            sent, ids = prompts[agent], wires[agent]
+            if self.history is not None and out is not None and isinstance(sent, str) and isinstance(ids, list):
+                self.history.record(agent, sent, ids, out.text, output_ids(out))
+            results[agent] = AgentCompletion(
+                out.text if out else "", _timing(rec, out, shared=False), rec.request_id, rec.error, out
             )
-            for group, rec in zip(groups, records):
-                for i, agent in enumerate(group):
-                    k = 0 if greedy else i
-                    out = rec.outputs[k] if rec.ok and k < len(rec.outputs) else None
-                    results[agent] = AgentCompletion(
-                        out.text if out else "",
-                        _timing(rec, out, shared=len(group) > 1),
-                        rec.request_id,
-                        rec.error,
-                        out,
-                    )
-            return results, list(records)
+        return results, list(records)
+
+    async def _complete_per_group(
+        self, prompts: Mapping[str, Prompt]
+    ) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
+        """One request per distinct prompt, with ``n`` = its agents (1 when decoding is greedy)."""
+        by_prompt: dict[str, list[str]] = defaultdict(list)
+        for agent in prompts:
+            by_prompt[_prompt_key(prompts[agent])].append(agent)
+        groups = list(by_prompt.values())
+        # Greedy decoding gives every sample the same text, and vLLM refuses n > 1
+        # with temperature 0: ask once and hand the answer to the whole group.
+        greedy = self.sampling.temperature == 0.0
+        records = await asyncio.gather(
+            *(
+                self._request(self._wire_prompt(prompts[g[0]]), 1 if greedy else len(g), f"{g[0]}+{len(g) - 1}")
+                for g in groups
+            )
+        )
+        results: dict[str, AgentCompletion] = {}
+        for group, rec in zip(groups, records):
+            for i, agent in enumerate(group):
+                k = 0 if greedy else i
+                out = rec.outputs[k] if rec.ok and k < len(rec.outputs) else None
+                results[agent] = AgentCompletion(
+                    out.text if out else "",
+                    _timing(rec, out, shared=len(group) > 1),
+                    rec.request_id,
+                    rec.error,
+                    out,
+                )
+        return results, list(records)
+
+    async def _complete_batched(
+        self, prompts: Mapping[str, Prompt]
+    ) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
+        """One completions request carrying every agent's prompt."""
+        agents = list(prompts)
         wire = [self._wire_prompt(prompts[a]) for a in agents]
         rec = await self._request(wire, 1, f"batch of {len(agents)}")
+        results: dict[str, AgentCompletion] = {}
         for i, agent in enumerate(agents):
             out = rec.outputs[i] if rec.ok and i < len(rec.outputs) else None
             results[agent] = AgentCompletion(
@@ -340,9 +297,7 @@ class RolloutWorker:
             err.records = list(self.records)  # type: ignore[attr-defined]
             raise err
 
-    async def _step(
-        self, adapter: _EnvAdapter, observations: Mapping[str, str], infos: Mapping[str, Any]
-    ) -> StepResult:
+    async def _step(self, adapter: EnvAdapter, observations: Mapping[str, str], infos: Mapping[str, Any]) -> StepResult:
         """The one step loop: prompts from observations, one batch of requests, timings in, env step."""
         start = time.perf_counter()
         prompts = self._prompts(observations, infos)
@@ -385,7 +340,7 @@ class RolloutWorker:
                 exception's ``records`` holds every request of this worker so far.
         """
         live = [a for a in observations if a in getattr(env, "agents", observations)]
-        return await self._step(_ParallelAdapter(env), {a: observations[a] for a in live}, infos)
+        return await self._step(ParallelAdapter(env), {a: observations[a] for a in live}, infos)
 
     async def run_episode(
         self, env: Any, seed: int | None = None, options: dict[str, Any] | None = None
@@ -411,7 +366,7 @@ class RolloutWorker:
         wrappers=[TimingWrapper])`` each sub-env also gets the request figures in its
         ``info["timing"]``; with other vector envs they are only in the result.
         """
-        adapter = _VectorAdapter(venv)
+        adapter = VectorAdapter(venv)
         observations, infos = adapter.reset(seed)
         return await self._step(adapter, observations, infos)
 
@@ -420,132 +375,6 @@ class RolloutWorker:
 
         ``TimingWrapper`` envs get the request figures in ``info["timing"]``.
         """
-        adapter = _GymListAdapter(envs)
+        adapter = GymListAdapter(envs)
         observations, infos = adapter.reset(seed)
         return await self._step(adapter, observations, infos)
-
-
-Timings = Mapping[str, Mapping[str, float | int | None]]
-StepOut = tuple[dict[str, str], dict[str, float], dict[str, bool], dict[str, dict[str, Any]]]
-
-
-class _EnvAdapter(Protocol):
-    """How the one step loop drives a kind of env: keys are agent ids or sub-env indices."""
-
-    def step(self, actions: dict[str, str], timings: Timings) -> StepOut: ...
-
-
-class _ParallelAdapter:
-    """A PettingZoo parallel env (timings go to a ParallelTimingWrapper)."""
-
-    def __init__(self, env: Any) -> None:
-        self.env = env
-
-    def step(self, actions: dict[str, str], timings: Timings) -> StepOut:
-        if isinstance(self.env, ParallelTimingWrapper):
-            self.env.set_request_timings(timings)
-        obs, rewards, terms, _truncs, infos = self.env.step(actions)
-        return obs, rewards, terms, infos
-
-
-class _GymListAdapter:
-    """A list of Gymnasium envs, keyed by index (timings go to each TimingWrapper)."""
-
-    def __init__(self, envs: Sequence[gym.Env[str, str]]) -> None:
-        self.envs = list(envs)
-
-    def reset(self, seed: int | None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-        observations: dict[str, str] = {}
-        infos: dict[str, dict[str, Any]] = {}
-        for i, e in enumerate(self.envs):
-            observations[str(i)], infos[str(i)] = e.reset(seed=None if seed is None else seed + i)
-        return observations, infos
-
-    def step(self, actions: dict[str, str], timings: Timings) -> StepOut:
-        obs, rewards, terms, infos = {}, {}, {}, {}
-        for i, e in enumerate(self.envs):
-            key = str(i)
-            if isinstance(e, TimingWrapper):
-                e.set_request_timing(timings[key])
-            obs[key], reward, terms[key], _trunc, infos[key] = e.step(actions[key])
-            rewards[key] = float(reward)
-        return obs, rewards, terms, infos
-
-
-class _VectorAdapter:
-    """A Gymnasium vector env of echo envs, keyed by index."""
-
-    def __init__(self, venv: Any) -> None:
-        self.venv = venv
-        self.keys: list[str] = []
-
-    def reset(self, seed: int | None) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-        obs, infos = self.venv.reset(seed=seed)
-        self.keys = [str(i) for i in range(len(obs))]
-        messages = infos.get("messages")
-        per_env = {k: ({"messages": messages[i]} if messages is not None else {}) for i, k in enumerate(self.keys)}
-        return dict(zip(self.keys, obs, strict=True)), per_env
-
-    def step(self, actions: dict[str, str], timings: Timings) -> StepOut:
-        for i, sub in enumerate(getattr(self.venv, "envs", [])):
-            if isinstance(sub, TimingWrapper):
-                sub.set_request_timing(timings[self.keys[i]])
-        next_obs, rewards, terms, _truncs, infos = self.venv.step(tuple(actions[k] for k in self.keys))
-        return (
-            dict(zip(self.keys, next_obs, strict=True)),
-            {k: float(rewards[i]) for i, k in enumerate(self.keys)},
-            {k: bool(terms[i]) for i, k in enumerate(self.keys)},
-            {k: _env_slice(infos, i) for i, k in enumerate(self.keys)},
-        )
-
-
-def _env_slice(infos: Mapping[str, Any], i: int) -> dict[str, Any]:
-    """Sub-env ``i``'s info from a vector env's infos (nested dicts of arrays, ``_key`` masks)."""
-    return {
-        name: _env_slice(values, i) if isinstance(values, Mapping) else values[i]
-        for name, values in infos.items()
-        if not name.startswith("_")
-    }
-
-
-def summarize_rollout(steps: Sequence[StepResult], wall_s: float) -> RolloutSummary:
-    """Aggregate rewards and request timings over steps.
-
-    Agent-steps whose request failed are counted in ``failed`` and left out of the
-    reward figures, so a flaky server does not look like a bad policy. Request figures
-    are pooled by :func:`echo_env.measure.figures.phase_figures`, as every command's are.
-    """
-    rewards: list[float] = []
-    outcomes: list[str] = []
-    failed = 0
-    records: list[RequestRecord] = []
-    for step in steps:
-        records.extend(step.records)
-        for agent, reward in step.rewards.items():
-            if agent in step.failures:
-                failed += 1
-                continue
-            rewards.append(reward)
-            outcomes.append(step.infos.get(agent, {}).get("outcome", ""))
-    graded = len(rewards)
-
-    def share(kind: str) -> float | None:
-        return outcomes.count(kind) / graded if graded else None
-
-    fig = phase_figures("rollout", records, wall_s, rewards=rewards)
-    return RolloutSummary(
-        agents=graded + failed,
-        failed=failed,
-        mean_reward=fig.mean_reward,
-        frac_correct=share("correct"),
-        frac_wrong_word=share("wrong_word"),
-        frac_format_error=share("format_error"),
-        requests=fig.requests,
-        wall_s=wall_s,
-        requests_per_s=fig.throughput_rps,
-        completion_tokens_per_s=fig.tokens_per_s,
-        ttft_s={"p50": fig.ttft.p50, "p90": fig.ttft.p90, "p99": fig.ttft.p99},
-        e2e_s={"p50": fig.e2e.p50, "p90": fig.e2e.p90, "p99": fig.e2e.p99},
-        prompt_tokens=fig.prompt_tokens,
-        cached_tokens=fig.cached_tokens,
-    )

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
-from echo_env.errors import ServerResponseError, ServerUnreachableError
+from echo_env.errors import ServerResponseError
+from echo_env.wire import http
 
 DEV_MODE_FIX = "start vLLM with VLLM_SERVER_DEV_MODE=1 (the embedded engine: dev_mode)"
 """What turns these endpoints on."""
-
-_TIMEOUT_S = 300.0  # a reload reads the whole checkpoint
 
 
 class VllmControl:
@@ -37,12 +34,16 @@ class VllmControl:
         self.root = root.rstrip("/")
         self.headers = headers or {}
 
-    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        try:
-            async with httpx.AsyncClient(timeout=_TIMEOUT_S) as http:
-                return await http.request(method, self.root + path, json=body, headers=self.headers)
-        except httpx.HTTPError as exc:
-            raise ServerUnreachableError(f"{method} {self.root}{path} failed: {exc or type(exc).__name__}") from exc
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> http.Response:
+        where = f"{method} {self.root}{path}"
+        failures = http.Failures(
+            refused=f"{where} failed: {{error}}: is the server running at {self.root}?",
+            timeout=f"{where} did not answer within {{timeout_s}} s: is the server overloaded?",
+            bad_url=f"{where} failed: {{error}}: the server root should be e.g. http://127.0.0.1:8000",
+            other=f"{where} failed: {{error}}",
+        )
+        async with http.AsyncHttp(timeout_s=http.CONTROL_TIMEOUT_S, headers=self.headers, failures=failures) as client:
+            return await client.request(method, self.root + path, json=body)
 
     async def _ok(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         resp = await self._call(method, path, body)

@@ -15,9 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
-from echo_env.errors import MetricsError
+from echo_env.errors import EchoEnvError, MetricsError
+from echo_env.wire import http
 from echo_env.wire.kinds import CacheGranularity, Prompt, ServerKind, ServerProps, plausible_tokenization
 from echo_env.wire.kinds.openai import OpenAIKind
 from echo_env.wire.kinds.sglang import SglangKind
@@ -26,8 +25,6 @@ from echo_env.wire.metrics import MetricsReader, Snapshot
 from echo_env.wire.tokenizer import Tokenizer, encode_prompts, load_local_tokenizer
 
 log = logging.getLogger(__name__)
-
-_PROBE_TIMEOUT_S = 10.0
 
 
 def server_root(base_url: str) -> str:
@@ -108,7 +105,7 @@ class ServerFacts:
 
     def headers(self) -> dict[str, str]:
         """Request headers (the bearer token when there is one)."""
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return http.bearer(self.api_key)
 
     def tokenizer(self) -> Tokenizer:
         """A local tokenizer for the served model (the embedded model, a folder or a hub id)."""
@@ -125,11 +122,11 @@ class ServerFacts:
         request = self.kind.detokenize_request(self.model, ids)
         if request is not None:
             try:
-                async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S) as http:
-                    resp = await http.post(self.root + request[0], json=request[1], headers=self.headers())
+                async with http.AsyncHttp(timeout_s=http.PROBE_TIMEOUT_S, api_key=self.api_key) as client:
+                    resp = await client.post(self.root + request[0], json=request[1])
                 if resp.status_code == 200:
                     return self.kind.parse_detokenize(resp.json())
-            except (httpx.HTTPError, ValueError):
+            except (EchoEnvError, ValueError):
                 pass
         try:
             return str(self.tokenizer().decode(list(ids)))  # type: ignore[attr-defined]
@@ -137,12 +134,11 @@ class ServerFacts:
             return " ".join(map(str, ids))
 
 
-
-async def _get_json(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> Any | None:
+async def _get_json(client: http.AsyncHttp, url: str) -> Any | None:
     try:
-        resp = await http.get(url, headers=headers)
+        resp = await client.get(url)
         return resp.json() if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+    except (EchoEnvError, ValueError):
         return None
 
 
@@ -156,11 +152,11 @@ async def detect_kind(root: str, headers: dict[str, str]) -> tuple[ServerKind, S
     Returns:
         The kind's adapter, and what the server said (version, slots, page size).
     """
-    async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT_S) as http:
+    async with http.AsyncHttp(timeout_s=http.PROBE_TIMEOUT_S, headers=headers) as client:
         sglang, props, version = await asyncio.gather(
-            _get_json(http, f"{root}/get_server_info", headers),
-            _get_json(http, f"{root}/props", headers),
-            _get_json(http, f"{root}/version", headers),
+            _get_json(client, f"{root}/get_server_info"),
+            _get_json(client, f"{root}/props"),
+            _get_json(client, f"{root}/version"),
         )
     if isinstance(sglang, dict):
         enabled = sglang.get("disable_radix_cache")
@@ -259,12 +255,12 @@ async def _server_tokenize(facts: ServerFacts, prompts: Sequence[Prompt]) -> lis
     """Raises ValueError (with the reason) when the server cannot tokenize every prompt plausibly."""
     sem = asyncio.Semaphore(32)
 
-    async def one(http: httpx.AsyncClient, prompt: Prompt) -> list[int]:
+    async def one(client: http.AsyncHttp, prompt: Prompt) -> list[int]:
         request = facts.kind.tokenize_request(facts.model, prompt)
         if request is None:
             raise ValueError(f"the {facts.kind.name} server offers no tokenization for this prompt form")
         async with sem:
-            resp = await http.post(facts.root + request[0], json=request[1], headers=facts.headers())
+            resp = await client.post(facts.root + request[0], json=request[1])
         if resp.status_code != 200:
             raise ValueError(f"{request[0]} answered HTTP {resp.status_code}")
         ids = facts.kind.parse_tokenize(resp.json())
@@ -273,10 +269,10 @@ async def _server_tokenize(facts: ServerFacts, prompts: Sequence[Prompt]) -> lis
         return ids
 
     try:
-        async with httpx.AsyncClient(timeout=30) as http:
-            return list(await asyncio.gather(*(one(http, p) for p in prompts)))
-    except httpx.HTTPError as exc:
-        raise ValueError(f"tokenize request failed: {type(exc).__name__}") from None
+        async with http.AsyncHttp(timeout_s=http.TOKENIZE_TIMEOUT_S, api_key=facts.api_key) as client:
+            return list(await asyncio.gather(*(one(client, p) for p in prompts)))
+    except EchoEnvError as exc:
+        raise ValueError(f"tokenize request failed: {exc}") from None
 
 
 async def tokenize_prompts(

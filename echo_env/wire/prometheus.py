@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from echo_env.errors import MetricsError
+from echo_env.wire import http
+from echo_env.wire.counters import METRIC_BASES, read_cache_config, read_counters
 from echo_env.wire.kinds.llamacpp import CACHED_TOKENS, PROMPT_TOKENS
-from echo_env.wire.metrics import METRIC_BASES, Sample, Snapshot, read_cache_config, read_counters
+from echo_env.wire.metrics import Snapshot
+from echo_env.wire.metrics_text import Sample
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +278,9 @@ class PrometheusReader:
         model_name: str | None = None,
         job: str | None = None,
         api_key: str | None = None,
-        timeout_s: float = 10.0,
+        timeout_s: float = http.SCRAPE_TIMEOUT_S,
         wait_s: float | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: http.Transport | None = None,
     ) -> None:
         self.url = re.sub(r"/(api/v1|graph)/?$", "", url.strip().rstrip("/"))
         self.kind = kind
@@ -341,12 +342,19 @@ class PrometheusReader:
         with self._client() as client:
             return self._targets(client)
 
-    def _client(self) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.Client(timeout=self.timeout_s, headers=headers, transport=self._transport)
+    def _client(self) -> http.Http:
+        failures = http.Failures(
+            refused=f"Could not connect to Prometheus at {self.url}: is it running? {_PROM_FIX}.",
+            timeout=f"Prometheus at {self.url} did not answer within {{timeout_s}} s; it may be overloaded: retry.",
+            bad_url=f"prometheus_url={self.url!r} is not a valid http(s) URL ({{error}}); {_PROM_FIX}.",
+            other="Asking Prometheus at {url} failed ({error_type}: {error}).",
+            error=MetricsError,
+            bad_url_error=MetricsError,
+        )
+        return http.Http(timeout_s=self.timeout_s, api_key=self.api_key, failures=failures, transport=self._transport)
 
     def _wait_for_scrapes(
-        self, client: httpx.Client, targets: Sequence[Target], since: float
+        self, client: http.Http, targets: Sequence[Target], since: float
     ) -> tuple[dict[str, float], float]:
         """Each instance's newest scrape start once all are at or after ``since``, and Prometheus's time then."""
         intervals = [t.scrape_interval_s for t in targets if t.scrape_interval_s]
@@ -389,30 +397,18 @@ class PrometheusReader:
             "scrape_interval, or allow a longer wait (wait_s=); the machine's and Prometheus's clocks must agree."
         )
 
-    def _targets(self, client: httpx.Client) -> list[Target]:
+    def _targets(self, client: http.Http) -> list[Target]:
         return parse_targets(self._call(client, "GET", "/api/v1/targets", {"state": "active"}))
 
-    def _query(self, client: httpx.Client, query: str, at: float | None) -> list[tuple[dict[str, str], float, float]]:
+    def _query(self, client: http.Http, query: str, at: float | None) -> list[tuple[dict[str, str], float, float]]:
         params = {"query": query} | ({"time": f"{at:.3f}"} if at is not None else {})
         return vector_series(self._call(client, "POST", "/api/v1/query", params))
 
-    def _call(self, client: httpx.Client, method: str, path: str, params: Mapping[str, str]) -> Any:
+    def _call(self, client: http.Http, method: str, path: str, params: Mapping[str, str]) -> Any:
         where = self.url + path
-        try:
-            if method == "POST":  # form-encoded: long selectors do not fit every proxy's URL limit
-                response = client.post(where, data=dict(params))
-            else:
-                response = client.get(where, params=dict(params))
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            raise MetricsError(
-                f"prometheus_url={self.url!r} is not a valid http(s) URL ({exc}); {_PROM_FIX}."
-            ) from None
-        except httpx.ConnectError:
-            raise MetricsError(f"Could not connect to Prometheus at {self.url}: is it running? {_PROM_FIX}.") from None
-        except httpx.TimeoutException:
-            raise MetricsError(
-                f"Prometheus at {self.url} did not answer within {self.timeout_s:g} s; it may be overloaded: retry."
-            ) from None
-        except httpx.HTTPError as exc:
-            raise MetricsError(f"Asking Prometheus at {where} failed ({type(exc).__name__}: {exc}).") from None
+        # POST is form-encoded: long selectors do not fit every proxy's URL limit.
+        if method == "POST":
+            response = client.request("POST", where, data=dict(params))
+        else:
+            response = client.request("GET", where, params=dict(params))
         return api_data(response.status_code, response.text, where)

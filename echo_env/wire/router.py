@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import httpx
+from echo_env.errors import EchoEnvError
+from echo_env.wire import http
 
 
 def worker_urls_from(body: object) -> list[str] | None:
@@ -28,7 +29,7 @@ def worker_urls_from(body: object) -> list[str] | None:
     return None
 
 
-async def probe_router(root: str, timeout_s: float = 5.0) -> list[str] | None:
+async def probe_router(root: str, timeout_s: float = http.ROUTER_TIMEOUT_S) -> list[str] | None:
     """Ask a server whether it is a router, and for its replicas.
 
     Tries ``GET /workers`` then ``GET /list_workers`` on the server's root.
@@ -42,11 +43,11 @@ async def probe_router(root: str, timeout_s: float = 5.0) -> list[str] | None:
         with a worker list (a plain vLLM or SGLang server answers 404).
     """
     base = root.rstrip("/").removesuffix("/v1")
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
+    async with http.AsyncHttp(timeout_s=timeout_s) as client:
         for path in ("/workers", "/list_workers"):
             try:
                 response = await client.get(base + path)
-            except httpx.HTTPError:
+            except EchoEnvError:
                 continue
             if response.status_code != 200:
                 continue

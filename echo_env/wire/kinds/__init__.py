@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from echo_env.wire.metrics import CacheConfig, CacheCounters, Sample
+from echo_env.wire.counters import CacheConfig, CacheCounters
+from echo_env.wire.metrics_text import Sample
 
 Prompt = str | Sequence[Mapping[str, str]]
 """A completion prompt (text) or chat messages."""

@@ -44,8 +44,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from echo_env.wire.counters import CacheCounters
 from echo_env.wire.kinds import CacheGranularity, Prompt, ServerProps
-from echo_env.wire.metrics import CacheCounters, Sample
+from echo_env.wire.metrics_text import Sample
 
 PROMPT_TOKENS = "llamacpp:prompt_tokens_total"
 """Prompt tokens computed (cache hits excluded)."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from echo_env.wire.counters import CacheCounters, read_counters
 from echo_env.wire.kinds import CacheGranularity, Prompt, ServerProps
-from echo_env.wire.metrics import CacheCounters, Sample, read_counters
+from echo_env.wire.kinds.vllm import VllmKind
+from echo_env.wire.metrics_text import Sample
 
 
 class SglangKind:
@@ -19,14 +21,9 @@ class SglangKind:
             return None  # its /tokenize takes text only; chat prompts go to the local tokenizer
         return "/tokenize", {"model": model, "prompt": prompt, "add_special_tokens": True}
 
-    def parse_tokenize(self, body: Any) -> list[int]:
-        tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not tokens:
-            raise ValueError(f"no token ids in the /tokenize answer: {str(body)[:120]!r}")
-        return [int(t) for t in tokens]
-
-    def detokenize_request(self, model: str, ids: Sequence[int]) -> tuple[str, dict[str, Any]] | None:
-        return "/detokenize", {"model": model, "tokens": list(ids)}
+    # SGLang's /tokenize and /detokenize follow vLLM's shapes.
+    parse_tokenize = VllmKind.parse_tokenize
+    detokenize_request = VllmKind.detokenize_request
 
     def parse_detokenize(self, body: Any) -> str:
         if isinstance(body, dict):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from echo_env.wire.counters import CacheCounters, read_counters
 from echo_env.wire.kinds import CacheGranularity, Prompt, ServerProps
-from echo_env.wire.metrics import CacheCounters, Sample, read_counters
+from echo_env.wire.metrics_text import Sample
 
 
 class VllmKind:

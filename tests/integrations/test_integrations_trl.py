@@ -17,13 +17,13 @@ from echo_env.errors import ConfigError
 from echo_env.integrations.trl_grpo import (
     EchoRollout,
     SharedPrefixRollout,
-    _cut_at_stop,
     echo_dataset,
     echo_reward,
     grpo_trainer_class,
     newline_token_ids,
     stop_at_newline,
 )
+from echo_env.integrations.trl_model import _cut_at_stop
 from echo_env.launch.model import load_tokenizer
 from echo_env.measure.tokens import reusable_prefix_length
 

@@ -33,7 +33,7 @@ from echo_env.wire.metrics import (
     read_counters,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 MODEL = "gemma-3-270m"
 
 

@@ -160,7 +160,7 @@ def test_every_branch_of_the_checks_is_in_the_table() -> None:
             what = "is not in BRANCHES" if not entries else f"matches {len(entries)} entries of BRANCHES: {entries}"
             problems.append(
                 f"{site} {what}: add (reason_id, verdict, a phrase of its reason) to BRANCHES in "
-                "tests/test_verdict_branches.py, and a row that reaches it"
+                "tests/cachetest/test_verdict_branches.py, and a row that reaches it"
             )
             continue
         entry = entries[0]
@@ -194,8 +194,8 @@ def test_every_branch_has_a_row() -> None:
             if (d.reason_id, d.verdict) == b[:2] and b[2] in d.reason:
                 reached[b].append(row)
     missing = [b for b, rows in reached.items() if not rows]
-    assert not missing, "verdict branches no row reaches (add a row to tests/test_verdict.py ROWS, or to the " + (
-        "table of its own check in ROW_TABLES):\n" + "\n".join(f"  {b}" for b in missing)
+    assert not missing, "verdict branches no row reaches (add a row to tests/cachetest/test_verdict.py ROWS, or to " + (
+        "the table of its own check in ROW_TABLES):\n" + "\n".join(f"  {b}" for b in missing)
     )
 
 
@@ -208,7 +208,7 @@ def test_the_readme_verdict_table_has_every_check() -> None:
     """The README's table of checks names each one by its title, in the order they decide."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme[readme.index("| check | decides |") :].split("\n\n", 1)[0]
     rows = [line.split("|")[1].replace("`", "").strip() for line in table.splitlines()[2:]]
     titles = [title for _, title, _ in CHECKS]

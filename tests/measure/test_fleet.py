@@ -3,7 +3,7 @@
 The ceilings are checked on a hand-counted workload (4-token blocks), the scatter model
 against a seeded simulation of random placements, and the placement ceiling against
 every random placement on 2, 3, 4 and 16 replicas. The routing verdict's table is
-``tests/test_fleet_verdict.py``; the KV-event readers (msgspec) ``tests/test_fleet_kv_events.py``.
+``tests/cachetest/test_fleet_verdict.py``; the KV-event readers (msgspec) ``tests/measure/test_fleet_kv_events.py``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from echo_env.wire.kinds.llamacpp import (
 )
 from echo_env.wire.metrics import delta, parse_prometheus
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 KIND = LlamaCppKind()
 PROMPT = "User: Please echo the following word: apple\nAssistant:"
 

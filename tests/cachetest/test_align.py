@@ -256,21 +256,20 @@ def _facts(block: int | None) -> Any:
 
 def test_align_prefix_off_keeps_the_shipped_prompt() -> None:
     from echo_env.cachetest.config import PrefixTestConfig
-    from echo_env.cachetest.runner import aligned_system_prompt
+    from echo_env.cachetest.workload import aligned_system_prompt
 
     assert aligned_system_prompt(PrefixTestConfig(), _facts(256)) is None
 
 
 def test_align_prefix_aligns_every_phase_of_the_workload() -> None:
     from echo_env.cachetest.config import PrefixTestConfig
-    from echo_env.cachetest.runner import ALIGN_SLACK_TOKENS, aligned_system_prompt
-    from echo_env.cachetest.workload import build_workload
+    from echo_env.cachetest.workload import ALIGN_SLACK_TOKENS, aligned_system_prompt, build_workload
 
     config = PrefixTestConfig(align_prefix="auto", batch_size=2, group_size=2)
     prompt = aligned_system_prompt(config, _facts(256))
     assert prompt is not None and prompt != default_system_prompt()
-    work = build_workload(config, "0123abcd-cache_on", system_prompt=prompt)
-    warm_burst, control_burst = work.ttft_pair(0)
+    work = build_workload(config, "0123abcd-cache_on", _facts(256))
+    warm_burst, control_burst = work.ttft[0].warm, work.ttft[0].control
     for text in [*work.cold.values(), *work.warm.values(), *warm_burst.values(), *control_burst.values()]:
         assert prompt in text
     # The tag is part of the prefix: the whole cold prompt's shared text sits just past a boundary.
@@ -281,7 +280,7 @@ def test_align_prefix_aligns_every_phase_of_the_workload() -> None:
 
 def test_align_prefix_needs_a_block_size() -> None:
     from echo_env.cachetest.config import PrefixTestConfig
-    from echo_env.cachetest.runner import aligned_system_prompt
+    from echo_env.cachetest.workload import aligned_system_prompt
 
     with pytest.raises(ConfigError, match="block_size="):
         aligned_system_prompt(PrefixTestConfig(align_prefix="pad"), _facts(None))

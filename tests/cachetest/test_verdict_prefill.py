@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 from test_verdict import good, ttft
 
-from echo_env.cachetest.prefill import NOISY_MACHINE_FACTOR, prefill_evidence, repeat_spread, short_prompts
+from echo_env.cachetest.prefill import NOISY_MACHINE_FACTOR, prefill_evidence, repeat_spread
 from echo_env.cachetest.results import EXIT_CODES, Evidence, PrefillEvidence, RepeatSpread, Rules
 from echo_env.cachetest.verdict import decide
 from echo_env.measure.figures import HitRate, PhaseFigures
@@ -233,12 +233,3 @@ def test_repeats_that_split_by_burst_order_are_no_noisy_machine() -> None:
 def test_no_spread_from_one_repeat_or_single_request_bursts() -> None:
     assert repeat_spread([1.5], [pair(0, [1.0, 1.1], [0.5, 0.6])]) is None
     assert repeat_spread([1.5, 1.6], [pair(0, [1.0], [0.5]), pair(1, [1.0], [0.5])]) is None
-
-
-def test_short_prompts_are_new_and_short() -> None:
-    control = {"ctrl0/000": "[echo-prefix ctrl ab.0.000]\nlong shared text\n\nUser: echo river\nAssistant:"}
-    short = short_prompts(control, "[echo-prefix run ab]", 0)
-    assert list(short.values()) == ["[echo-prefix short ab.0.000]\nUser: echo river\nAssistant:"]
-    chat = {"c": [{"role": "system", "content": "[echo-prefix ctrl ab.0.000] long"}, {"role": "user", "content": "x"}]}
-    messages = short_prompts(chat, "[echo-prefix run ab]", 1)["short1/000"]
-    assert messages == [{"role": "system", "content": "[echo-prefix short ab.1.000]"}, {"role": "user", "content": "x"}]

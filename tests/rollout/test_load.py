@@ -39,7 +39,7 @@ from echo_env.wire.client import ClientConfig, LLMClient
 # Minutes of load against the engine and the stand-in: run by `make test-all`.
 pytestmark = pytest.mark.faults
 
-FAKE_SERVER = Path(__file__).with_name("fake_servers.py")
+FAKE_SERVER = Path(__file__).parent.parent / "fake_servers.py"
 
 
 def _open_fds() -> int:
@@ -199,7 +199,7 @@ def test_a_low_open_file_limit_caps_concurrency_instead_of_failing(stand_in: str
         f"""
 import asyncio, json, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # soft = hard: cannot be raised
-sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
 from test_load import _load
 r = _load({f"{stand_in}/v1"!r}, "fake-model", batch_size=64, group_size=16, max_concurrency=1024)
 print(json.dumps({{"ok": r.succeeded, "failed": r.failed, "peak": r.peak_in_flight}}))

@@ -2,7 +2,7 @@
 
 A stand-in for the default model's GGUF (a 300-token vocabulary) is put where the cache
 keeps the default one, so nothing is downloaded or assembled. The real one, served by
-llama-server, is in tests/test_llamacpp_tiny.py.
+llama-server, is in tests/launch/test_llamacpp_tiny.py.
 """
 
 from __future__ import annotations

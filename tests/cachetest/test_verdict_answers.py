@@ -232,6 +232,7 @@ def test_the_answer_checks_reach_summary_json_and_the_console() -> None:
 
 def test_answer_keys_are_checked_where_they_are_given() -> None:
     from echo_env.cachetest.config import PrefixTestConfig
+    from echo_env.config import build
     from echo_env.errors import ConfigError
     from echo_env.launch.target import ServerTarget
 
@@ -240,8 +241,8 @@ def test_answer_keys_are_checked_where_they_are_given() -> None:
     with pytest.raises(ConfigError, match="weight_update is empty"):
         PrefixTestConfig(weight_update=" ")
     with pytest.raises(ConfigError, match="logprob_tolerance"):
-        PrefixTestConfig(logprob_tolerance=0)
-    assert PrefixTestConfig(logprob_tolerance=0.5).rules.logprob_tolerance == 0.5
+        build(PrefixTestConfig, logprob_tolerance=0)
+    assert build(PrefixTestConfig, logprob_tolerance=0.5).rules.logprob_tolerance == 0.5
     assert PrefixTestConfig(weight_update="./my-update.sh").weight_update == "./my-update.sh"
 
 
@@ -282,7 +283,8 @@ def test_the_runner_measures_the_asked_checks_after_the_phases(tmp_path: object)
     from fake_servers import FakeOpenAIServer
 
     from echo_env.cachetest.config import PrefixTestConfig
-    from echo_env.cachetest.runner import NullSink, run_phases_and_judge
+    from echo_env.cachetest.record import NullSink
+    from echo_env.commands.test import run_test
     from echo_env.launch.target import ServerTarget
 
     with FakeOpenAIServer() as fake:
@@ -290,7 +292,7 @@ def test_the_runner_measures_the_asked_checks_after_the_phases(tmp_path: object)
             server=ServerTarget(base_url=fake.base_url, timeout_s=5),
             batch_size=2, group_size=2, ttft_burst=2, max_repeats=3, check_outputs=True, isolation=True,
         )  # fmt: skip
-        result = run_phases_and_judge(config, NullSink())
+        result = run_test(config, NullSink())
         sent = fake.paths["POST /v1/completions"]
     assert (result.verdict, result.decision.reason_id, result.exit_code) == ("FAIL", "isolation", 1), (
         result.decision.reason

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grpo_loop.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_loop.py"
 
 
 @pytest.fixture(scope="module")

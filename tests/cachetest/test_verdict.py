@@ -2,7 +2,7 @@
 
 Each row starts from the evidence of a healthy vLLM server with a working cache (PASS)
 and changes what a real situation changes; it asserts the verdict, the exit code, the
-rule that decided and the words a user acts on. ``tests/test_verdict_branches.py`` checks
+rule that decided and the words a user acts on. ``tests/cachetest/test_verdict_branches.py`` checks
 that every decisive branch of the checks has a row here or in a check's own table.
 """
 

@@ -31,7 +31,7 @@ from echo_env.measure.placement import FleetCeiling
 from echo_env.measure.replicas import phase_ceilings_of
 from echo_env.wire.metrics import CounterDelta
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import fleet_ceilings as table
 from test_verdict import good, phase
 

@@ -1,7 +1,7 @@
 """Bad input of every kind, none of which may end in a traceback or a lost request.
 
 - Config values: one line on stderr naming the fix, exit status 2, before any engine
-  starts or server is asked (``tests/test_cli.py`` has the first few; these extend it).
+  starts or server is asked (``tests/commands/test_cli.py`` has the first few; these extend it).
 - Server answers: malformed JSON, a stream cut half-way, empty choices, 429/500/503, a
   ``/metrics`` page missing, empty or not Prometheus text. The real engine cannot be
   made to send these, so a small stand-in server plays them (``fake_servers.py``).
@@ -437,10 +437,10 @@ def test_a_crash_in_the_cache_off_baseline_gives_unknown_not_the_cache_on_pass(
     fake: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """compare_without_cache: the baseline's stream is cut mid-run; the cache-on PASS must not stand alone."""
-    import echo_env.cachetest.runner as runner
+    import echo_env.cachetest.judge as judge
     from echo_env.cachetest.results import Decision
 
-    real_decide = runner.decide
+    real_decide = judge.decide
 
     def cache_on_passes(evidence: Any, rules: Any) -> Decision:
         # The stand-in has no TTFT gain to show; a finished run here stands for a healthy server's PASS.
@@ -449,7 +449,7 @@ def test_a_crash_in_the_cache_off_baseline_gives_unknown_not_the_cache_on_pass(
             return Decision("PASS", "prefix caching works (stand-in)", "pass", decided.checks)
         return decided
 
-    monkeypatch.setattr(runner, "decide", cache_on_passes)
+    monkeypatch.setattr(judge, "decide", cache_on_passes)
     with FakeOpenAIServer() as baseline:
         baseline.fault = "cut"  # every request of the baseline fails: ServerUnreachableError mid-run
         returned = _prefix_test(fake, tmp_path, baseline_url=baseline.base_url, compare_without_cache=True)

@@ -1,7 +1,7 @@
 """Reading vLLM's KV-cache events (which replica holds which prefix), without a server.
 
 Needs ``msgspec`` (vLLM's event encoding), and ``zmq`` for the subscriber: the whole module is
-skipped without msgspec, so the routing verdict's tables (``tests/test_fleet_verdict.py``) run
+skipped without msgspec, so the routing verdict's tables (``tests/cachetest/test_fleet_verdict.py``) run
 in every test command whatever is installed.
 """
 
