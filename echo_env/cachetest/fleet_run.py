@@ -4,12 +4,13 @@ When the target is a fleet (``replicas=2`` embedded, or ``base_url=ROUTER
 replica_urls=U1,U2``), :class:`FleetWatch` takes over the runner's counters: every phase
 is measured on the sum of the replicas' own counters (never on the router's
 ``/metrics``, which answers for one replica per call), read from each replica's
-``/metrics`` or, with ``prometheus_url=``, through Prometheus; and around the warm burst each
-replica is read before and after, for :class:`~echo_env.measure.fleet.FleetEvidence`
-against the fleet ceilings of the burst's token plan. The routing verdict
-(:func:`~echo_env.cachetest.fleet_checks.decide_fleet`) then joins the cache verdict
-(:func:`join_decisions`): a routing FAIL fails the test, a routing UNKNOWN leaves it
-UNKNOWN.
+``/metrics`` or, with ``prometheus_url=``, through Prometheus. The reads of each replica
+around the warm burst (the ones its figures are summed from) are kept, for
+:class:`~echo_env.measure.fleet.FleetEvidence` against the fleet ceilings of the burst's
+token plan. The routing verdict (:func:`~echo_env.cachetest.fleet_checks.decide_fleet`)
+is judged on it beside the cache verdict (:func:`echo_env.cachetest.judge.judge`), and
+joins it (:func:`join_decisions`): a routing FAIL fails the test, a routing UNKNOWN
+leaves it UNKNOWN.
 
 A ``base_url`` without ``replica_urls`` is probed once (``GET /workers``,
 ``/list_workers``): when it turns out to be a router, its counters are not used and the
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from echo_env.cachetest.fleet_checks import FleetRules, decide_fleet
-from echo_env.cachetest.results import Decision, FleetResult, Verdict
+from echo_env.cachetest.results import Decision, Verdict
 from echo_env.cachetest.workload import Prompt, key_of
 from echo_env.launch.target import OpenServer
 from echo_env.measure.figures import PhaseFigures
@@ -30,8 +31,8 @@ from echo_env.measure.fleet import FleetCeilings, FleetEvidence
 from echo_env.measure.phase import CounterProbe
 from echo_env.measure.replicas import FleetCounterProbe, ReplicaProbe, fleet_evidence, phase_ceilings_of
 from echo_env.measure.tokens import TokenIds
-from echo_env.wire.info import ServerFacts, server_root
-from echo_env.wire.metrics import CacheCounters
+from echo_env.wire.info import ServerFacts
+from echo_env.wire.metrics import CacheCounters, Snapshot
 from echo_env.wire.router import probe_router
 
 log = logging.getLogger(__name__)
@@ -89,53 +90,42 @@ def warm_ceilings(
     )
 
 
-class FleetWatch:
-    """The runner's view of a fleet: the fleet-wide counter probe, and per-replica reads around the warm burst.
+class _PhaseReads(ReplicaProbe):
+    """A :class:`ReplicaProbe` that keeps its last two reads: each replica before and after the last phase.
 
-    Args:
-        server: The open server: its ``replica_urls`` are read one by one (through its ``prometheus_url``,
-            if any); without them it is a router whose replicas are unknown.
-        facts: What the server said about itself (the metric names' adapter, the model).
-        rules: The routing verdict's thresholds.
-        api_key: Bearer token for the replicas' pages.
-        hint: Replica URLs the router listed, for a router given without ``replica_urls``.
+    A phase is measured with one read before it and one after, so once it ends these are
+    exactly the per-replica counters its fleet-wide figures were summed from.
     """
 
-    def __init__(
-        self, server: OpenServer, facts: ServerFacts, rules: FleetRules, api_key: str | None = None,
-        hint: Sequence[str] = (),
-    ) -> None:  # fmt: skip
-        self.replicas: ReplicaProbe | None = None
-        if server.replica_urls:
-            self.replicas = ReplicaProbe(
-                server.replica_urls, model_name=facts.model, api_key=api_key, kind=facts.kind,
-                prometheus_url=server.prometheus_url,
-            )  # fmt: skip
-        self.policy = server.policy
-        self.rules = rules
-        self.hint = tuple(hint)
-        self.probe: CounterProbe = (
-            FleetCounterProbe(self.replicas)
-            if self.replicas is not None
-            else CounterProbe(
-                None,
-                "base_url is a router: its /metrics answers for one replica per call, so its counters are not used; "
-                "pass replica_urls= to read each replica",
-            )
-        )
-        """What measures every phase: the replicas' summed counters (none through a bare router)."""
-        self._before: list[CacheCounters | None] = []
+    around: tuple[Sequence[CacheCounters | None], Sequence[CacheCounters | None]] = ((), ())
+    """Every replica's counters at the last two reads (None where one could not be read)."""
 
-    async def before_warm(self) -> None:
-        """Read every replica just before the warm burst."""
-        if self.replicas is not None:
-            self._before = await self.replicas.counters()
+    async def read(self) -> list[Snapshot | None]:
+        snaps = await super().read()
+        self.around = (self.around[1], [s.counters if s is not None else None for s in snaps])
+        return snaps
 
-    async def after_warm(
+
+@dataclass(frozen=True)
+class FleetWatch:
+    """The runner's view of a fleet: the counter probe of every phase, and each replica's reads of the last one."""
+
+    probe: CounterProbe
+    """What measures every phase: the replicas' summed counters (none through a bare router)."""
+    replicas: _PhaseReads | None
+    """Every replica read on its own (None: a router whose replicas are unknown)."""
+    policy: str | None
+    """The router's policy, when known."""
+    hint: tuple[str, ...] = ()
+    """Replica URLs the router listed, for a router given without ``replica_urls``."""
+
+    def after_warm(
         self, figures: PhaseFigures, ids: Mapping[str, TokenIds], cold: Sequence[Prompt], warm: Sequence[Prompt],
         block_size: int | None,
-    ) -> FleetResult:  # fmt: skip
-        """Read every replica after the warm burst; the burst's evidence and routing verdict.
+    ) -> FleetEvidence:  # fmt: skip
+        """The warm burst's evidence, from every replica's reads around it (the routing verdict is judged on it).
+
+        Call it as the warm burst ends, before another phase reads the replicas.
 
         Args:
             figures: The warm burst's figures (its finished requests are the ones sent).
@@ -145,23 +135,19 @@ class FleetWatch:
             block_size: The cache block size.
         """
         if self.replicas is None:
-            evidence = FleetEvidence(
+            return FleetEvidence(
                 (), None, figures.finished, policy=self.policy, metrics_source="router", replica_urls_hint=self.hint
             )
-        else:
-            after = await self.replicas.counters()
-            n = len(self.replicas.urls)
-            evidence = fleet_evidence(
-                self.replicas.urls, self._before or [None] * n, after, requests_sent=figures.finished,
-                ceilings=warm_ceilings(ids, cold, warm, block_size, n), policy=self.policy,
-                metrics_source=self.replicas.source,
-            )  # fmt: skip
-        return FleetResult(evidence, decide_fleet(evidence, self.rules))
+        before, after = self.replicas.around
+        n = len(self.replicas.urls)
+        return fleet_evidence(
+            self.replicas.urls, before or [None] * n, after or [None] * n, requests_sent=figures.finished,
+            ceilings=warm_ceilings(ids, cold, warm, block_size, n), policy=self.policy,
+            metrics_source=self.replicas.source,
+        )  # fmt: skip
 
 
-async def watch_fleet(
-    server: OpenServer, facts: ServerFacts, rules: FleetRules, api_key: str | None = None
-) -> FleetWatch | None:
+async def watch_fleet(server: OpenServer, facts: ServerFacts, api_key: str | None = None) -> FleetWatch | None:
     """A :class:`FleetWatch` when the server is a fleet, else None (one server: nothing changes).
 
     A server given with ``replica_urls`` (or started as an embedded fleet) is read replica
@@ -172,16 +158,23 @@ async def watch_fleet(
     Args:
         server: The open server (its ``replica_urls``, ``prometheus_url`` and ``policy``).
         facts: What the server said about itself (the metric names' adapter, the model).
-        rules: The routing verdict's thresholds.
         api_key: Bearer token for the replicas' pages.
     """
-    listed: Sequence[str] = ()
-    if not server.replica_urls:
-        if server.embedded or facts.metrics_url is None:
-            return None
-        found = await probe_router(server_root(server.base_url))
-        if found is None:
-            return None
-        log.warning("%s is a router in front of %s: pass replica_urls= to read each replica", server.base_url, found)
-        listed = found
-    return FleetWatch(server, facts, rules, api_key, hint=listed)
+    if server.replica_urls:
+        replicas = _PhaseReads(
+            server.replica_urls, model_name=facts.model, api_key=api_key, kind=facts.kind,
+            prometheus_url=server.prometheus_url,
+        )  # fmt: skip
+        return FleetWatch(FleetCounterProbe(replicas), replicas, server.policy)
+    if server.embedded or facts.metrics_url is None:
+        return None
+    found = await probe_router(facts.root)
+    if found is None:
+        return None
+    log.warning("%s is a router in front of %s: pass replica_urls= to read each replica", server.base_url, found)
+    unread = CounterProbe(
+        None,
+        "base_url is a router: its /metrics answers for one replica per call, so its counters are not used; "
+        "pass replica_urls= to read each replica",
+    )
+    return FleetWatch(unread, None, server.policy, hint=tuple(found))

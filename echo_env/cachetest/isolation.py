@@ -13,42 +13,16 @@ only between requests of the same salt. One new prompt is sent five times, each 
 
 A server that ignores the salt (or a proxy that drops it) FAILs; a server kind that takes
 no salt (anything but vLLM) leaves the verdict UNKNOWN, since the user asked for
-isolation and it cannot be shown. The verdict runs :func:`check_isolation` after the
+isolation and it cannot be shown. The sends are
+:func:`echo_env.cachetest.answer_run.measure_isolation`'s; the verdict runs :func:`check_isolation` after the
 answer checks and before ``ttft_gain``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from echo_env.cachetest.answer_evidence import Answer, IsolationEvidence
-from echo_env.cachetest.answers import RequestFailed, ask, new_salt
+from echo_env.cachetest.answer_evidence import Answer
 from echo_env.cachetest.results import Evidence, Rules
 from echo_env.cachetest.steps import Step, failed, passed, unknown
-from echo_env.wire.client import LLMClient
-
-
-async def measure_isolation(client: LLMClient, prompt: Any, kind: str) -> IsolationEvidence:
-    """The five sends of the module doc, on a prompt no request has sent yet.
-
-    Args:
-        client: The client of the server under test.
-        prompt: A new prompt (transcript text or token ids).
-        kind: The server kind (``vllm`` takes ``cache_salt``).
-    """
-    if kind != "vllm":
-        return IsolationEvidence(False, None, None, None, None, None, skipped=f"a {kind} server takes no cache_salt")
-    salt_a, salt_b = new_salt("tenant-a"), new_salt("tenant-b")
-    plan = (("salt_a_first", salt_a), ("salt_a_again", salt_a), ("salt_b", salt_b), ("no_salt", None))
-    got: list[Answer | None] = [None] * 5
-    error = None
-    try:
-        for i, (label, salt) in enumerate((*plan, ("no_salt_again", None))):
-            got[i] = await ask(client, prompt, label, salt, token_ids=False)
-    except RequestFailed as exc:
-        error = str(exc)
-    first_a, again_a, b, plain, plain_again = got
-    return IsolationEvidence(True, first_a, again_a, b, plain, plain_again, skipped=error)
 
 
 def _hit(a: Answer | None) -> int | None:

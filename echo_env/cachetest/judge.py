@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from echo_env.cachetest import prefill as pf
 from echo_env.cachetest.answer_run import AnswerChecks
+from echo_env.cachetest.fleet_checks import FleetRules, decide_fleet
 from echo_env.cachetest.fleet_run import join_decisions
 from echo_env.cachetest.results import (
     Comparison,
@@ -27,6 +28,7 @@ from echo_env.cachetest.results import (
 from echo_env.cachetest.verdict import decide
 from echo_env.measure.extension import TurnReuse
 from echo_env.measure.figures import PhaseFigures, pool
+from echo_env.measure.fleet import FleetEvidence
 from echo_env.measure.stats import sequential_decision
 from echo_env.wire.info import ServerFacts
 
@@ -45,7 +47,8 @@ class Measured:
     ratios: list[float] = field(default_factory=list)
     orders: list[str] = field(default_factory=list)
     decided_at: float | None = None
-    fleet: FleetResult | None = None
+    fleet: FleetEvidence | None = None
+    """The warm burst's evidence on a fleet (its routing verdict is decided here, with the cache's)."""
     history: list[TurnReuse] = field(default_factory=list)
     answers: AnswerChecks | None = None
 
@@ -65,7 +68,9 @@ def _ttft(state: Measured, pooled: dict[str, PhaseFigures], rules: Rules, max_re
     return TTFTEvidence(tuple(state.ratios), ci, decision, tuple(state.orders), prefill, spread)
 
 
-def judge(state: Measured, rules: Rules, max_repeats: int, run_error: str | None = None) -> ServerRun | None:
+def judge(
+    state: Measured, rules: Rules, max_repeats: int, run_error: str | None = None, fleet_rules: FleetRules | None = None
+) -> ServerRun | None:
     """One server's evidence, verdict and figures from what it measured (None: not even its facts).
 
     Args:
@@ -73,6 +78,7 @@ def judge(state: Measured, rules: Rules, max_repeats: int, run_error: str | None
         rules: The verdict's thresholds.
         max_repeats: The most TTFT repeats the run could make (the interval spends its confidence over them).
         run_error: Why the run stopped early, if it did.
+        fleet_rules: The routing verdict's thresholds (a fleet only; defaults: :class:`FleetRules`).
     """
     if state.facts is None:
         return None
@@ -80,6 +86,7 @@ def judge(state: Measured, rules: Rules, max_repeats: int, run_error: str | None
     names = ("cold", "warm", "warm_single", *turn_names, "ttft_warm", "ttft_control", pf.SHORT_PHASE)
     pooled = {n: pool(n, state.named(n), state.label) for n in names if state.named(n)}
     answers = state.answers or AnswerChecks()
+    fleet = FleetResult(state.fleet, decide_fleet(state.fleet, fleet_rules)) if state.fleet is not None else None
     evidence = Evidence(
         server=server_evidence(state.facts),
         prefix=state.prefix,
@@ -91,14 +98,14 @@ def judge(state: Measured, rules: Rules, max_repeats: int, run_error: str | None
         turns=tuple(pooled[n] for n in turn_names),
         history=tuple(state.history),
         run_error=run_error,
-        fleet_ceiling=state.fleet.evidence.cache_ceiling() if state.fleet is not None else None,
+        fleet_ceiling=fleet.evidence.cache_ceiling() if fleet is not None else None,
         outputs=answers.outputs,
         weight_update=answers.weight_update,
         isolation=answers.isolation,
     )
     verdict = decide(evidence, rules)
-    if state.fleet is not None:
-        verdict = join_decisions(verdict, state.fleet.decision)
+    if fleet is not None:
+        verdict = join_decisions(verdict, fleet.decision)
     return ServerRun(
         label=state.label,
         evidence=evidence,
@@ -106,7 +113,7 @@ def judge(state: Measured, rules: Rules, max_repeats: int, run_error: str | None
         phases=tuple(state.phases),
         pooled=tuple(pooled.values()),
         comparisons=_comparisons(pooled),
-        fleet=state.fleet,
+        fleet=fleet,
     )
 
 

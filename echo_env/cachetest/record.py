@@ -101,8 +101,8 @@ class PrefixTestRun:
         self.sink.write_summary(self.result)
 
     def _judge(self, error: str | None = None) -> None:
-        rules, repeats = self.config.rules, self.config.max_repeats
-        runs = [judge(s, rules, repeats, error if s is self.states[-1] else None) for s in self.states]
+        rules, repeats, fleet = self.config.rules, self.config.max_repeats, self.config.fleet
+        runs = [judge(s, rules, repeats, error if s is self.states[-1] else None, fleet) for s in self.states]
         self.result.runs = [r for r in runs if r is not None]
         on = self.states[0] if self.states else None
         if on is not None and on.decided_at is not None:

@@ -203,14 +203,12 @@ async def _phases(run: _Run, work: Workload, watch: FleetWatch | None, client: L
     """Every phase of one server, in order; each one's answers graded as it ends."""
     state, episode = run.state, Episode(run.config, work)
     _, cold = await run.phase("cold", work.cold)
-    if watch is not None:
-        await watch.before_warm()
     slots = run.facts.granularity.slots if run.facts.granularity else None
     warm, done = await run.phase("warm", work.warm, extra_cold=slot_cold_requests(len(work.warm), slots))
     run.graded("warm", episode.grade({**cold, **done}))
     if watch is not None and state.label == "cache_on":
         cold_warm = (list(work.cold.values()), list(work.warm.values()))
-        state.fleet = await watch.after_warm(warm, run.ids, *cold_warm, run.facts.block_size)
+        state.fleet = watch.after_warm(warm, run.ids, *cold_warm, run.facts.block_size)
     await run.phase("warm_single", work.warm_single)
     state.history = await later_turns(run, work, episode)
     await _ttft_repeats(run, work)
@@ -243,7 +241,7 @@ async def measure_server(
         work = build_workload(config, f"{run_id}-{state.label}", facts)
         tokenized = await tokenize_prompts(facts, work.to_tokenize, local_only=config.prompt_format == "tokens")
         # A fleet is measured on its replicas' own counters, never through the router's /metrics.
-        watch = await watch_fleet(server, facts, config.fleet, target.resolved_api_key)
+        watch = await watch_fleet(server, facts, target.resolved_api_key)
         # Metrics that failed when the server was first asked stay off: the reason is kept.
         reader = facts.metrics_reader() if facts.metrics_error is None else None
         probe = watch.probe if watch else CounterProbe(reader, facts.metrics_error or "metrics_url=none")

@@ -5,16 +5,17 @@ is measured the way ``vllm bench serve`` does (arrival of the first streamed chu
 text, minus send time). Every request, finished or failed, becomes a
 :class:`~echo_env.wire.records.RequestRecord`; nothing is dropped.
 
-Generation requests go over aiohttp with the server-sent events parsed here
+Generation requests go over aiohttp with the server-sent events parsed as they arrive
 (``transport="sse"``, the default): the ``openai`` SDK's streaming path costs 3-9 ms of
 CPU per streamed request (more with more in flight), which in a burst of hundreds of
 requests on one event loop delays every request's clock; this path costs under 1 ms
 (``benchmarks/client_overhead.py`` measures both). ``/v1/models`` goes over the same
 pool (the SDK's first call alone costs ~60 ms of CPU). ``transport="openai"`` sends
-generation through the SDK instead. The session's settings (pool, proxy, auth) come
+generation through the SDK instead. This module holds the pool, the concurrency slots,
+the retries and the request's fields; one attempt's send and read, by either transport, is
+:class:`~echo_env.wire.stream.Stream`'s. The session's settings (pool, proxy, auth) come
 from :mod:`echo_env.wire.http`; the config from :mod:`echo_env.wire.client_config`, the
-records from :mod:`echo_env.wire.records`, the folding of chunks from
-:mod:`echo_env.wire.stream`.
+records from :mod:`echo_env.wire.records`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from echo_env.wire import http
 from echo_env.wire.client_config import ClientConfig, Transport, usable_concurrency
 from echo_env.wire.records import Api, Output, Prompt, RequestRecord, unreachable
 from echo_env.wire.sse import SSEDecoder
-from echo_env.wire.stream import RETRYABLE_STATUS, Failed, Stream, Wants, error_message, short
+from echo_env.wire.stream import Failed, Stream, Wants, short
 
 __all__ = [
     "Api",
@@ -86,6 +87,10 @@ class LLMClient:
         self._url = config.base_url.rstrip("/")
         self._auth = http.bearer(config.resolved_api_key())
         self._headers = {**self._auth, "Accept": "text/event-stream"}
+        self._urls: dict[Api, str] = {
+            "completions": self._url + "/completions",
+            "chat": self._url + "/chat/completions",
+        }
         self._sem = asyncio.Semaphore(self.max_concurrency)
         self._model: str | None = config.model
         self._model_checked = False
@@ -269,13 +274,16 @@ class LLMClient:
         record.ok = False
 
     async def _stream(self, record: RequestRecord, api: Api, kwargs: dict[str, Any], want: Wants) -> None:
+        """One attempt: send, then read the stream into the record (``wire.stream`` does the reading)."""
+        sdk = self._openai
+        session = self._aiohttp() if sdk is None else None  # made before the clock starts
         record.sent_at = time.time()
         stream = Stream(record, api, want, time.perf_counter())
         try:
-            if self.config.transport == "openai":
-                await self._stream_openai(stream, api, kwargs, want.headers)
-            else:
-                await self._stream_sse(stream, api, kwargs, want.headers)
+            if session is not None:
+                await stream.read_sse(session, self._urls[api], kwargs, self._headers, want.headers, self._proxy)
+            elif sdk is not None:
+                await stream.read_openai(sdk, kwargs, want.headers)
         finally:
             stream.settle()
         stream.finish()
@@ -284,66 +292,6 @@ class LLMClient:
         if self._session is None:
             self._session, self._proxy = http.generation_session(self._url, self.max_concurrency)
         return self._session
-
-    async def _stream_sse(
-        self, stream: Stream, api: Api, kwargs: dict[str, Any], headers: Mapping[str, str] | None
-    ) -> None:
-        body = {k: v for k, v in kwargs.items() if k != "extra_body"}
-        body.update(kwargs.get("extra_body") or {})
-        url = self._url + ("/completions" if api == "completions" else "/chat/completions")
-        session = self._aiohttp()
-        proxy, proxy_auth = self._proxy
-        sent = {**self._headers, **headers} if headers else self._headers
-        try:
-            async with session.post(url, json=body, headers=sent, proxy=proxy, proxy_auth=proxy_auth) as resp:
-                if resp.status != 200:
-                    text = await resp.text(errors="replace")
-                    status = resp.status
-                    message = error_message(text) or resp.reason or ""
-                    raise Failed(
-                        f"HTTP {status}: {short(message)}", retryable=status in RETRYABLE_STATUS, status=status
-                    )
-                decoder = SSEDecoder()
-                on_event = stream.on_event
-                done = False
-                # Read to the end even after [DONE], so the connection goes back to the pool.
-                async for data in resp.content.iter_any():
-                    for event in decoder.feed(data):
-                        if event == "[DONE]":
-                            done = True
-                        elif not done:
-                            on_event(event)
-                for event in decoder.close():
-                    if event == "[DONE]":
-                        done = True
-                    elif not done:
-                        on_event(event)
-        except UnicodeDecodeError as exc:
-            raise Failed(f"malformed response: not UTF-8 ({exc})", retryable=False) from None
-        except aiohttp.ClientError as exc:
-            raise Failed(f"connection failed: {short(str(exc) or type(exc).__name__)}", retryable=True) from None
-
-    async def _stream_openai(
-        self, stream: Stream, api: Api, kwargs: dict[str, Any], headers: Mapping[str, str] | None
-    ) -> None:
-        assert self._openai is not None, "made in __init__ for transport='openai'"
-        if headers:
-            kwargs = {**kwargs, "extra_headers": dict(headers)}
-        try:
-            if api == "completions":
-                chunks = await self._openai.completions.create(**kwargs)
-            else:
-                chunks = await self._openai.chat.completions.create(**kwargs)
-            async for chunk in chunks:
-                stream.on_chunk(chunk.model_dump())
-        except openai.APIStatusError as exc:
-            status = exc.status_code
-            retryable = status in RETRYABLE_STATUS
-            raise Failed(f"HTTP {status}: {short(exc.message)}", retryable=retryable, status=status) from None
-        except openai.APIConnectionError as exc:
-            raise Failed(f"connection failed: {short(str(exc.__cause__ or exc))}", retryable=True) from None
-        except (openai.APIError, ValueError, KeyError, AttributeError) as exc:
-            raise Failed(f"malformed response: {short(str(exc))}", retryable=False) from None
 
 
 def _request_kwargs(

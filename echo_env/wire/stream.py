@@ -1,4 +1,7 @@
-"""Folding one streamed generation into its :class:`~echo_env.wire.records.RequestRecord`.
+"""Reading one streamed generation into its :class:`~echo_env.wire.records.RequestRecord`.
+
+:class:`Stream` sends one attempt (over aiohttp with the server-sent events parsed here,
+or through the openai SDK) and folds every chunk into the record as it arrives.
 
 What is kept of each streamed chunk is decided once per request (:class:`Wants`): token ids
 and logprobs only when the caller wants them, gaps between tokens unless the caller says it
@@ -13,7 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import openai
+
+from echo_env.wire.http import Proxy
 from echo_env.wire.records import Api, Output, RequestRecord
+from echo_env.wire.sse import SSEDecoder
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 """HTTP statuses worth another attempt."""
@@ -138,6 +146,79 @@ class Stream:
                 record.cached_tokens = details.get("cached_tokens")
         except (KeyError, TypeError, AttributeError) as exc:
             raise Failed(f"malformed response: bad chunk ({type(exc).__name__}: {exc})", retryable=False) from None
+
+    async def read_sse(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        kwargs: dict[str, Any],
+        headers: dict[str, str],
+        extra_headers: Mapping[str, str] | None,
+        proxy: Proxy,
+    ) -> None:
+        """Send the request over aiohttp and fold its server-sent events.
+
+        Raises:
+            Failed: The server refused the request, the connection broke, or the body was not UTF-8.
+        """
+        body = {k: v for k, v in kwargs.items() if k != "extra_body"}
+        body.update(kwargs.get("extra_body") or {})
+        sent = {**headers, **extra_headers} if extra_headers else headers
+        proxy_url, proxy_auth = proxy
+        try:
+            async with session.post(url, json=body, headers=sent, proxy=proxy_url, proxy_auth=proxy_auth) as resp:
+                if resp.status != 200:
+                    text = await resp.text(errors="replace")
+                    status = resp.status
+                    message = error_message(text) or resp.reason or ""
+                    raise Failed(
+                        f"HTTP {status}: {short(message)}", retryable=status in RETRYABLE_STATUS, status=status
+                    )
+                decoder = SSEDecoder()
+                on_event = self.on_event
+                done = False
+                # Read to the end even after [DONE], so the connection goes back to the pool.
+                async for data in resp.content.iter_any():
+                    for event in decoder.feed(data):
+                        if event == "[DONE]":
+                            done = True
+                        elif not done:
+                            on_event(event)
+                for event in decoder.close():
+                    if event == "[DONE]":
+                        done = True
+                    elif not done:
+                        on_event(event)
+        except UnicodeDecodeError as exc:
+            raise Failed(f"malformed response: not UTF-8 ({exc})", retryable=False) from None
+        except aiohttp.ClientError as exc:
+            raise Failed(f"connection failed: {short(str(exc) or type(exc).__name__)}", retryable=True) from None
+
+    async def read_openai(
+        self, sdk: openai.AsyncOpenAI, kwargs: dict[str, Any], extra_headers: Mapping[str, str] | None
+    ) -> None:
+        """Send the request through the openai SDK and fold its chunks.
+
+        Raises:
+            Failed: The server refused the request, the connection broke, or a chunk was malformed.
+        """
+        if extra_headers:
+            kwargs = {**kwargs, "extra_headers": dict(extra_headers)}
+        try:
+            if self.chat:
+                chunks = await sdk.chat.completions.create(**kwargs)
+            else:
+                chunks = await sdk.completions.create(**kwargs)
+            async for chunk in chunks:
+                self.on_chunk(chunk.model_dump())
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            retryable = status in RETRYABLE_STATUS
+            raise Failed(f"HTTP {status}: {short(exc.message)}", retryable=retryable, status=status) from None
+        except openai.APIConnectionError as exc:
+            raise Failed(f"connection failed: {short(str(exc.__cause__ or exc))}", retryable=True) from None
+        except (openai.APIError, ValueError, KeyError, AttributeError) as exc:
+            raise Failed(f"malformed response: {short(str(exc))}", retryable=False) from None
 
     def _new_output(self, index: int) -> Output:
         out = self.outputs[index] = Output(index=index)

@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 from test_verdict import good
 
-from echo_env.cachetest.answers import measure_outputs, measure_weight_update
+from echo_env.cachetest.answer_run import measure_isolation, measure_outputs, measure_weight_update
 from echo_env.cachetest.config import PrefixTestConfig
-from echo_env.cachetest.isolation import measure_isolation
 from echo_env.cachetest.results import Decision
 from echo_env.cachetest.verdict import decide
 from echo_env.cachetest.weights import perturbed_weights_dir

@@ -20,7 +20,6 @@ import pytest
 from fake_servers import MODEL, FakeOpenAIServer
 
 from echo_env.cachetest.config import PrefixTestConfig
-from echo_env.cachetest.fleet_run import FleetWatch
 from echo_env.commands.test import run_prefix_test
 from echo_env.config import build
 from echo_env.errors import EngineError
@@ -112,22 +111,17 @@ def test_echo_prefix_test_reads_each_replica_through_an_embedded_prometheus(
     # starts a Prometheus scraping both replicas for the length of the test.
     a, b = replicas
     direct = ReplicaProbe([a.root_url, b.root_url], model_name=MODEL)
-    own: dict[str, list[CacheCounters | None]] = {}
-    before_warm, after_warm = FleetWatch.before_warm, FleetWatch.after_warm
+    own: list[list[CacheCounters | None]] = []
+    snapshot = FleetCounterProbe.snapshot
 
-    # Each replica's own page, read right after the Prometheus reads around the warm burst
-    # (nothing is sent in between): what the stand-ins counted.
-    async def spy_before(self: FleetWatch) -> None:
-        await before_warm(self)
-        own["before"] = await direct.counters()
+    # Each replica's own page, read right after every Prometheus read around a phase (nothing
+    # is sent in between): what the stand-ins counted. The warm burst's are the third and fourth.
+    async def spy(self: FleetCounterProbe) -> Any:
+        snap = await snapshot(self)
+        own.append(await direct.counters())
+        return snap
 
-    async def spy_after(self: FleetWatch, *args: Any) -> Any:
-        result = await after_warm(self, *args)
-        own["after"] = await direct.counters()
-        return result
-
-    monkeypatch.setattr(FleetWatch, "before_warm", spy_before)
-    monkeypatch.setattr(FleetWatch, "after_warm", spy_after)
+    monkeypatch.setattr(FleetCounterProbe, "snapshot", spy)
     config = build(
         PrefixTestConfig, base_url=a.base_url, replica_urls=(a.root_url, b.root_url), prometheus_url="embedded",
         batch_size=2, group_size=3, ttft_burst=2, min_repeats=2, max_repeats=2, out_dir=str(tmp_path), timeout_s=10,
@@ -140,7 +134,7 @@ def test_echo_prefix_test_reads_each_replica_through_an_embedded_prometheus(
     assert evidence.replica_requests == (5, 0) and evidence.requests_sent == 5
     assert all(r.note is None for r in evidence.replicas)
     read = [(r.counters.queries, r.counters.hits, r.counters.requests) for r in evidence.replicas if r.counters]
-    assert read == _deltas(own["before"], own["after"])
+    assert read == _deltas(own[2], own[3])
     # Every phase was measured on the replicas' summed counters, read through Prometheus.
     warm = next(p for p in run.pooled if p.name == "warm")
     assert warm.counters is not None and warm.counters.requests == 5

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fake_servers import FakeOpenAIServer
+from fleet_evidence import fleet_result
 
 from echo_env.cachetest.config import PrefixTestConfig
 from echo_env.cachetest.fleet_checks import decide_fleet
@@ -26,7 +27,7 @@ from echo_env.commands.test import run_prefix_test
 from echo_env.config import build, parse_overrides
 from echo_env.errors import ConfigError
 from echo_env.launch.target import ServerTarget
-from echo_env.measure.fleet import FleetCeilings, FleetEvidence, fleet_ceilings, replica_figures
+from echo_env.measure.fleet import fleet_ceilings
 from echo_env.measure.replicas import phase_ceilings_of, sum_counters
 from echo_env.report.console import format_console
 from echo_env.wire.metrics import CacheCounters, delta
@@ -152,22 +153,6 @@ def test_summed_counters_add_replicas_and_see_one_restart() -> None:
 # ----- summary.json and the console ----------------------------------------------------------
 
 
-def _fleet_result(per_replica: tuple[tuple[int, int, int], ...]) -> FleetResult:
-    """Evidence of a warm burst: (requests, queries, hits) per replica."""
-    figures = tuple(
-        replica_figures(
-            f"http://127.0.0.1:{8001 + i}",
-            CacheCounters("vllm", queries=0, hits=0, requests=0),
-            CacheCounters("vllm", queries=q, hits=h, requests=n),
-        )
-        for i, (n, q, h) in enumerate(per_replica)
-    )
-    ceilings = FleetCeilings(2, 128, 7000, one_server=0.85, affinity=0.80, scatter=0.78, round_robin=0.80)
-    sent = sum(n for n, _, _ in per_replica)
-    evidence = FleetEvidence(figures, ceilings, sent, policy="round_robin")
-    return FleetResult(evidence, decide_fleet(evidence))
-
-
 def _result(fleet: FleetResult) -> TestResult:
     server = ServerEvidence(
         "vllm", "http://127.0.0.1:8000/v1", "m", None, True, "vllm:cache_config_info", 128, "block_size", None,
@@ -182,7 +167,7 @@ def _result(fleet: FleetResult) -> TestResult:
 
 
 def test_summary_and_console_carry_each_replica_and_the_routing_verdict() -> None:
-    result = _result(_fleet_result(((8, 3600, 2880), (7, 3400, 2720))))
+    result = _result(fleet_result(((8, 3600, 2880), (7, 3400, 2720))))
     summary = result.to_json()
     # Affinity 0.80 vs scatter 0.78: a workload that cannot tell routing apart passes with that said.
     assert summary["verdict"] == "PASS" and "the fleet reaches its placement" in summary["reason"]
@@ -199,7 +184,7 @@ def test_summary_and_console_carry_each_replica_and_the_routing_verdict() -> Non
 
 
 def test_counters_read_through_prometheus_say_so() -> None:
-    fleet = _fleet_result(((8, 3600, 2880), (7, 3400, 2720)))
+    fleet = fleet_result(((8, 3600, 2880), (7, 3400, 2720)))
     evidence = replace(fleet.evidence, metrics_source="prometheus")
     result = _result(FleetResult(evidence, decide_fleet(evidence)))
     assert result.to_json()["fleet"]["metrics_source"] == "prometheus"
@@ -211,7 +196,7 @@ def test_counters_read_through_prometheus_say_so() -> None:
 
 
 def test_one_busy_replica_fails_the_whole_test() -> None:
-    result = _result(_fleet_result(((15, 6800, 5440), (0, 0, 0))))
+    result = _result(fleet_result(((15, 6800, 5440), (0, 0, 0))))
     assert result.verdict == "FAIL" and result.exit_code == 1
     assert result.decision.reason.startswith("routing: one replica served 100% of requests")
     text = format_console(result, ascii_only=True)

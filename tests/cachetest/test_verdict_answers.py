@@ -252,8 +252,7 @@ def test_a_server_that_ignores_the_salt_and_serves_no_control_endpoints() -> Non
 
     from fake_servers import MODEL, FakeOpenAIServer
 
-    from echo_env.cachetest.answers import measure_outputs, measure_weight_update
-    from echo_env.cachetest.isolation import measure_isolation
+    from echo_env.cachetest.answer_run import measure_isolation, measure_outputs, measure_weight_update
     from echo_env.wire.client import ClientConfig, LLMClient
     from echo_env.wire.control import VllmControl
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet_evidence import fleet_result as routed
 from headless_chromium import chromium_path, open_page
-from test_fleet_run import _fleet_result
 from test_report import FAKE_KEY, fail_result, figures, partial_result, pass_result
 
 from echo_env.cachetest.fleet_run import join_decisions
@@ -30,7 +30,7 @@ from echo_env.report.summary_load import result_from_summary
 def fleet_result(out_dir: Path) -> TestResult:
     """PASS through a router: the cache checks of a PASS run joined with a routing PASS over two replicas."""
     result = pass_result(out_dir)
-    fleet = _fleet_result(((8, 3600, 2880), (7, 3400, 2720)))
+    fleet = routed(((8, 3600, 2880), (7, 3400, 2720)))
     on = result.runs[0]
     result.runs = [dataclasses.replace(on, fleet=fleet, decision=join_decisions(on.decision, fleet.decision))]
     result.on_vs_off = ()

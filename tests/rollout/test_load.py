@@ -199,7 +199,7 @@ def test_a_low_open_file_limit_caps_concurrency_instead_of_failing(stand_in: str
         f"""
 import asyncio, json, resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # soft = hard: cannot be raised
-sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_load import _load
 r = _load({f"{stand_in}/v1"!r}, "fake-model", batch_size=64, group_size=16, max_concurrency=1024)
 print(json.dumps({{"ok": r.succeeded, "failed": r.failed, "peak": r.peak_in_flight}}))
