@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -116,11 +119,15 @@ def open_page(page: Path, probe: str, screenshot: Path, *, width: int = 1100, ti
     binary = chromium_path()
     if binary is None:
         raise FileNotFoundError("chromium is not installed: run `make chromium` (apt-get install chromium)")
-    with tempfile.TemporaryDirectory(prefix="echo-chromium-") as profile:
+    # Chromium's helper processes may still write into the profile as it is removed (seen in CI
+    # as "Directory not empty: 'Default'"): the whole process group is stopped, and a leftover
+    # file of a throwaway profile is no reason to fail a test.
+    with tempfile.TemporaryDirectory(prefix="echo-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -132,12 +139,26 @@ def open_page(page: Path, probe: str, screenshot: Path, *, width: int = 1100, ti
             port = port_file.read_text().splitlines()[0]
             return asyncio.run(_open(port, page, probe, screenshot, width))
         finally:
-            proc.terminate()
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop Chromium and every helper process it started (they share its session's group)."""
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # The browser is gone; give its helpers a moment to follow it out.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 async def _open(port: str, page: Path, probe: str, screenshot: Path, width: int) -> PageView:
