@@ -33,6 +33,7 @@ from echo_env.commands.common import default_out_dir, fmt, setup_logging
 from echo_env.config import describe, parse_overrides
 from echo_env.errors import ConfigError, EchoEnvError
 from echo_env.launch.engine import cpu_has_bf16
+from echo_env.wire.info import server_root
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def _rollout_func(config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     return rollout, {
         "use_vllm": True,
         "vllm_mode": "server",
-        "vllm_server_base_url": config.base_url.rstrip("/").removesuffix("/v1"),
+        "vllm_server_base_url": server_root(config.base_url),
     }
 
 

@@ -55,6 +55,7 @@ from echo_env.measure.phase import CounterProbe, measure_phase
 from echo_env.measure.stats import percentiles
 from echo_env.rollout.worker import AgentCompletion, RolloutWorker, SamplingConfig
 from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.wire.info import server_root
 from echo_env.wire.metrics import MetricsReader, Snapshot
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ class EchoRollout:
     def __post_init__(self) -> None:
         ClientConfig(base_url=self.base_url, timeout_s=self.timeout_s)  # checks the values now, not mid-training
         if self.metrics_url is None:
-            self.metrics_url = self.base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+            self.metrics_url = server_root(self.base_url) + "/metrics"
         self._probe: CounterProbe | None = None
 
     def sampling(self, trainer: Any) -> SamplingConfig:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from echo_env.errors import EchoEnvError
 from echo_env.wire import http
+from echo_env.wire.info import server_root
 
 
 def worker_urls_from(body: object) -> list[str] | None:
@@ -42,7 +43,7 @@ async def probe_router(root: str, timeout_s: float = http.ROUTER_TIMEOUT_S) -> l
         The replica URLs when the target is a router; None when neither path answers
         with a worker list (a plain vLLM or SGLang server answers 404).
     """
-    base = root.rstrip("/").removesuffix("/v1")
+    base = server_root(root)
     async with http.AsyncHttp(timeout_s=timeout_s) as client:
         for path in ("/workers", "/list_workers"):
             try:
