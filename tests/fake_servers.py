@@ -79,6 +79,8 @@ class FakeOpenAIServer:
         """HTTP status sent by fault ``status``."""
         self.fault_count: int | None = None
         """How many completion requests get the fault before it stops (None: all)."""
+        self.fault_only: Callable[[str], bool] | None = None
+        """When set, only requests whose whole prompt it accepts get the fault (each retry asks again)."""
         self.stall_s: float = 30.0
         """How long fault ``stall`` holds a request before answering."""
         self.chunk_delay_s: float = 0.0
@@ -339,12 +341,6 @@ class FakeOpenAIServer:
             self.streams_open -= 1
 
     async def _answer(self, chat: bool, request: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
-        fault = self._take_fault()
-        if fault == "status":
-            body = json.dumps({"error": {"message": f"fake fault {self.fault_status}", "code": self.fault_status}})
-            return await self._send(writer, self.fault_status, body.encode())
-        if fault == "stall":
-            await asyncio.sleep(self.stall_s)
         if chat:
             messages = request["messages"]
             prompts = [next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")]
@@ -360,6 +356,12 @@ class FakeOpenAIServer:
             else:
                 prompts = list(raw)
             whole = prompts
+        fault = "none" if self.fault_only is not None and not self.fault_only("".join(whole)) else self._take_fault()
+        if fault == "status":
+            body = json.dumps({"error": {"message": f"fake fault {self.fault_status}", "code": self.fault_status}})
+            return await self._send(writer, self.fault_status, body.encode())
+        if fault == "stall":
+            await asyncio.sleep(self.stall_s)
         n = int(request.get("n") or 1)
         cached = sum(self._cache(p) for p in whole)
         prompt_tokens = sum(len(p) for p in whole)

@@ -50,6 +50,7 @@ from echo_env.measure.tokens import first_difference, plan_tokens, slot_cold_req
 from echo_env.rollout.worker import RolloutWorker
 from echo_env.wire.client import LLMClient, RequestRecord
 from echo_env.wire.info import ServerFacts, read_server_facts, tokenize_prompts
+from echo_env.wire.records import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class _Run:
         """Send one phase and measure it; its figures and each agent's completion.
 
         Raises:
-            ServerUnreachableError: No request reached the server.
+            ServerUnreachableError: No request reached the server, or more than ``max_failed_fraction``
+                failed and some of them could not connect.
             _ShortOfEvidence: More requests failed than ``max_failed_fraction`` allows.
         """
         plan = self.plan(list(prompts.values()), extra_cold)
@@ -106,16 +108,21 @@ class _Run:
             done.update(completions)
             return records
 
-        measured = await measure_phase(
-            name, send, probe=self.probe, plan=plan, server=self.state.label, repeat=repeat
-        )
+        measured = await measure_phase(name, send, probe=self.probe, plan=plan, server=self.state.label, repeat=repeat)
         if self.ids:
             self.sent.extend(self.ids[key_of(p)] for p in prompts.values() if key_of(p) in self.ids)
         self.state.phases.append(measured.figures)
         self.sink.phase_done(measured.figures, measured.records)
-        _check_reachable(measured.records)
         f = measured.figures
-        if f.requests and f.failed / f.requests > self.config.rules.max_failed_fraction:
+        dead = [r for r in measured.records if unreachable(r)]
+        lost = f.failed / f.requests if f.requests else 0.0
+        if dead and (len(dead) == len(measured.records) or lost > self.config.rules.max_failed_fraction):
+            # Refused or cut connections mid-phase: the server went away, which is not a lossy phase.
+            raise ServerUnreachableError(
+                f"{len(dead)} of {len(measured.records)} requests of the {name} phase could not reach the server "
+                f"({dead[0].error})"
+            )
+        if lost > self.config.rules.max_failed_fraction:
             raise _ShortOfEvidence(name)
         return f, done
 
@@ -126,14 +133,6 @@ class _Run:
         phases = self.state.phases
         i = max(i for i, p in enumerate(phases) if p.name == name)
         phases[i] = dataclasses.replace(phases[i], mean_reward=math.fsum(rewards) / len(rewards))
-
-
-def _check_reachable(records: Sequence[RequestRecord]) -> None:
-    dead = [r for r in records if not r.ok and (r.error or "").startswith("connection failed")]
-    if dead and len(dead) == len(records):
-        raise ServerUnreachableError(
-            f"{len(dead)} of {len(records)} requests could not reach the server ({dead[0].error})"
-        )
 
 
 def _median_ratio(control: PhaseFigures, warm: PhaseFigures) -> float | None:

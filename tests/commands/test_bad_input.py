@@ -347,6 +347,29 @@ def test_a_cut_stream_stops_the_run_with_its_records_on_disk(fake: FakeOpenAISer
     assert rows[0]["attempts"] == 3  # the default two retries, each counted once
 
 
+def test_connections_cut_in_part_of_a_phase_stop_the_run_as_unreachable(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """A server dying mid-phase: some requests finished, the rest were cut. Not a lossy phase."""
+    seen: list[str] = []
+
+    def second_prompt(prompt: str) -> bool:  # cold sent the first; the second is one group's two agents
+        if prompt not in seen:
+            seen.append(prompt)
+        return seen.index(prompt) == 1
+
+    fake.fault, fake.fault_only = "cut", second_prompt
+    _prefix_test(fake, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["verdict"] == "UNKNOWN" and summary["partial"] is True and summary["exit_code"] == 2
+    assert "2 of 3 requests of the warm phase could not reach the server" in summary["reason"], summary["reason"]
+    rows = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    warm = [r for r in rows if r["phase"] == "warm"]
+    assert [r["ok"] for r in rows if r["phase"] == "cold"] == [True]
+    assert sorted(r["ok"] for r in warm) == [False, False, True]
+    assert all(r["error"].startswith("connection failed") for r in warm if not r["ok"])
+
+
 # ----- model output ---------------------------------------------------------------------
 
 
