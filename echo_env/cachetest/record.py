@@ -113,9 +113,7 @@ class PrefixTestRun:
     def __enter__(self) -> PrefixTestRun:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         result = self.result
         swallow = False
         if exc is None:

