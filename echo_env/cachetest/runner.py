@@ -229,7 +229,7 @@ async def measure_server(
         sink: Told as each phase ends.
     """
     target = config.server
-    async with LLMClient(target.client_config(server)) as client:
+    async with LLMClient(server.client) as client:
         state.facts = facts = await read_server_facts(
             server.base_url, await client.model(), target.metrics_url if state.label == "cache_on" else None,
             embedded=server.embedded, api_key=target.resolved_api_key, block_size=target.block_size,

@@ -104,7 +104,7 @@ async def _rollout(config: RolloutConfig, server: OpenServer) -> dict[str, Any]:
     from echo_env.wire.client import LLMClient
 
     target = config.server
-    async with LLMClient(target.client_config(server)) as client:
+    async with LLMClient(server.client) as client:
         model = await client.model()
         tokenizer = None
         if config.prompt_format == "tokens":

@@ -20,13 +20,10 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from echo_env.errors import ConfigError
 from echo_env.launch.fleet import POLICIES as ROUTER_POLICIES
-
-if TYPE_CHECKING:
-    from echo_env.wire.client import ClientConfig
+from echo_env.wire.client_config import ClientConfig
 
 PROMETHEUS_EMBEDDED = "embedded"
 """The ``prometheus_url`` value that starts a Prometheus scraping the replicas for the run."""
@@ -162,17 +159,11 @@ class ServerTarget:
         """The key in effect: the configured one, else ``OPENAI_API_KEY``."""
         return self.api_key or os.environ.get("OPENAI_API_KEY") or None
 
-    def client_config(self, server: OpenServer) -> ClientConfig:
-        """The LLM client's settings for ``server``, opened from this target.
-
-        Args:
-            server: The server :func:`open_target` opened.
-        """
-        from echo_env.wire.client import ClientConfig  # aiohttp and openai load slowly
-
+    def client_config(self, base_url: str, model: str | None) -> ClientConfig:
+        """The LLM client's settings for the server at ``base_url``, opened from this target."""
         return ClientConfig(
-            base_url=server.base_url,
-            model=server.model,
+            base_url=base_url,
+            model=model,
             api_key=self.resolved_api_key,
             timeout_s=self.timeout_s,
             max_concurrency=self.max_concurrency,
@@ -189,6 +180,8 @@ class OpenServer:
     """The model to ask for (None: the first it serves)."""
     embedded: bool
     """Whether this process started it (and will stop it)."""
+    client: ClientConfig
+    """The LLM client's settings for it: its URL and model with the target's key, timeout and concurrency."""
     tokenizer_source: str | None = None
     """Where a local tokenizer of its model is (the embedded model's folder)."""
     replica_urls: tuple[str, ...] = ()
@@ -240,8 +233,9 @@ def open_target(
         if caching:
             with _prometheus_for(target.prometheus_url, target.replica_urls, announce) as prometheus_url:
                 yield OpenServer(
-                    target.base_url, target.model_name, embedded=False, replica_urls=target.replica_urls,
-                    prometheus_url=prometheus_url,
+                    target.base_url, target.model_name, embedded=False,
+                    client=target.client_config(target.base_url, target.model_name),
+                    replica_urls=target.replica_urls, prometheus_url=prometheus_url,
                 )  # fmt: skip
             return
         if baseline_url is None:
@@ -249,7 +243,8 @@ def open_target(
                 "comparing without cache on your own server needs baseline_url= (a second server started with "
                 "--no-enable-prefix-caching)"
             )
-        yield OpenServer(baseline_url, target.model_name, embedded=False)
+        client = target.client_config(baseline_url, target.model_name)
+        yield OpenServer(baseline_url, target.model_name, embedded=False, client=client)
         return
     if target.replicas > 1:
         with _open_fleet(target, caching=caching, dev_mode=dev_mode, announce=announce) as server:
@@ -264,8 +259,10 @@ def open_target(
         )
     with EmbeddedEngine(EngineConfig(model=target.model_name, prefix_caching=caching, dev_mode=dev_mode)) as engine:
         yield OpenServer(
-            engine.base_url, engine.served_model_name, embedded=True, tokenizer_source=target.model_name or "default"
-        )
+            engine.base_url, engine.served_model_name, embedded=True,
+            client=target.client_config(engine.base_url, engine.served_model_name),
+            tokenizer_source=target.model_name or "default",
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -286,8 +283,10 @@ def _open_fleet(target: ServerTarget, *, caching: bool, dev_mode: bool, announce
         )
     with EmbeddedFleet(config) as fleet, _prometheus_for(target.prometheus_url, fleet.replica_urls, announce) as prom:
         yield OpenServer(
-            fleet.base_url, fleet.served_model_name, embedded=True, tokenizer_source=target.model_name or "default",
-            replica_urls=tuple(fleet.replica_urls), policy=fleet.policy, prometheus_url=prom,
+            fleet.base_url, fleet.served_model_name, embedded=True,
+            client=target.client_config(fleet.base_url, fleet.served_model_name),
+            tokenizer_source=target.model_name or "default", replica_urls=tuple(fleet.replica_urls),
+            policy=fleet.policy, prometheus_url=prom,
         )  # fmt: skip
 
 
