@@ -498,6 +498,20 @@ def decode_blocks_table(doc: Doc) -> str:
     return doc["table_markdown"].strip("\n") + "\n\n" + machine_line(doc)
 
 
+# ----- time to verdict ------------------------------------------------------------------
+
+
+def time_to_verdict_table(doc: Doc) -> str:
+    """Each run in ABBA order, then the new/old ratio of each pair and the medians."""
+    pairs = "; ".join(
+        f"Pair {i}: {p['new_s']:.1f} s vs {p['old_s']:.1f} s ({p['new_over_old']:.2f}x)"
+        for i, p in enumerate(doc["pairs"], 1)
+    )
+    old, new, ratio = doc["median_old_s"], doc["median_new_s"], doc["median_new_over_old"]
+    medians = f"Medians: old {old:.1f} s, new {new:.1f} s ({ratio:.2f}x)"
+    return "\n\n".join([doc["markdown"].strip("\n"), f"{pairs}. {medians}.", machine_line(doc)])
+
+
 # ----- fleet ceilings (computed, no server) ---------------------------------------------
 
 

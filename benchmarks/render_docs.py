@@ -78,6 +78,7 @@ BLOCKS: dict[str, Block] = {
     "routing.sentence": Block(("routing.json", "routing-scale-out.json"), doc_tables.routing_sentence),
     "history_reuse": Block(("history_reuse-quick.json",), doc_tables.history_reuse_table),
     "decode_blocks": Block(("decode_blocks.json",), doc_tables.decode_blocks_table),
+    "time_to_verdict": Block(("time_to_verdict.json",), doc_tables.time_to_verdict_table),
     "fleet_ceilings": Block(("fleet_ceilings.json",), doc_tables.fleet_ceilings_table),
     "goals": Block(
         (
