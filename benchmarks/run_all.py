@@ -29,8 +29,10 @@ SCRIPTS = (
 """Every benchmark, in priority order."""
 
 NOT_IN_QUICK = ("time_to_verdict", "routing")
-"""Left out of ``--quick`` (the CI gate) until a quick run of each has been seen through on
-this machine; ``--only`` still runs them."""
+"""Left out of ``--quick`` (the CI gate), to keep ``make test`` within its hour: ``routing``
+starts a fleet of two engines, and ``time_to_verdict`` repeats the old design's full test.
+Both were seen through at ee55844 (``results/time_to_verdict.json``, ``results/routing-quick.json``);
+``--only`` runs them."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
