@@ -229,6 +229,10 @@ def open_target(
         ConfigError: ``caching=False`` on your own server without ``baseline_url``.
         EngineError, ModelError: The embedded engine (or the embedded Prometheus) could not start.
     """
+    if target.replicas > 1:  # an embedded fleet (ServerTarget refuses replicas with base_url)
+        with _open_fleet(target, caching=caching, dev_mode=dev_mode, announce=announce) as server:
+            yield server
+        return
     if target.base_url is not None:
         if caching:
             with _prometheus_for(target.prometheus_url, target.replica_urls, announce) as prometheus_url:
@@ -245,10 +249,6 @@ def open_target(
             )
         client = target.client_config(baseline_url, target.model_name)
         yield OpenServer(baseline_url, target.model_name, embedded=False, client=client)
-        return
-    if target.replicas > 1:
-        with _open_fleet(target, caching=caching, dev_mode=dev_mode, announce=announce) as server:
-            yield server
         return
     from echo_env.launch.engine import EmbeddedEngine, EngineConfig
 
