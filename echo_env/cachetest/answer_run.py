@@ -190,11 +190,14 @@ async def measure_isolation(client: LLMClient, prompt: Any, kind: str) -> Isolat
     if kind != "vllm":
         return IsolationEvidence(False, None, None, None, None, None, skipped=f"a {kind} server takes no cache_salt")
     salt_a, salt_b = new_salt("tenant-a"), new_salt("tenant-b")
-    plan = (("salt_a_first", salt_a), ("salt_a_again", salt_a), ("salt_b", salt_b), ("no_salt", None))
-    got: list[Answer | None] = [None] * 5
+    plan = (
+        ("salt_a_first", salt_a), ("salt_a_again", salt_a), ("salt_b", salt_b), ("no_salt", None),
+        ("no_salt_again", None),
+    )  # fmt: skip
+    got: list[Answer | None] = [None] * len(plan)
     error = None
     try:
-        for i, (label, salt) in enumerate((*plan, ("no_salt_again", None))):
+        for i, (label, salt) in enumerate(plan):
             got[i] = await ask(client, prompt, label, salt, token_ids=False)
     except RequestFailed as exc:
         error = str(exc)

@@ -113,16 +113,15 @@ class _Run:
             self.sent.extend(self.ids[key_of(p)] for p in prompts.values() if key_of(p) in self.ids)
         self.state.phases.append(measured.figures)
         self.sink.phase_done(measured.figures, measured.records)
-        f = measured.figures
-        dead = [r for r in measured.records if unreachable(r)]
-        lost = f.failed / f.requests if f.requests else 0.0
-        if dead and (len(dead) == len(measured.records) or lost > self.config.rules.max_failed_fraction):
-            # Refused or cut connections mid-phase: the server went away, which is not a lossy phase.
-            raise ServerUnreachableError(
-                f"{len(dead)} of {len(measured.records)} requests of the {name} phase could not reach the server "
-                f"({dead[0].error})"
-            )
-        if lost > self.config.rules.max_failed_fraction:
+        f, records = measured.figures, measured.records
+        dead = [r for r in records if unreachable(r)]
+        lossy = bool(f.requests) and f.failed / f.requests > self.config.rules.max_failed_fraction
+        if lossy or (dead and len(dead) == len(records)):
+            if dead:  # refused or cut connections: the server went away, which is not a lossy phase
+                raise ServerUnreachableError(
+                    f"{len(dead)} of {len(records)} requests of the {name} phase could not reach the server "
+                    f"({dead[0].error})"
+                )
             raise _ShortOfEvidence(name)
         return f, done
 

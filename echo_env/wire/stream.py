@@ -175,20 +175,20 @@ class Stream:
                         f"HTTP {status}: {short(message)}", retryable=status in RETRYABLE_STATUS, status=status
                     )
                 decoder = SSEDecoder()
-                on_event = self.on_event
                 done = False
-                # Read to the end even after [DONE], so the connection goes back to the pool.
-                async for data in resp.content.iter_any():
-                    for event in decoder.feed(data):
+
+                def fold(events: list[str]) -> None:
+                    nonlocal done
+                    for event in events:
                         if event == "[DONE]":
                             done = True
                         elif not done:
-                            on_event(event)
-                for event in decoder.close():
-                    if event == "[DONE]":
-                        done = True
-                    elif not done:
-                        on_event(event)
+                            self.on_event(event)
+
+                # Read to the end even after [DONE], so the connection goes back to the pool.
+                async for data in resp.content.iter_any():
+                    fold(decoder.feed(data))
+                fold(decoder.close())
         except UnicodeDecodeError as exc:
             raise Failed(f"malformed response: not UTF-8 ({exc})", retryable=False) from None
         except aiohttp.ClientError as exc:
