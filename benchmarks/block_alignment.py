@@ -30,7 +30,6 @@ from typing import Any
 import httpx
 from common import (
     cache_block_size,
-    counter_probe,
     fmt,
     machine_facts,
     markdown_table,
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 from echo_env.cachetest.align import align_system_prompt, prefix_geometry
 from echo_env.envs.task import EchoTask, find_worked_examples
 from echo_env.launch.target import OpenServer, ServerTarget, open_target
+from echo_env.measure.phase import CounterProbe
 from echo_env.measure.tokens import plan_tokens
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 from echo_env.wire.client import ClientConfig, LLMClient
@@ -105,7 +105,7 @@ async def measure(
     bar: Any,
 ) -> list[dict[str, Any]]:
     """Alternate the variants (ABBA...), each run on a freshly reset prefix cache."""
-    probe = counter_probe(facts)
+    probe = CounterProbe.of_server(facts)
     block = cache_block_size(facts)
     config = ClientConfig(base_url=server.base_url, model=server.model, timeout_s=900, max_concurrency=1024)
     out: list[dict[str, Any]] = []

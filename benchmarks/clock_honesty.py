@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from common import (
-    counter_probe,
     fmt,
     machine_facts,
     markdown_table,
@@ -150,7 +149,7 @@ def measure_all(batch: int, group: int, repeats: int) -> tuple[list[dict[str, An
     try:
         with open_target(ServerTarget()) as server:
             facts = server_facts(server, log=bar.write)
-            probe = counter_probe(facts)
+            probe = CounterProbe.of_server(facts)
             # Engine warm-up: distinct full prompts, then one burst of the measured shape on a
             # prefix of its own (a different run tag); no measured prefix is touched.
             asyncio.run(warm_up_engine(server, log=bar.write))

@@ -250,12 +250,6 @@ def cache_block_size(facts: ServerFacts) -> int:
     return facts.block_size
 
 
-def counter_probe(facts: ServerFacts) -> CounterProbe:
-    """The server's counters, read around each phase (quiet, with the reason kept, when there are none)."""
-    reader = facts.metrics_reader() if facts.metrics_error is None else None
-    return CounterProbe(reader, facts.metrics_error or "metrics_url=none")
-
-
 @dataclass(frozen=True)
 class Measured:
     """A phase's figures, and how busy the shared machine was when it ended."""

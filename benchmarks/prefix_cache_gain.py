@@ -40,7 +40,6 @@ import numpy as np
 from common import (
     Measured,
     cache_block_size,
-    counter_probe,
     fmt,
     machine_facts,
     markdown_table,
@@ -57,6 +56,7 @@ from tqdm.auto import tqdm
 from echo_env.envs.task import EchoTask, default_system_prompt, find_worked_examples, with_examples
 from echo_env.launch.target import OpenServer, ServerTarget, open_target
 from echo_env.measure.figures import PhaseFigures, pool
+from echo_env.measure.phase import CounterProbe
 from echo_env.measure.tokens import plan_tokens, shared_prefix_length
 from echo_env.rollout.worker import RolloutWorker, SamplingConfig
 from echo_env.wire.client import ClientConfig, LLMClient
@@ -202,7 +202,7 @@ async def run_block(
     bar: Any,
 ) -> list[Run]:
     """Every point, for each repeat in ``repeats``, on one open server."""
-    probe = counter_probe(facts)
+    probe = CounterProbe.of_server(facts)
     block = cache_block_size(facts)
     sampling = SamplingConfig(max_tokens=32, temperature=0.0, seed=0)
     runs: list[Run] = []

@@ -46,7 +46,6 @@ from typing import Any
 
 from common import (
     cache_block_size,
-    counter_probe,
     fmt,
     machine_facts,
     markdown_table,
@@ -226,7 +225,7 @@ async def old_design(config: PrefixTestConfig, server: OpenServer, log: Callable
     shared: TokenPlan | None = None
     async with LLMClient(client_config) as client:
         facts = await read_server_facts(server.base_url, await client.model(), None, embedded=server.embedded)
-        probe = counter_probe(facts)
+        probe = CounterProbe.of_server(facts)
         sampling = SamplingConfig(
             api=config.api, max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed
         )

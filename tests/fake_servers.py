@@ -91,6 +91,8 @@ class FakeOpenAIServer:
         """One of :data:`METRICS_MODES`."""
         self.html_only: bool = False
         """Answer everything with an HTML page, as a web app mistaken for base_url would."""
+        self.router_workers: list[str] | None = None
+        """When set, answer ``GET /workers`` with these URLs, as vllm-router does (the server plays a router)."""
         # ----- what the server saw -----
         self.paths: Counter[str] = Counter()
         """Requests per ``METHOD /path``."""
@@ -260,6 +262,9 @@ class FakeOpenAIServer:
             return await self._send(writer, 200, json.dumps(data).encode())
         if method == "GET" and path == "/stats":
             return await self._send(writer, 200, json.dumps(self.stats()).encode())
+        if method == "GET" and path == "/workers" and self.router_workers is not None:
+            data = {"workers": [{"url": u, "model_id": MODEL} for u in self.router_workers]}
+            return await self._send(writer, 200, json.dumps(data).encode())
         if method == "GET" and path in ("/metrics", "/metrics/"):
             return await self._metrics(writer)
         if method == "POST" and path == "/tokenize":

@@ -12,9 +12,9 @@ is judged on it beside the cache verdict (:func:`echo_env.cachetest.judge.judge`
 joins it (:func:`join_decisions`): a routing FAIL fails the test, a routing UNKNOWN
 leaves it UNKNOWN.
 
-A ``base_url`` without ``replica_urls`` is probed once (``GET /workers``,
-``/list_workers``): when it turns out to be a router, its counters are not used and the
-routing verdict asks for the replicas' URLs.
+A ``base_url`` without ``replica_urls`` that answered as a router when its facts were read
+(``GET /workers``, ``/list_workers``; :func:`~echo_env.wire.info.read_server_facts`) has
+its counters left unused, and the routing verdict asks for the replicas' URLs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from echo_env.measure.replicas import FleetCounterProbe, ReplicaProbe, fleet_evi
 from echo_env.measure.tokens import TokenIds
 from echo_env.wire.info import ServerFacts
 from echo_env.wire.metrics import CacheCounters, Snapshot
-from echo_env.wire.router import probe_router
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +107,8 @@ class _PhaseReads(ReplicaProbe):
 
 @dataclass(frozen=True)
 class FleetWatch:
-    """The runner's view of a fleet: the counter probe of every phase, and each replica's reads of the last one."""
+    """The runner's view of a fleet: each replica's reads around the last phase, and the router's policy."""
 
-    probe: CounterProbe
-    """What measures every phase: the replicas' summed counters (none through a bare router)."""
     replicas: _PhaseReads | None
     """Every replica read on its own (None: a router whose replicas are unknown)."""
     policy: str | None
@@ -147,34 +144,40 @@ class FleetWatch:
         )  # fmt: skip
 
 
-async def watch_fleet(server: OpenServer, facts: ServerFacts, api_key: str | None = None) -> FleetWatch | None:
-    """A :class:`FleetWatch` when the server is a fleet, else None (one server: nothing changes).
+def counter_probe(
+    server: OpenServer, facts: ServerFacts, api_key: str | None = None
+) -> tuple[CounterProbe, FleetWatch | None]:
+    """What measures every phase's counters, and the fleet's watch when the server is a fleet.
 
     A server given with ``replica_urls`` (or started as an embedded fleet) is read replica
-    by replica, through Prometheus when the server names one. Any other server is asked
-    whether it is a router; a router's replicas are then named in the routing verdict's
-    message, and its own counters are left unused.
+    by replica, through Prometheus when the server names one. A server that answered as a
+    router (:attr:`~echo_env.wire.info.ServerFacts.router_workers`) has its counters left
+    unused, and the routing verdict names its replicas. Any other server is read on its own
+    ``/metrics``; metrics that failed when the server was first asked stay off, with the reason.
 
     Args:
         server: The open server (its ``replica_urls``, ``prometheus_url`` and ``policy``).
-        facts: What the server said about itself (the metric names' adapter, the model).
+        facts: What the server said about itself (the metric names' adapter, the model, whether it routes).
         api_key: Bearer token for the replicas' pages.
+
+    Returns:
+        The probe, and a :class:`FleetWatch` (None: one server, nothing changes).
     """
     if server.replica_urls:
         replicas = _PhaseReads(
             server.replica_urls, model_name=facts.model, api_key=api_key, kind=facts.kind,
             prometheus_url=server.prometheus_url,
         )  # fmt: skip
-        return FleetWatch(FleetCounterProbe(replicas), replicas, server.policy)
-    if server.embedded or facts.metrics_url is None:
-        return None
-    found = await probe_router(facts.root)
-    if found is None:
-        return None
-    log.warning("%s is a router in front of %s: pass replica_urls= to read each replica", server.base_url, found)
+        return FleetCounterProbe(replicas), FleetWatch(replicas, server.policy)
+    found = facts.router_workers
+    if found is None or facts.metrics_url is None:
+        return CounterProbe.of_server(facts), None
+    log.warning(
+        "%s is a router in front of %s: pass replica_urls= to read each replica", server.base_url, ", ".join(found)
+    )
     unread = CounterProbe(
         None,
         "base_url is a router: its /metrics answers for one replica per call, so its counters are not used; "
         "pass replica_urls= to read each replica",
     )
-    return FleetWatch(unread, None, server.policy, hint=tuple(found))
+    return unread, FleetWatch(None, server.policy, hint=found)

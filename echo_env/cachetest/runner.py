@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from echo_env.cachetest import prefill as pf
 from echo_env.cachetest.answer_run import measure_answer_checks
 from echo_env.cachetest.config import PrefixTestConfig
-from echo_env.cachetest.fleet_run import FleetWatch, watch_fleet
+from echo_env.cachetest.fleet_run import FleetWatch, counter_probe
 from echo_env.cachetest.judge import Measured
 from echo_env.cachetest.results import FirstDifference, PrefixEvidence
 from echo_env.cachetest.turns import Episode, later_turns, sampling
@@ -46,7 +46,7 @@ from echo_env.launch.target import OpenServer
 from echo_env.measure.figures import PhaseFigures
 from echo_env.measure.phase import CounterProbe, measure_phase
 from echo_env.measure.stats import sequential_decision
-from echo_env.measure.tokens import first_difference, plan_tokens, slot_cold_requests
+from echo_env.measure.tokens import first_difference, plan_tokens
 from echo_env.rollout.worker import RolloutWorker
 from echo_env.wire.client import LLMClient, RequestRecord
 from echo_env.wire.info import ServerFacts, read_server_facts, tokenize_prompts
@@ -201,8 +201,7 @@ async def _phases(run: _Run, work: Workload, watch: FleetWatch | None, client: L
     """Every phase of one server, in order; each one's answers graded as it ends."""
     state, episode = run.state, Episode(run.config, work)
     _, cold = await run.phase("cold", work.cold)
-    slots = run.facts.granularity.slots if run.facts.granularity else None
-    warm, done = await run.phase("warm", work.warm, extra_cold=slot_cold_requests(len(work.warm), slots))
+    warm, done = await run.phase("warm", work.warm, extra_cold=work.warm_misses)
     run.graded("warm", episode.grade({**cold, **done}))
     if watch is not None and state.label == "cache_on":
         cold_warm = (list(work.cold.values()), list(work.warm.values()))
@@ -239,10 +238,7 @@ async def measure_server(
         work = build_workload(config, f"{run_id}-{state.label}", facts)
         tokenized = await tokenize_prompts(facts, work.to_tokenize, local_only=config.prompt_format == "tokens")
         # A fleet is measured on its replicas' own counters, never through the router's /metrics.
-        watch = await watch_fleet(server, facts, target.resolved_api_key)
-        # Metrics that failed when the server was first asked stay off: the reason is kept.
-        reader = facts.metrics_reader() if facts.metrics_error is None else None
-        probe = watch.probe if watch else CounterProbe(reader, facts.metrics_error or "metrics_url=none")
+        probe, watch = counter_probe(server, facts, target.resolved_api_key)
         tokenizer = facts.tokenizer() if config.prompt_format == "tokens" else None
         worker = RolloutWorker(client, sampling(config, facts), tokenizer=tokenizer)
         run = _Run(config, state, worker, probe, sink)

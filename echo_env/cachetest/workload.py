@@ -20,6 +20,7 @@ from echo_env.cachetest.prefill import SHORT_REPEATS
 from echo_env.envs.parallel import agent_id
 from echo_env.envs.task import EchoTask
 from echo_env.errors import ConfigError
+from echo_env.measure.tokens import slot_cold_requests
 
 if TYPE_CHECKING:
     from echo_env.cachetest.config import PrefixTestConfig
@@ -77,6 +78,9 @@ class Workload:
     """The first agent, sent alone on a prefix the server has never seen."""
     warm: dict[str, Prompt]
     """Every other agent, all in flight: the hit-rate burst."""
+    warm_misses: int
+    """The warm burst's requests that can hit nothing: on a server of independent slots (llama.cpp ``-np``)
+    all but one of its first wave (:func:`~echo_env.measure.tokens.slot_cold_requests`); 0 on one shared cache."""
     ttft: tuple[TTFTRepeat, ...]
     """The TTFT repeats, at most ``max_repeats``."""
     checks: dict[str, str]
@@ -103,12 +107,16 @@ def build_workload(config: PrefixTestConfig, tag: str, facts: ServerFacts | None
     Args:
         config: The test's settings.
         tag: Makes this run's prefix new (a run id and the server's label).
-        facts: The server's facts, for ``align_prefix`` (None: the shipped system prompt).
+        facts: The server's facts, for ``align_prefix`` and its slots (None: the shipped system prompt, one
+            shared cache).
 
     Raises:
         ConfigError: ``align_prefix`` on a server whose cache block size is unknown.
     """
     system_prompt = aligned_system_prompt(config, facts) if facts is not None else None
+    slots = facts.granularity.slots if facts is not None and facts.granularity is not None else None
+    # The first agent goes alone (cold); the rest are the warm burst.
+    warm_misses = slot_cold_requests(config.batch_size * config.group_size - 1, slots)
     task = EchoTask(run_tag=run_tag(tag))
     if system_prompt is not None:
         task = replace(task, system_prompt=system_prompt)
@@ -144,6 +152,7 @@ def build_workload(config: PrefixTestConfig, tag: str, facts: ServerFacts | None
         words=words,
         cold={first: prompts[first]},
         warm={a: p for a, p in prompts.items() if a != first},
+        warm_misses=warm_misses,
         ttft=tuple(repeats),
         checks=checks,
         to_tokenize=(*prompts.values(), *(p for r in repeats for p in (*r.warm.values(), *r.control.values()))),

@@ -23,6 +23,7 @@ from echo_env.interrupts import run_main
 from echo_env.launch.target import open_target
 from echo_env.report.console import format_console
 from echo_env.report.files import RunWriter
+from echo_env.report.wandb_log import WandbLog
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +56,22 @@ def run_prefix_test(config: PrefixTestConfig, *, show_progress: bool = True) -> 
     writer: ResultSink = RunWriter(out_dir)
     if show_progress:
         writer = _Progress(writer)
-    result = run_test(config, writer, out_dir=str(out_dir))
-    _log_wandb(config, result)
-    return result
+    return run_test(config, writer, out_dir=str(out_dir))
 
 
 def run_test(config: PrefixTestConfig, sink: ResultSink, out_dir: str | None = None) -> TestResult:
     """Open each server the test needs, measure it, close it; the typed result (``sink`` fed as it goes).
 
     The server under test first, then the cache-off baseline if asked for. Whatever happens, the
-    sink has the records measured so far and a summary; an error mid-run gives verdict UNKNOWN
-    with ``partial: true`` (:class:`~echo_env.cachetest.record.PrefixTestRun`).
+    sink (and wandb, with ``wandb_project``) has the records measured so far and a summary; an
+    error mid-run gives verdict UNKNOWN with ``partial: true`` (:class:`~echo_env.cachetest.record.PrefixTestRun`).
     """
     servers = [("cache_on", True)]
     if config.compare_without_cache or config.baseline_url:
         servers.append(("cache_off", False))
     run_id = uuid.uuid4().hex[:8]
+    if config.wandb_project:
+        sink = WandbLog(sink, config.wandb_project, config.wandb_name)
     with PrefixTestRun(config, sink, out_dir) as run:
         for label, caching in servers:
             # weight_update's reload, pause and reset are served in vLLM's dev mode only.
@@ -114,23 +115,3 @@ class _Progress:
 
     def finish(self, result: TestResult) -> Any:
         return self.inner.finish(result)
-
-
-def _log_wandb(config: PrefixTestConfig, result: TestResult) -> None:
-    if not config.wandb_project:
-        return
-    try:
-        import wandb  # type: ignore[import-not-found]
-    except ImportError:
-        log.warning("wandb_project is set but wandb is not installed: pip install wandb")
-        return
-    run = wandb.init(project=config.wandb_project, name=config.wandb_name, config=result.config)
-    flat: dict[str, Any] = {"verdict": result.verdict}
-    main = result.main
-    if main is not None:
-        for p in main.pooled:
-            flat[f"time/ttft_p50_{p.name}"] = p.ttft.p50
-            flat[f"throughput/{p.name}_rps"] = p.throughput_rps
-            flat[f"hit_rate/{p.name}"] = p.hit.value
-    run.log(flat)
-    run.finish()

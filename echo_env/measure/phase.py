@@ -17,6 +17,7 @@ from echo_env.errors import MetricsError
 from echo_env.measure.figures import PhaseFigures, phase_figures
 from echo_env.measure.tokens import TokenPlan
 from echo_env.wire.client import RequestRecord
+from echo_env.wire.info import ServerFacts
 from echo_env.wire.metrics import CounterDelta, MetricsReader, Snapshot, delta
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ class CounterProbe:
         self.reader = reader
         self.error: str | None = unavailable if reader is None else None
         """Why the last read failed (or why there is no reader)."""
+
+    @classmethod
+    def of_server(cls, facts: ServerFacts) -> CounterProbe:
+        """The probe of one server's own ``/metrics``; metrics that failed when its facts were read stay off."""
+        return cls(facts.metrics, facts.metrics_error or "metrics_url=none")
 
     async def snapshot(self) -> Snapshot | None:
         """The counters now, or None (the reason goes to :attr:`error`)."""

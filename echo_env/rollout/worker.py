@@ -117,6 +117,29 @@ def _timing(record: RequestRecord, out: Output | None, shared: bool) -> dict[str
     return timing
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One request of a batch: the agents it answers and what it sends for them."""
+
+    agents: tuple[str, ...]
+    prompts: tuple[Prompt, ...]
+    """One prompt, or (``as_list``) one per agent."""
+    n: int
+    tag: str
+    session: str | None = None
+    keeps_history: bool = False
+    """One agent's request (``per_agent``): token-in history is kept for it."""
+    as_list: bool = False
+    """``batched``: the prompts go as one list, an answer per agent in order."""
+    one_answer: bool = False
+    """Every agent gets the first answer (a greedy group asks once)."""
+
+    @property
+    def shared(self) -> bool:
+        """Several agents share this request: its usage totals are not per agent."""
+        return len(self.agents) > 1 or self.as_list
+
+
 def _prompt_key(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
@@ -155,6 +178,24 @@ class RolloutWorker:
             ids = self._token_cache[key] = self.history.prompt_ids(agent, prompt)
         return ids
 
+    def _calls(self, prompts: Mapping[str, Prompt], sessions: Mapping[str, str]) -> list[_Call]:
+        """The requests of one batch, as ``batching`` says: which agents each one answers."""
+        if self.sampling.batching == "per_agent":
+            return [_Call((a,), (prompts[a],), 1, a, sessions.get(a), keeps_history=True) for a in prompts]
+        if self.sampling.batching == "batched":
+            agents = tuple(prompts)
+            return [_Call(agents, tuple(prompts[a] for a in agents), 1, f"batch of {len(agents)}", as_list=True)]
+        by_prompt: dict[str, list[str]] = defaultdict(list)
+        for agent in prompts:
+            by_prompt[_prompt_key(prompts[agent])].append(agent)
+        # Greedy decoding gives every sample the same text, and vLLM refuses n > 1
+        # with temperature 0: ask once and hand the answer to the whole group.
+        greedy = self.sampling.temperature == 0.0
+        return [
+            _Call(tuple(g), (prompts[g[0]],), 1 if greedy else len(g), f"{g[0]}+{len(g) - 1}", one_answer=greedy)
+            for g in by_prompt.values()
+        ]
+
     def _wire_prompt(self, prompt: Prompt, agent: str | None = None) -> Prompt:
         if agent is not None and self.history is not None and isinstance(prompt, str):
             return self.token_prompt(agent, prompt)
@@ -166,12 +207,16 @@ class RolloutWorker:
             return ids
         return prompt
 
-    async def _request(self, prompt: Any, n: int, tag: str, session: str | None = None) -> RequestRecord:
+    async def _request(self, call: _Call) -> tuple[RequestRecord, Any]:
+        """Send one call (its prompts as the server takes them); its record and what was sent."""
         s = self.sampling
+        agent = call.agents[0] if call.keeps_history else None
+        wires = [self._wire_prompt(p, agent) for p in call.prompts]
+        wire: Any = wires if call.as_list else wires[0]
         record = await self.client.generate(
-            prompt,
+            wire,
             api=s.api,
-            n=n,
+            n=call.n,
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
@@ -179,13 +224,13 @@ class RolloutWorker:
             seed=s.seed,
             logprobs=s.logprobs,
             extra_body=dict(s.extra_body) or None,
-            headers={SESSION_HEADER: session} if session else None,
-            tag=tag,
+            headers={SESSION_HEADER: call.session} if call.session else None,
+            tag=call.tag,
         )
         self.records.append(record)
         if self.on_record is not None:
             self.on_record(record)
-        return record
+        return record, wire
 
     async def complete(
         self, prompts: Mapping[str, Prompt], sessions: Mapping[str, str] | None = None
@@ -203,75 +248,26 @@ class RolloutWorker:
         if not prompts:
             return {}, []
         await self.client.model()
-        if self.sampling.batching == "per_agent":
-            return await self._complete_per_agent(prompts, sessions or {})
-        if self.sampling.batching == "per_group":
-            return await self._complete_per_group(prompts)
-        return await self._complete_batched(prompts)
+        calls = self._calls(prompts, sessions or {})
+        sent = await asyncio.gather(*(self._request(c) for c in calls))
+        return self._completions(calls, sent), [record for record, _ in sent]
 
-    async def _complete_per_agent(
-        self, prompts: Mapping[str, Prompt], sessions: Mapping[str, str]
-    ) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
-        """One request per agent, all in flight; token-in history is recorded per agent."""
-        agents = list(prompts)
+    def _completions(
+        self, calls: Sequence[_Call], sent: Sequence[tuple[RequestRecord, Any]]
+    ) -> dict[str, AgentCompletion]:
+        """Each agent's share of its call's answer; token-in history is recorded per agent."""
         results: dict[str, AgentCompletion] = {}
-        wires = {a: self._wire_prompt(prompts[a], a) for a in agents}
-        records = await asyncio.gather(*(self._request(wires[a], 1, a, sessions.get(a)) for a in agents))
-        for agent, rec in zip(agents, records):
-            out = rec.outputs[0] if rec.ok and rec.outputs else None
-            sent, ids = prompts[agent], wires[agent]
-            if self.history is not None and out is not None and isinstance(sent, str) and isinstance(ids, list):
-                self.history.record(agent, sent, ids, out.text, output_ids(out))
-            results[agent] = AgentCompletion(
-                out.text if out else "", _timing(rec, out, shared=False), rec.request_id, rec.error, out
-            )
-        return results, list(records)
-
-    async def _complete_per_group(
-        self, prompts: Mapping[str, Prompt]
-    ) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
-        """One request per distinct prompt, with ``n`` = its agents (1 when decoding is greedy)."""
-        by_prompt: dict[str, list[str]] = defaultdict(list)
-        for agent in prompts:
-            by_prompt[_prompt_key(prompts[agent])].append(agent)
-        groups = list(by_prompt.values())
-        # Greedy decoding gives every sample the same text, and vLLM refuses n > 1
-        # with temperature 0: ask once and hand the answer to the whole group.
-        greedy = self.sampling.temperature == 0.0
-        records = await asyncio.gather(
-            *(
-                self._request(self._wire_prompt(prompts[g[0]]), 1 if greedy else len(g), f"{g[0]}+{len(g) - 1}")
-                for g in groups
-            )
-        )
-        results: dict[str, AgentCompletion] = {}
-        for group, rec in zip(groups, records):
-            for i, agent in enumerate(group):
-                k = 0 if greedy else i
+        for call, (rec, wire) in zip(calls, sent, strict=True):
+            for i, agent in enumerate(call.agents):
+                k = 0 if call.one_answer else i
                 out = rec.outputs[k] if rec.ok and k < len(rec.outputs) else None
+                prompt = call.prompts[0]
+                if call.keeps_history and self.history and out and isinstance(prompt, str) and isinstance(wire, list):
+                    self.history.record(agent, prompt, wire, out.text, output_ids(out))
                 results[agent] = AgentCompletion(
-                    out.text if out else "",
-                    _timing(rec, out, shared=len(group) > 1),
-                    rec.request_id,
-                    rec.error,
-                    out,
+                    out.text if out else "", _timing(rec, out, shared=call.shared), rec.request_id, rec.error, out
                 )
-        return results, list(records)
-
-    async def _complete_batched(
-        self, prompts: Mapping[str, Prompt]
-    ) -> tuple[dict[str, AgentCompletion], list[RequestRecord]]:
-        """One completions request carrying every agent's prompt."""
-        agents = list(prompts)
-        wire = [self._wire_prompt(prompts[a]) for a in agents]
-        rec = await self._request(wire, 1, f"batch of {len(agents)}")
-        results: dict[str, AgentCompletion] = {}
-        for i, agent in enumerate(agents):
-            out = rec.outputs[i] if rec.ok and i < len(rec.outputs) else None
-            results[agent] = AgentCompletion(
-                out.text if out else "", _timing(rec, out, shared=True), rec.request_id, rec.error, out
-            )
-        return results, [rec]
+        return results
 
     def _prompts(self, observations: Mapping[str, str], infos: Mapping[str, Mapping[str, Any]]) -> dict[str, Prompt]:
         if self.sampling.api == "completions":

@@ -51,8 +51,16 @@ __all__ = [
     "generation_session",
     "get",
     "get_json",
+    "server_root",
     "unreachable_server",
 ]
+
+
+def server_root(base_url: str) -> str:
+    """The server's root URL: ``http://host:port/v1`` -> ``http://host:port``."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
 
 PROBE_TIMEOUT_S = 10.0
 """Asking a server what it is (kind detection, detokenizing a message)."""

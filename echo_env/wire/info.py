@@ -17,20 +17,16 @@ from typing import Any
 
 from echo_env.errors import EchoEnvError, MetricsError
 from echo_env.wire import http
+from echo_env.wire.http import server_root
 from echo_env.wire.kinds import CacheGranularity, Prompt, ServerKind, ServerProps, plausible_tokenization
 from echo_env.wire.kinds.openai import OpenAIKind
 from echo_env.wire.kinds.sglang import SglangKind
 from echo_env.wire.kinds.vllm import VllmKind
 from echo_env.wire.metrics import MetricsReader, Snapshot
+from echo_env.wire.router import probe_router
 from echo_env.wire.tokenizer import Tokenizer, encode_prompts, load_local_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def server_root(base_url: str) -> str:
-    """The server's root URL: ``http://host:port/v1`` -> ``http://host:port``."""
-    root = base_url.rstrip("/")
-    return root[: -len("/v1")] if root.endswith("/v1") else root
 
 
 def _llamacpp() -> Any:
@@ -63,6 +59,11 @@ class ServerFacts:
     """Why the server's tokenization was not used, when it was not."""
     metrics_error: str | None = None
     """Why the metrics could not be read, if they could not."""
+    metrics: MetricsReader | None = field(default=None, repr=False)
+    """The reader of its counters, with its kind's metric names (None: metrics off or unreadable when first asked)."""
+    router_workers: tuple[str, ...] | None = None
+    """The replicas this server routes to, when it answered as a router (``GET /workers``); None: not a router,
+    or not asked (a server this package started)."""
     api_key: str | None = field(default=None, repr=False)
     """Sent to the server; never written out (nor shown by ``repr``)."""
     tokenizer_source: str | None = None
@@ -99,6 +100,7 @@ class ServerFacts:
             "slots": self.props.slots,
             "embedded": self.embedded,
             "metrics_error": self.metrics_error,
+            "router_workers": list(self.router_workers) if self.router_workers is not None else None,
             "tokenized_by": self.tokenized_by,
             "tokenize_error": self.tokenize_error,
         }
@@ -110,12 +112,6 @@ class ServerFacts:
     def tokenizer(self) -> Tokenizer:
         """A local tokenizer for the served model (the embedded model, a folder or a hub id)."""
         return self.tokenizer_loader(self.tokenizer_source or self.model)
-
-    def metrics_reader(self) -> MetricsReader | None:
-        """A reader of the server's counters (None: metrics off or unreadable)."""
-        if self.metrics_url is None:
-            return None
-        return MetricsReader(self.metrics_url, model_name=self.model, api_key=self.api_key, kind=self.kind)
 
     async def decode(self, ids: Sequence[int]) -> str:
         """Token ids back to text, for messages (best effort: the server, a local tokenizer, the ids)."""
@@ -190,7 +186,7 @@ async def read_server_facts(
         base_url: The OpenAI API root.
         model: The served model name.
         metrics_url: Prometheus endpoint; None means ``<root>/metrics``; ``"none"`` skips it.
-        embedded: Whether this package started the server.
+        embedded: Whether this package started the server (it is then not asked whether it is a router).
         api_key: Bearer token.
         block_size: The cache unit in tokens when the server does not say (``block_size=``).
     """
@@ -205,9 +201,14 @@ async def read_server_facts(
         except MetricsError as exc:
             facts.metrics_error = _metrics_message(facts.kind, exc)
             log.warning("%s", facts.metrics_error)
+    if url is not None and facts.metrics_error is None:
+        facts.metrics = MetricsReader(url, model_name=model, api_key=api_key, kind=facts.kind)
     facts.granularity = facts.kind.granularity(facts.props)
     if facts.granularity is None and block_size is not None:
         facts.granularity = CacheGranularity(block_size, "block_size= key")
+    if not embedded:  # a router's /metrics answers for one replica per call: the fleet run needs to know
+        workers = await probe_router(root)
+        facts.router_workers = tuple(workers) if workers is not None else None
     return facts
 
 

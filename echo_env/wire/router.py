@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from echo_env.errors import EchoEnvError
 from echo_env.wire import http
-from echo_env.wire.info import server_root
+from echo_env.wire.http import server_root
 
 
 def worker_urls_from(body: object) -> list[str] | None:

@@ -245,3 +245,21 @@ def test_one_server_without_replicas_keeps_its_verdict(tmp_path: Path) -> None:
     assert result.main is not None and result.main.fleet is None
     assert result.to_json()["fleet"] is None
     assert "fleet   " not in format_console(result, ascii_only=True)
+
+
+def test_a_router_given_without_its_replicas_is_not_read_and_the_verdict_names_them(tmp_path: Path) -> None:
+    # The stand-in answers GET /workers as vllm-router does; its own counters must not be used.
+    with FakeOpenAIServer() as server:
+        server.router_workers = ["http://10.0.0.2:8000", "http://10.0.0.1:8000"]
+        config = build(
+            PrefixTestConfig, base_url=server.base_url, batch_size=2, group_size=2, ttft_burst=2,
+            out_dir=str(tmp_path), timeout_s=10,
+        )  # fmt: skip
+        result = run_prefix_test(config, show_progress=False)
+    run = result.main
+    assert run is not None and run.fleet is not None
+    assert run.fleet.evidence.metrics_source == "router"
+    assert result.verdict == "UNKNOWN" and result.exit_code == 2
+    assert "replica_urls=http://10.0.0.1:8000,http://10.0.0.2:8000" in result.decision.reason
+    # No phase was measured on the router's counters.
+    assert all(p.counters is None for p in run.pooled)

@@ -96,3 +96,16 @@ def test_grading_steps_the_env_and_leaves_failed_answers_out() -> None:
     }
     assert episode.grade(done) == [1.0]
     assert episode.answered == done and episode.observations == {}  # one word each: every episode is over
+
+
+def test_the_warm_burst_misses_all_but_one_of_its_first_wave_on_independent_slots() -> None:
+    from echo_env.wire.info import ServerFacts
+    from echo_env.wire.kinds import CacheGranularity
+
+    config = _config(align_prefix="off")  # 6 agents: the cold one, then a warm burst of 5
+    assert build_workload(config, "0123abcd-cache_on").warm_misses == 0
+    facts = ServerFacts("http://127.0.0.1:9/v1", None, "m", granularity=CacheGranularity(1, "props", slots=4))
+    work = build_workload(config, "0123abcd-cache_on", facts)
+    assert len(work.warm) == 5 and work.warm_misses == 3  # 4 slots: the first wave of 4, one of them hits
+    shared = dataclasses.replace(facts, granularity=CacheGranularity(16, "vllm:cache_config_info block_size"))
+    assert build_workload(config, "0123abcd-cache_on", shared).warm_misses == 0

@@ -29,6 +29,7 @@ from echo_env.measure.fleet import (
 from echo_env.measure.tokens import shared_prefix_length
 from echo_env.rollout.worker import SESSION_HEADER
 from echo_env.wire.client import ClientConfig, LLMClient, RequestRecord
+from echo_env.wire.info import read_server_facts
 from echo_env.wire.metrics import CacheCounters, MetricsReader, fetch_metrics, parse_prometheus, read_counters
 from echo_env.wire.router import probe_router
 from echo_env.wire.tokenizer import encode_prompts
@@ -159,6 +160,12 @@ def test_the_routers_metrics_page_alternates_between_replicas(fleet: EmbeddedFle
 def test_probe_router_finds_the_replicas(fleet: EmbeddedFleet) -> None:
     assert asyncio.run(probe_router(fleet.base_url)) == sorted(fleet.replica_urls)
     assert asyncio.run(probe_router(fleet.replica_urls[0])) is None
+    # What the test's runner reads: the router is known as one by its facts, a replica is not.
+    model = fleet.served_model_name
+    assert asyncio.run(read_server_facts(fleet.base_url, model, None)).router_workers == tuple(
+        sorted(fleet.replica_urls)
+    )
+    assert asyncio.run(read_server_facts(f"{fleet.replica_urls[0]}/v1", model, None)).router_workers is None
 
 
 def test_consistent_hash_keeps_a_session_on_one_replica(fleet: EmbeddedFleet) -> None:

@@ -1000,3 +1000,71 @@ def test_redaction_of_a_long_value_stays_fast() -> None:
     # An unbounded URL-scheme pattern backtracks quadratically over a long run of letters.
     value: Sequence[str] = ["a" * 200_000 + "://x"]
     assert redact(value) == list(value)
+
+
+class _FakeWandb:
+    """Stands in for the ``wandb`` module (not installed in CI): keeps what the sink asked of it."""
+
+    def __init__(self) -> None:
+        self.init_kwargs: dict[str, Any] = {}
+        self.logged: list[dict[str, Any]] = []
+        self.finished = False
+
+    def init(self, **kwargs: Any) -> _FakeWandb:
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, figures: dict[str, Any]) -> None:
+        self.logged.append(figures)
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class _Kept:
+    def __init__(self) -> None:
+        self.finished: list[TestResult] = []
+
+    def append_records(self, rows: Any) -> int:
+        return len(list(rows))
+
+    def write_summary(self, result: TestResult) -> None:
+        return None
+
+    def finish(self, result: TestResult) -> str:
+        self.finished.append(result)
+        return "files written"
+
+
+def test_wandb_gets_the_final_figures_and_settings_without_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from echo_env.report.wandb_log import WandbLog
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    inner = _Kept()
+    result = pass_result(tmp_path)
+    assert WandbLog(inner, "echo-runs", "night-1").finish(result) == "files written"
+    assert inner.finished == [result]
+    assert fake.init_kwargs["project"] == "echo-runs" and fake.init_kwargs["name"] == "night-1"
+    assert FAKE_KEY not in json.dumps(fake.init_kwargs["config"])
+    assert fake.init_kwargs["config"]["batch_size"] == result.config["batch_size"]
+    (figures,) = fake.logged
+    assert figures["verdict"] == "PASS"
+    warm = next(p for p in result.runs[0].pooled if p.name == "warm")
+    assert figures["hit_rate/warm"] == warm.hit.value and figures["time/ttft_p50_warm"] == warm.ttft.p50
+    assert fake.finished
+
+
+def test_wandb_missing_leaves_the_files_and_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from echo_env.report.wandb_log import WandbLog
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    inner = _Kept()
+    result = partial_result(tmp_path)
+    assert WandbLog(inner, "echo-runs").finish(result) == "files written"
+    assert inner.finished == [result]
+    assert "pip install wandb" in caplog.text
