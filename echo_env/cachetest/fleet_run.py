@@ -170,7 +170,7 @@ def counter_probe(
         )  # fmt: skip
         return FleetCounterProbe(replicas), FleetWatch(replicas, server.policy)
     found = facts.router_workers
-    if found is None or facts.metrics_url is None:
+    if found is None:
         return CounterProbe.of_server(facts), None
     log.warning(
         "%s is a router in front of %s: pass replica_urls= to read each replica", server.base_url, ", ".join(found)

@@ -7,7 +7,6 @@ when asked for.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,8 +23,6 @@ from echo_env.launch.target import open_target
 from echo_env.report.console import format_console
 from echo_env.report.files import RunWriter
 from echo_env.report.wandb_log import WandbLog
-
-log = logging.getLogger(__name__)
 
 Config = PrefixTestConfig
 """The command's settings (``echo-prefix test --help`` lists them)."""

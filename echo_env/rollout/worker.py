@@ -121,23 +121,22 @@ def _timing(record: RequestRecord, out: Output | None, shared: bool) -> dict[str
 class _Call:
     """One request of a batch: the agents it answers and what it sends for them."""
 
+    mode: Batching
     agents: tuple[str, ...]
     prompts: tuple[Prompt, ...]
-    """One prompt, or (``as_list``) one per agent."""
+    """One prompt, or (``batched``) one per agent, sent as one list."""
     n: int
     tag: str
     session: str | None = None
-    keeps_history: bool = False
-    """One agent's request (``per_agent``): token-in history is kept for it."""
-    as_list: bool = False
-    """``batched``: the prompts go as one list, an answer per agent in order."""
-    one_answer: bool = False
-    """Every agent gets the first answer (a greedy group asks once)."""
+
+    def answer_index(self, i: int) -> int:
+        """Which of the request's answers is its ``i``-th agent's (a greedy group shares the one answer)."""
+        return i if self.mode == "batched" or self.n > 1 else 0
 
     @property
     def shared(self) -> bool:
         """Several agents share this request: its usage totals are not per agent."""
-        return len(self.agents) > 1 or self.as_list
+        return len(self.agents) > 1 or self.mode == "batched"
 
 
 def _prompt_key(prompt: Prompt) -> str:
@@ -180,11 +179,12 @@ class RolloutWorker:
 
     def _calls(self, prompts: Mapping[str, Prompt], sessions: Mapping[str, str]) -> list[_Call]:
         """The requests of one batch, as ``batching`` says: which agents each one answers."""
-        if self.sampling.batching == "per_agent":
-            return [_Call((a,), (prompts[a],), 1, a, sessions.get(a), keeps_history=True) for a in prompts]
-        if self.sampling.batching == "batched":
+        mode = self.sampling.batching
+        if mode == "per_agent":
+            return [_Call(mode, (a,), (prompts[a],), 1, a, sessions.get(a)) for a in prompts]
+        if mode == "batched":
             agents = tuple(prompts)
-            return [_Call(agents, tuple(prompts[a] for a in agents), 1, f"batch of {len(agents)}", as_list=True)]
+            return [_Call(mode, agents, tuple(prompts[a] for a in agents), 1, f"batch of {len(agents)}")]
         by_prompt: dict[str, list[str]] = defaultdict(list)
         for agent in prompts:
             by_prompt[_prompt_key(prompts[agent])].append(agent)
@@ -192,7 +192,7 @@ class RolloutWorker:
         # with temperature 0: ask once and hand the answer to the whole group.
         greedy = self.sampling.temperature == 0.0
         return [
-            _Call(tuple(g), (prompts[g[0]],), 1 if greedy else len(g), f"{g[0]}+{len(g) - 1}", one_answer=greedy)
+            _Call(mode, tuple(g), (prompts[g[0]],), 1 if greedy else len(g), f"{g[0]}+{len(g) - 1}")
             for g in by_prompt.values()
         ]
 
@@ -210,9 +210,10 @@ class RolloutWorker:
     async def _request(self, call: _Call) -> tuple[RequestRecord, Any]:
         """Send one call (its prompts as the server takes them); its record and what was sent."""
         s = self.sampling
-        agent = call.agents[0] if call.keeps_history else None
+        # Token-in history is kept per agent, so only for one agent's own request.
+        agent = call.agents[0] if call.mode == "per_agent" else None
         wires = [self._wire_prompt(p, agent) for p in call.prompts]
-        wire: Any = wires if call.as_list else wires[0]
+        wire: Any = wires if call.mode == "batched" else wires[0]
         record = await self.client.generate(
             wire,
             api=s.api,
@@ -259,10 +260,11 @@ class RolloutWorker:
         results: dict[str, AgentCompletion] = {}
         for call, (rec, wire) in zip(calls, sent, strict=True):
             for i, agent in enumerate(call.agents):
-                k = 0 if call.one_answer else i
+                k = call.answer_index(i)
                 out = rec.outputs[k] if rec.ok and k < len(rec.outputs) else None
                 prompt = call.prompts[0]
-                if call.keeps_history and self.history and out and isinstance(prompt, str) and isinstance(wire, list):
+                per_agent = call.mode == "per_agent"
+                if per_agent and self.history and out and isinstance(prompt, str) and isinstance(wire, list):
                     self.history.record(agent, prompt, wire, out.text, output_ids(out))
                 results[agent] = AgentCompletion(
                     out.text if out else "", _timing(rec, out, shared=call.shared), rec.request_id, rec.error, out

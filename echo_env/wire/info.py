@@ -63,7 +63,7 @@ class ServerFacts:
     """The reader of its counters, with its kind's metric names (None: metrics off or unreadable when first asked)."""
     router_workers: tuple[str, ...] | None = None
     """The replicas this server routes to, when it answered as a router (``GET /workers``); None: not a router,
-    or not asked (a server this package started)."""
+    or not asked (a server this package started, or metrics off: its counters are not read anyway)."""
     api_key: str | None = field(default=None, repr=False)
     """Sent to the server; never written out (nor shown by ``repr``)."""
     tokenizer_source: str | None = None
@@ -195,18 +195,19 @@ async def read_server_facts(
     facts = ServerFacts(base_url=base_url, metrics_url=url, model=model, embedded=embedded, api_key=api_key)
     facts.kind, facts.props = await detect_kind(root, facts.headers())
     if url is not None:
+        # The first page is read with vLLM/SGLang names: its series may be what tells the kind.
+        reader = MetricsReader(url, model_name=model, api_key=api_key)
         try:
-            snap = await asyncio.to_thread(MetricsReader(url, model_name=model, api_key=api_key).snapshot)
-            _merge_snapshot(facts, snap)
+            _merge_snapshot(facts, await asyncio.to_thread(reader.snapshot))
+            reader.kind = facts.kind
+            facts.metrics = reader
         except MetricsError as exc:
             facts.metrics_error = _metrics_message(facts.kind, exc)
             log.warning("%s", facts.metrics_error)
-    if url is not None and facts.metrics_error is None:
-        facts.metrics = MetricsReader(url, model_name=model, api_key=api_key, kind=facts.kind)
     facts.granularity = facts.kind.granularity(facts.props)
     if facts.granularity is None and block_size is not None:
         facts.granularity = CacheGranularity(block_size, "block_size= key")
-    if not embedded:  # a router's /metrics answers for one replica per call: the fleet run needs to know
+    if url is not None and not embedded:  # a router's /metrics answers for one replica per call
         workers = await probe_router(root)
         facts.router_workers = tuple(workers) if workers is not None else None
     return facts
